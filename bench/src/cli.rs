@@ -1,0 +1,172 @@
+//! Command-line interface: the bench options and the hidden `noop-server` subcommand.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Drives an Allot node over gRPC on loopback and reports throughput and latency
+/// percentiles, next to a no-op gRPC ceiling measured in the same run.
+#[derive(Debug, Parser)]
+#[command(name = "bench", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// Internal subcommands (the bench re-executes itself to run the ceiling server).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Options of a bench run.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Internal subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the no-op Echo service until killed; prints `listening on ADDR` on stdout.
+    #[command(hide = true)]
+    NoopServer(NoopServerArgs),
+}
+
+/// Options of the hidden `noop-server` subcommand.
+#[derive(Debug, clap::Args)]
+pub struct NoopServerArgs {
+    /// Address to listen on (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: std::net::SocketAddr,
+    /// The canned response, as hex of an encoded allot.v1.CheckResponse (same wire
+    /// format as EchoResponse); default: a typical allowed metric check.
+    #[arg(long)]
+    pub response_hex: Option<String>,
+}
+
+/// Options of a bench run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Scenarios to run, comma-separated. `ceiling` always runs first at each
+    /// concurrency so the others can be compared with it.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "check,reserve-commit,ceiling"
+    )]
+    pub scenario: Vec<Scenario>,
+    /// Requests in flight (one worker each), comma-separated; one cell per value.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    pub concurrency: Vec<usize>,
+    /// Measured time per (scenario, concurrency) cell: 5s, 500ms, 1m, or plain seconds.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Unmeasured time before each cell's measurement, same format as --duration.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// gRPC channels (HTTP/2 connections) per target; workers share them round-robin.
+    #[arg(long, default_value_t = 4)]
+    pub channels: usize,
+    /// Tenants `bench-0` … `bench-{N-1}` subscribed before measuring; workers take them
+    /// round-robin.
+    #[arg(long, default_value_t = 64)]
+    pub tenants: usize,
+    /// Use a running node at this loopback URL (e.g. http://127.0.0.1:50051) instead of
+    /// starting one.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// The `allot` binary to start; default: `allot` next to the bench executable.
+    #[arg(long, env = "ALLOT_BIN")]
+    pub allot_bin: Option<PathBuf>,
+    /// Extra argument for `allot serve` (repeatable), appended after the bench's own.
+    #[arg(long = "node-arg", allow_hyphen_values = true)]
+    pub node_args: Vec<String>,
+    /// Print only JSON on stdout (no table).
+    #[arg(long)]
+    pub json: bool,
+    /// Write the JSON report to this file instead of stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// What one cell measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum)]
+pub enum Scenario {
+    /// A no-op gRPC service with Check-sized messages, in its own process.
+    Ceiling,
+    /// Enforcer.Check of 1 unit of `api_calls`.
+    Check,
+    /// Enforcer.Check of the boolean feature `reports`.
+    CheckFeature,
+    /// Enforcer.Reserve of 1 unit then Enforcer.Commit of 1; one sample per pair.
+    ReserveCommit,
+}
+
+impl Scenario {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Ceiling => "ceiling",
+            Scenario::Check => "check",
+            Scenario::CheckFeature => "check-feature",
+            Scenario::ReserveCommit => "reserve-commit",
+        }
+    }
+
+    /// gRPC calls made per measured operation.
+    pub fn rpcs_per_op(self) -> u32 {
+        match self {
+            Scenario::ReserveCommit => 2,
+            _ => 1,
+        }
+    }
+
+    /// Whether the scenario talks to an Allot node.
+    pub fn needs_node(self) -> bool {
+        self != Scenario::Ceiling
+    }
+}
+
+/// Parses `5s`, `500ms`, `2m`, `1.5s` or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with a unit (ms, s, m)"))?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        other => return Err(format!("{s:?}: unknown unit {other:?} (use ms, s or m)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?}: must be a non-negative duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn cli_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["bench", "--scenario", "ceiling,check", "--json"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.run.scenario, vec![Scenario::Ceiling, Scenario::Check]);
+        assert_eq!(cli.run.concurrency, vec![1, 16, 64]);
+        let cli = Cli::try_parse_from(["bench", "noop-server", "--listen", "127.0.0.1:0"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::NoopServer(_))));
+    }
+}

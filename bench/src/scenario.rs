@@ -1,0 +1,291 @@
+//! Running one cell: a scenario at a concurrency for a warmup then a measured duration.
+//!
+//! Each worker owns one request in flight and loops until the deadline, on a channel
+//! picked round-robin and a tenant picked round-robin. Latencies of successful operations
+//! go to a per-worker HDR histogram (nanoseconds), merged at the end; failed operations
+//! (gRPC errors, and denials, which the bench catalog never warrants) are counted by kind.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use allot_proto::v1::enforcer_client::EnforcerClient;
+use allot_proto::v1::{CheckRequest, CommitRequest, Decision, Outcome, ReserveRequest};
+use anyhow::Context as _;
+use hdrhistogram::Histogram;
+use tonic::transport::Channel;
+
+use crate::cli::Scenario;
+use crate::noop::pb::noop_client::NoopClient;
+use crate::noop::pb::EchoRequest;
+use crate::setup::{check_request, tenant, FEATURE, METRIC};
+
+/// Highest latency the histograms track: one minute, in nanoseconds.
+const MAX_NANOS: u64 = 60_000_000_000;
+
+/// What a cell needs besides its channels.
+#[derive(Debug, Clone)]
+pub struct CellSpec {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// Workers, i.e. operations in flight.
+    pub concurrency: usize,
+    /// Unmeasured time first.
+    pub warmup: Duration,
+    /// Measured time.
+    pub duration: Duration,
+    /// Tenants to spread workers over.
+    pub tenants: usize,
+    /// Unique per run; makes idempotency keys unique across runs on the same node.
+    pub run_id: String,
+}
+
+/// Failed operations of one kind.
+#[derive(Debug, Clone, Default)]
+pub struct ErrorKind {
+    /// How many.
+    pub count: u64,
+    /// The message of the first one.
+    pub example: String,
+}
+
+/// What a cell measured.
+#[derive(Debug)]
+pub struct CellResult {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// Workers.
+    pub concurrency: usize,
+    /// Latencies of successful operations, in nanoseconds.
+    pub histogram: Histogram<u64>,
+    /// Failed operations.
+    pub errors: u64,
+    /// Failed operations by kind (gRPC code, or `denied:<reason>`).
+    pub error_kinds: BTreeMap<String, ErrorKind>,
+    /// Length of the measurement.
+    pub measured: Duration,
+}
+
+impl CellResult {
+    /// Successful operations.
+    pub fn ok(&self) -> u64 {
+        self.histogram.len()
+    }
+
+    /// Successful operations per second.
+    pub fn ops_per_sec(&self) -> f64 {
+        self.ok() as f64 / self.measured.as_secs_f64().max(1e-9)
+    }
+
+    /// Failed operations over all operations, 0 to 1.
+    pub fn error_rate(&self) -> f64 {
+        let total = self.ok() + self.errors;
+        if total == 0 {
+            0.0
+        } else {
+            self.errors as f64 / total as f64
+        }
+    }
+}
+
+/// Why an operation failed.
+struct Failure {
+    kind: String,
+    detail: String,
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        Failure {
+            kind: format!("{:?}", s.code()),
+            detail: s.message().to_owned(),
+        }
+    }
+}
+
+fn allowed(decision: Option<&Decision>) -> Result<(), Failure> {
+    let Some(d) = decision else {
+        return Err(Failure {
+            kind: "no_decision".into(),
+            detail: "the response carried no decision".into(),
+        });
+    };
+    match d.outcome() {
+        Outcome::Allow | Outcome::AllowWithWarning => Ok(()),
+        other => Err(Failure {
+            kind: format!("denied:{}", d.reason),
+            detail: format!("{other:?}: {}", d.message),
+        }),
+    }
+}
+
+/// One worker's way of doing one operation.
+enum Driver {
+    Ceiling {
+        client: NoopClient<Channel>,
+        request: EchoRequest,
+    },
+    Check {
+        client: EnforcerClient<Channel>,
+        request: CheckRequest,
+    },
+    ReserveCommit {
+        client: EnforcerClient<Channel>,
+        tenant: String,
+        key_prefix: String,
+        seq: u64,
+    },
+}
+
+impl Driver {
+    fn new(spec: &CellSpec, worker: usize, channel: Channel) -> Self {
+        let t = worker % spec.tenants.max(1);
+        match spec.scenario {
+            Scenario::Ceiling => Driver::Ceiling {
+                client: NoopClient::new(channel),
+                request: crate::noop::echo_request(&check_request(t)),
+            },
+            Scenario::Check => Driver::Check {
+                client: EnforcerClient::new(channel),
+                request: check_request(t),
+            },
+            Scenario::CheckFeature => Driver::Check {
+                client: EnforcerClient::new(channel),
+                request: CheckRequest {
+                    tenant: tenant(t),
+                    feature: FEATURE.to_owned(),
+                    ..Default::default()
+                },
+            },
+            Scenario::ReserveCommit => Driver::ReserveCommit {
+                client: EnforcerClient::new(channel),
+                tenant: tenant(t),
+                key_prefix: format!("bench-{}-c{}-w{worker}", spec.run_id, spec.concurrency),
+                seq: 0,
+            },
+        }
+    }
+
+    async fn once(&mut self) -> Result<(), Failure> {
+        match self {
+            Driver::Ceiling { client, request } => {
+                client.echo(request.clone()).await?;
+                Ok(())
+            }
+            Driver::Check { client, request } => {
+                let r = client.check(request.clone()).await?.into_inner();
+                allowed(r.decision.as_ref())
+            }
+            Driver::ReserveCommit {
+                client,
+                tenant,
+                key_prefix,
+                seq,
+            } => {
+                *seq += 1;
+                let reserved = client
+                    .reserve(ReserveRequest {
+                        tenant: tenant.clone(),
+                        metric: METRIC.to_owned(),
+                        amount: 1,
+                        idempotency_key: format!("{key_prefix}-{seq}"),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                allowed(reserved.decision.as_ref())?;
+                if reserved.reservation_id.is_empty() {
+                    return Err(Failure {
+                        kind: "no_reservation_id".into(),
+                        detail: "Reserve was allowed but returned no reservation id".into(),
+                    });
+                }
+                client
+                    .commit(CommitRequest {
+                        tenant: tenant.clone(),
+                        reservation_id: reserved.reservation_id,
+                        actual_amount: 1,
+                    })
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+struct WorkerOutcome {
+    histogram: Histogram<u64>,
+    errors: u64,
+    error_kinds: BTreeMap<String, ErrorKind>,
+}
+
+async fn worker(
+    mut driver: Driver,
+    measure_from: Instant,
+    deadline: Instant,
+) -> anyhow::Result<WorkerOutcome> {
+    let mut out = WorkerOutcome {
+        histogram: Histogram::new_with_bounds(1, MAX_NANOS, 3)?,
+        errors: 0,
+        error_kinds: BTreeMap::new(),
+    };
+    loop {
+        let start = Instant::now();
+        if start >= deadline {
+            break;
+        }
+        let result = driver.once().await;
+        let nanos = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        if start < measure_from {
+            continue;
+        }
+        match result {
+            Ok(()) => out.histogram.saturating_record(nanos.max(1)),
+            Err(f) => {
+                out.errors += 1;
+                let kind = out.error_kinds.entry(f.kind).or_default();
+                if kind.count == 0 {
+                    kind.example = f.detail;
+                }
+                kind.count += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Runs one cell on `channels` (workers take them round-robin) and merges what the
+/// workers measured.
+pub async fn run_cell(spec: &CellSpec, channels: &[Channel]) -> anyhow::Result<CellResult> {
+    anyhow::ensure!(!channels.is_empty(), "no channel to run on");
+    let begin = Instant::now();
+    let measure_from = begin + spec.warmup;
+    let deadline = measure_from + spec.duration;
+    let handles: Vec<_> = (0..spec.concurrency)
+        .map(|w| {
+            let driver = Driver::new(spec, w, channels[w % channels.len()].clone());
+            tokio::spawn(worker(driver, measure_from, deadline))
+        })
+        .collect();
+
+    let mut result = CellResult {
+        scenario: spec.scenario,
+        concurrency: spec.concurrency,
+        histogram: Histogram::new_with_bounds(1, MAX_NANOS, 3)?,
+        errors: 0,
+        error_kinds: BTreeMap::new(),
+        measured: spec.duration,
+    };
+    for handle in handles {
+        let out = handle.await.context("a worker panicked")??;
+        result.histogram.add(&out.histogram)?;
+        result.errors += out.errors;
+        for (k, v) in out.error_kinds {
+            let merged = result.error_kinds.entry(k).or_default();
+            if merged.count == 0 {
+                merged.example = v.example;
+            }
+            merged.count += v.count;
+        }
+    }
+    Ok(result)
+}

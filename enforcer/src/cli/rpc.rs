@@ -1,0 +1,131 @@
+//! Talking to a node: connecting, and turning every failure into the one line the CLI
+//! prints, e.g. `error: invalid argument: amount: must be positive (at least 1)`.
+//!
+//! Each error's `Display` is that whole line, `error: ` included, so main prints it as is.
+
+use std::fmt::Display;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// Long enough for a loaded node, short enough that a wrong address fails promptly.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A bound on each call, so that a wedged node cannot hang a script forever. Generous
+/// because ApplyCatalog validates a whole catalog.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An error whose message is printed as `error: <msg>`.
+pub fn fail(msg: impl Display) -> anyhow::Error {
+    anyhow!("error: {msg}")
+}
+
+/// A gRPC status as `error: <code>: <message>`.
+pub fn status_error(status: Status) -> anyhow::Error {
+    let code = code_name(status.code());
+    if status.message().is_empty() {
+        fail(code)
+    } else {
+        fail(format!("{code}: {}", status.message()))
+    }
+}
+
+/// The status code in words, as in the gRPC spec (`INVALID_ARGUMENT` → `invalid argument`).
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid argument",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::PermissionDenied => "permission denied",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::FailedPrecondition => "failed precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out of range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+/// Connects to the node at `endpoint` (`http://host:port`; a bare `host:port` means http).
+///
+/// Connects eagerly, so that an unreachable node is reported as such rather than as the
+/// `unavailable` status of whichever call happens to come first.
+pub async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
+    let uri = if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let target = Endpoint::from_shared(uri.clone())
+        .map_err(|e| fail(format!("invalid endpoint {endpoint:?}: {}", chain(&e))))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(REQUEST_TIMEOUT);
+    target.connect().await.map_err(|e| {
+        fail(format!(
+            "cannot reach allot node at {uri}: {}; is `allot serve` running?",
+            chain(&e)
+        ))
+    })
+}
+
+/// An error with its causes, `a: b: c`: tonic's own message ("transport error") says
+/// nothing about what went wrong, its sources do ("Connection refused").
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        // Some layers repeat their source's message in their own.
+        if !parts.last().is_some_and(|last| last.contains(&text)) {
+            parts.push(text);
+        }
+        cause = c.source();
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_read_as_one_line() {
+        let e = status_error(Status::invalid_argument("amount: must be positive"));
+        assert_eq!(
+            e.to_string(),
+            "error: invalid argument: amount: must be positive"
+        );
+        let e = status_error(Status::new(Code::NotFound, ""));
+        assert_eq!(e.to_string(), "error: not found");
+        let e = status_error(Status::failed_precondition("plan pro@1 is published"));
+        assert_eq!(
+            e.to_string(),
+            "error: failed precondition: plan pro@1 is published"
+        );
+    }
+
+    #[tokio::test]
+    async fn unreachable_nodes_are_named() {
+        // Port 1 on localhost: nothing listens there, so the connection is refused at once.
+        let e = connect("127.0.0.1:1").await.unwrap_err().to_string();
+        assert!(
+            e.starts_with("error: cannot reach allot node at http://127.0.0.1:1: "),
+            "{e}"
+        );
+        assert!(e.ends_with("is `allot serve` running?"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn malformed_endpoints_are_refused() {
+        let e = connect("http://exa mple").await.unwrap_err().to_string();
+        assert!(e.starts_with("error: invalid endpoint"), "{e}");
+    }
+}

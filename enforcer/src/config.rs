@@ -1,0 +1,205 @@
+//! `allot serve`'s configuration: flags beat environment variables, which beat the
+//! config file, which beats the defaults listed here (the one place they are set).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7411";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "allot-data";
+/// Catalog loaded at start when none is given and the file exists.
+pub const DEFAULT_CATALOG: &str = "examples/catalog.yaml";
+
+/// Flags (and their environment variables) of `allot serve`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML config file with the same keys as the flags (listen, data_dir, catalog,
+    /// cache_ttl, sweep_interval, retention, log_format). Unknown keys are refused.
+    #[arg(long, env = "ALLOT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to serve gRPC on; port 0 picks a free one. [default: 127.0.0.1:7411]
+    #[arg(long, env = "ALLOT_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory of the embedded store (created if missing). [default: allot-data]
+    #[arg(long, env = "ALLOT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Catalog file (YAML) to apply at start. A catalog that changes a published plan
+    /// version is refused and the node does not start. [default: examples/catalog.yaml
+    /// when that file exists, else the catalog stored by an earlier run]
+    #[arg(long, env = "ALLOT_CATALOG")]
+    pub catalog: Option<PathBuf>,
+    /// Longest time a tenant's cached entitlements are used without a fresh read; changes
+    /// made through this node apply at once regardless. [default: 30s]
+    #[arg(long, env = "ALLOT_CACHE_TTL", value_parser = humantime::parse_duration)]
+    pub cache_ttl: Option<Duration>,
+    /// How often reservations past their TTL are released. [default: 1s]
+    #[arg(long, env = "ALLOT_SWEEP_INTERVAL", value_parser = humantime::parse_duration)]
+    pub sweep_interval: Option<Duration>,
+    /// How long dedup keys (idempotency keys, event ids), settled reservations and
+    /// counters of ended periods are kept. [default: 7days]
+    #[arg(long, env = "ALLOT_RETENTION", value_parser = humantime::parse_duration)]
+    pub retention: Option<Duration>,
+    /// Log format on stderr: text or json. Levels come from RUST_LOG. [default: text]
+    #[arg(long, env = "ALLOT_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    catalog: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde_opt")]
+    cache_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    sweep_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    retention: Option<Duration>,
+    log_format: Option<LogFormat>,
+}
+
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom)).transpose()
+    }
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// gRPC address.
+    pub listen: SocketAddr,
+    /// Store directory.
+    pub data_dir: PathBuf,
+    /// Catalog to apply at start, and whether it was asked for explicitly.
+    pub catalog: Option<(PathBuf, bool)>,
+    /// Entitlement cache TTL.
+    pub cache_ttl: Duration,
+    /// Reservation sweep interval.
+    pub sweep_interval: Duration,
+    /// Retention of dedup keys and ended counters.
+    pub retention: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+/// Why the configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The config file is malformed.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the key.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The option.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl ServeArgs {
+    /// Merges flags/environment over the config file over the defaults.
+    pub fn resolve(&self) -> Result<ServeConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let catalog = match self.catalog.clone().or(file.catalog) {
+            Some(p) => Some((p, true)),
+            None => Path::new(DEFAULT_CATALOG).exists().then(|| (PathBuf::from(DEFAULT_CATALOG), false)),
+        };
+        let cfg = ServeConfig {
+            listen: self.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            data_dir: self.data_dir.clone().or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            catalog,
+            cache_ttl: self.cache_ttl.or(file.cache_ttl).unwrap_or(Duration::from_secs(30)),
+            sweep_interval: self.sweep_interval.or(file.sweep_interval).unwrap_or(Duration::from_secs(1)),
+            retention: self.retention.or(file.retention).unwrap_or(Duration::from_secs(7 * 24 * 3600)),
+            log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+        };
+        if cfg.sweep_interval.is_zero() {
+            return Err(ConfigError::Invalid { field: "sweep_interval", reason: "must be more than 0".into() });
+        }
+        if cfg.retention < Duration::from_secs(24 * 3600) {
+            return Err(ConfigError::Invalid {
+                field: "retention",
+                reason: "must be at least 1 day (reservation TTLs reach 24 h)".into(),
+            });
+        }
+        Ok(cfg)
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_file_and_file_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("allot.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:9000\"\ndata_dir = \"/tmp/x\"\ncache_ttl = \"5s\"\n").unwrap();
+        let args = ServeArgs { config: Some(path), data_dir: Some("/tmp/y".into()), ..Default::default() };
+        let cfg = args.resolve().unwrap();
+        assert_eq!(cfg.listen.port(), 9000);
+        assert_eq!(cfg.data_dir, PathBuf::from("/tmp/y"));
+        assert_eq!(cfg.cache_ttl, Duration::from_secs(5));
+        assert_eq!(cfg.sweep_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("allot.toml");
+        std::fs::write(&path, "listn = \"127.0.0.1:9000\"\n").unwrap();
+        let err = ServeArgs { config: Some(path.clone()), ..Default::default() }.resolve().unwrap_err();
+        assert!(err.to_string().contains("unknown field `listn`"), "{err}");
+        std::fs::write(&path, "cache_ttl = \"soon\"\n").unwrap();
+        let err = ServeArgs { config: Some(path), ..Default::default() }.resolve().unwrap_err();
+        assert!(err.to_string().contains("cache_ttl"), "{err}");
+        let err = ServeArgs { sweep_interval: Some(Duration::ZERO), ..Default::default() }.resolve().unwrap_err();
+        assert!(err.to_string().starts_with("sweep_interval:"), "{err}");
+    }
+}

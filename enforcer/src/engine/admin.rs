@@ -1,0 +1,283 @@
+//! Admin operations: catalog, subscriptions, overrides, and the tenant view.
+//!
+//! Every change is validated against the catalog before anything is written, and drops the
+//! tenant's cached entitlements on this node so the next request sees it.
+
+use chrono::{DateTime, Utc};
+use meter::catalog::{self, Catalog};
+use meter::grant::Override;
+use meter::lifecycle::{AddonRef, ChangeTiming, PlanRef, Status, Subscription};
+use meter::resolve::{resolve, Entitlements};
+
+use super::{check_tenant, Engine, EngineError};
+
+/// The result of applying a catalog.
+pub struct Applied {
+    /// Whether it differs from the one in force.
+    pub changed: bool,
+    /// Whether it was installed.
+    pub applied: bool,
+    /// Plans with their versions.
+    pub plans: Vec<String>,
+}
+
+/// A new subscription, as asked for.
+pub struct NewSubscription {
+    /// Tenant.
+    pub tenant: String,
+    /// Plan code.
+    pub plan: String,
+    /// Version; `None` for the newest published.
+    pub version: Option<u32>,
+    /// Add-ons with quantities.
+    pub addons: Vec<(String, u32)>,
+    /// Status; `None` for active (trialing with a trial end).
+    pub status: Option<String>,
+    /// Time zone; `None` for UTC.
+    pub time_zone: Option<String>,
+    /// Billing anchor; `None` for now.
+    pub billing_anchor: Option<DateTime<Utc>>,
+    /// Trial end.
+    pub trial_ends_at: Option<DateTime<Utc>>,
+    /// Plan after the trial, with optional version.
+    pub post_trial_plan: Option<(String, Option<u32>)>,
+}
+
+/// A change to a subscription; `None` fields stay.
+#[derive(Default)]
+pub struct SubscriptionChange {
+    /// New plan and version.
+    pub plan: Option<(String, Option<u32>)>,
+    /// When the plan change applies; `None` chooses by tier (up now, down at period end).
+    pub timing: Option<ChangeTiming>,
+    /// Add-ons to add or set the quantity of.
+    pub add_addons: Vec<(String, u32)>,
+    /// Add-ons to remove.
+    pub remove_addons: Vec<String>,
+    /// New status.
+    pub status: Option<String>,
+}
+
+/// The support view of a tenant.
+pub struct TenantView {
+    /// The stored subscription.
+    pub subscription: Subscription,
+    /// Effective entitlements at the instant asked for.
+    pub entitlements: Entitlements,
+    /// Overrides, expired ones included.
+    pub overrides: Vec<Override>,
+}
+
+fn plan_ref(c: &Catalog, field: &str, code: &str, version: Option<u32>) -> Result<PlanRef, EngineError> {
+    let p = c.plans.get(code).ok_or_else(|| EngineError::not_found(field, format!("unknown plan {code:?}")))?;
+    let version = match version {
+        Some(v) => v,
+        None => p
+            .latest_published()
+            .ok_or_else(|| EngineError::invalid(field, format!("plan {code} has no published version")))?
+            .0,
+    };
+    Ok(PlanRef { code: code.to_string(), version })
+}
+
+fn parse_status(s: &str) -> Result<Status, EngineError> {
+    Status::parse(s).ok_or_else(|| {
+        let all: Vec<_> = Status::ALL.iter().map(|s| s.as_str()).collect();
+        EngineError::invalid("status", format!("unknown status {s:?}; one of {}", all.join(", ")))
+    })
+}
+
+fn addon_refs(list: &[(String, u32)], since: DateTime<Utc>) -> Vec<AddonRef> {
+    list.iter().map(|(code, q)| AddonRef { code: code.clone(), quantity: (*q).max(1), since }).collect()
+}
+
+fn checked(sub: &Subscription, c: &Catalog) -> Result<(), EngineError> {
+    sub.check_against(c).map_err(|(field, reason)| EngineError::Invalid { field, reason })
+}
+
+impl Engine {
+    /// Validates `yaml` and, unless `dry_run`, installs it.
+    pub async fn apply_catalog(&self, yaml: &str, source: &str, dry_run: bool) -> Result<Applied, EngineError> {
+        let source = if source.is_empty() { "catalog" } else { source };
+        let new = catalog::parse(yaml, source).map_err(|e| {
+            let first = &e.problems[0];
+            let more = e.problems.len() - 1;
+            let mut reason = format!("{}: {}: {}", e.source_name, first.path, first.reason);
+            if more > 0 {
+                reason.push_str(&format!(" (and {more} more: {})", e.problems[1..].iter().map(|p| format!("{}: {}", p.path, p.reason)).collect::<Vec<_>>().join("; ")));
+            }
+            EngineError::invalid("yaml", reason)
+        })?;
+        let old = self.catalog.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some((_, old)) = &old {
+            catalog::validate_successor(old, &new).map_err(|problems| {
+                EngineError::FailedPrecondition(
+                    problems.iter().map(|p| format!("{source}: {}: {}", p.path, p.reason)).collect::<Vec<_>>().join("; "),
+                )
+            })?;
+        }
+        let changed = old.as_ref().is_none_or(|(_, o)| **o != new);
+        let plans = new
+            .plans
+            .iter()
+            .map(|(code, p)| format!("{code}@{}", p.versions.keys().map(|v| v.to_string()).collect::<Vec<_>>().join(",")))
+            .collect();
+        if dry_run || !changed {
+            return Ok(Applied { changed, applied: false, plans });
+        }
+        self.control.save_catalog(&new).await?;
+        tracing::info!(source, "catalog applied");
+        self.set_catalog(new);
+        Ok(Applied { changed, applied: true, plans })
+    }
+
+    /// The catalog in force, as YAML.
+    pub fn catalog_yaml(&self) -> Result<Option<String>, EngineError> {
+        match self.catalog.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            None => Ok(None),
+            Some((_, c)) => serde_yaml_ng::to_string(c.as_ref())
+                .map(Some)
+                .map_err(|e| EngineError::Internal(format!("catalog does not serialize: {e}"))),
+        }
+    }
+
+    /// Creates or replaces a subscription.
+    pub async fn put_subscription(&self, req: NewSubscription) -> Result<Subscription, EngineError> {
+        check_tenant(&req.tenant)?;
+        let (_, c) = self.catalog()?;
+        let now = self.now();
+        let plan = plan_ref(&c, "plan", &req.plan, req.version)?;
+        let post_trial_plan = match &req.post_trial_plan {
+            Some((code, v)) => Some(plan_ref(&c, "post_trial_plan", code, *v)?),
+            None => None,
+        };
+        let status = match req.status.as_deref() {
+            Some(s) => parse_status(s)?,
+            None if req.trial_ends_at.is_some() => Status::Trialing,
+            None => Status::Active,
+        };
+        if status == Status::Trialing && req.trial_ends_at.is_none() {
+            return Err(EngineError::invalid("trial_ends_at", "required when status is trialing"));
+        }
+        if req.trial_ends_at.is_some() && status != Status::Trialing {
+            return Err(EngineError::invalid("trial_ends_at", "only a trialing subscription has a trial end"));
+        }
+        let mut addons = addon_refs(&req.addons, now);
+        addons.sort_by(|a, b| a.code.cmp(&b.code));
+        let sub = Subscription {
+            tenant: req.tenant.clone(),
+            plan,
+            plan_since: now,
+            addons,
+            status,
+            status_since: now,
+            billing_anchor: req.billing_anchor.unwrap_or(now),
+            time_zone: req.time_zone.unwrap_or_else(|| "UTC".into()),
+            trial_ends_at: req.trial_ends_at,
+            post_trial_plan,
+            scheduled_change: None,
+            cancel_at: None,
+        };
+        checked(&sub, &c)?;
+        self.control.save_subscription(&sub).await?;
+        self.cache.invalidate(&sub.tenant);
+        Ok(sub)
+    }
+
+    async fn existing(&self, tenant: &str) -> Result<Subscription, EngineError> {
+        check_tenant(tenant)?;
+        self.control
+            .subscription(tenant)
+            .await?
+            .ok_or_else(|| EngineError::not_found("tenant", format!("unknown tenant {tenant:?}: it has no subscription")))
+    }
+
+    /// Changes plan, add-ons or status.
+    pub async fn change_subscription(&self, tenant: &str, change: SubscriptionChange) -> Result<Subscription, EngineError> {
+        let (_, c) = self.catalog()?;
+        let mut sub = self.existing(tenant).await?;
+        let now = self.now();
+        sub.settle(now);
+        if let Some((code, version)) = &change.plan {
+            let plan = plan_ref(&c, "plan", code, *version)?;
+            let timing = change.timing.unwrap_or_else(|| {
+                let tier = |p: &PlanRef| c.plans.get(&p.code).map_or(0, |d| d.tier);
+                if tier(&plan) >= tier(&sub.plan) { ChangeTiming::Immediately } else { ChangeTiming::PeriodEnd }
+            });
+            sub.change_plan(plan, timing, now);
+        }
+        for code in &change.remove_addons {
+            let before = sub.addons.len();
+            sub.addons.retain(|a| &a.code != code);
+            if before == sub.addons.len() {
+                return Err(EngineError::not_found("remove_addons", format!("the subscription has no add-on {code:?}")));
+            }
+        }
+        for a in addon_refs(&change.add_addons, now) {
+            match sub.addons.iter_mut().find(|x| x.code == a.code) {
+                Some(x) => x.quantity = a.quantity,
+                None => sub.addons.push(a),
+            }
+        }
+        sub.addons.sort_by(|a, b| a.code.cmp(&b.code));
+        if let Some(s) = &change.status {
+            let status = parse_status(s)?;
+            if status != sub.status {
+                sub.status = status;
+                sub.status_since = now;
+            }
+        }
+        checked(&sub, &c)?;
+        self.control.save_subscription(&sub).await?;
+        self.cache.invalidate(tenant);
+        Ok(sub)
+    }
+
+    /// Cancels now or at period end.
+    pub async fn cancel_subscription(&self, tenant: &str, at_period_end: bool) -> Result<Subscription, EngineError> {
+        let mut sub = self.existing(tenant).await?;
+        let timing = if at_period_end { ChangeTiming::PeriodEnd } else { ChangeTiming::Immediately };
+        sub.cancel(timing, self.now());
+        self.control.save_subscription(&sub).await?;
+        self.cache.invalidate(tenant);
+        Ok(sub)
+    }
+
+    /// Adds an override.
+    pub async fn grant(&self, o: Override) -> Result<Override, EngineError> {
+        let (_, c) = self.catalog()?;
+        self.existing(&o.tenant).await?;
+        meter::keys::check_key(&o.id).map_err(|r| EngineError::invalid("id", r))?;
+        o.check_against(&c).map_err(|(field, reason)| EngineError::Invalid { field, reason })?;
+        self.control.add_override(&o).await.map_err(|e| match e {
+            meter::store::StoreError::Conflict(m) => EngineError::AlreadyExists(m),
+            e => e.into(),
+        })?;
+        tracing::info!(tenant = %o.tenant, id = %o.id, actor = %o.actor, reason = %o.reason, "override granted");
+        self.cache.invalidate(&o.tenant);
+        Ok(o)
+    }
+
+    /// Removes an override; false if it was not there.
+    pub async fn revoke(&self, tenant: &str, id: &str, actor: &str, reason: &str) -> Result<bool, EngineError> {
+        check_tenant(tenant)?;
+        meter::keys::check_key(id).map_err(|r| EngineError::invalid("id", r))?;
+        if actor.trim().is_empty() {
+            return Err(EngineError::invalid("actor", "must not be empty: say who revokes it"));
+        }
+        let removed = self.control.remove_override(tenant, id).await?;
+        tracing::info!(tenant, id, actor, reason, removed, "override revoked");
+        self.cache.invalidate(tenant);
+        Ok(removed)
+    }
+
+    /// The tenant's subscription, overrides and effective entitlements at `at` (default
+    /// now). Bypasses the cache: support wants the truth, not the node's view.
+    pub async fn tenant_view(&self, tenant: &str, at: Option<DateTime<Utc>>) -> Result<TenantView, EngineError> {
+        let (_, c) = self.catalog()?;
+        let sub = self.existing(tenant).await?;
+        let overrides = self.control.overrides(tenant).await?;
+        let entitlements = resolve(&c, &sub, &overrides, at.unwrap_or_else(|| self.now()));
+        Ok(TenantView { subscription: sub, entitlements, overrides })
+    }
+}

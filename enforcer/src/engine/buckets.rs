@@ -1,0 +1,93 @@
+//! The node's token buckets (rate limits with `scope: node`), in memory.
+//!
+//! A request passes all of its buckets or takes from none; a request refused later (by a
+//! quota) gives its tokens back.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use meter::gcra::{Gcra, GcraOutcome, GcraState};
+use meter::quota::RateSlot;
+
+/// Buckets by tenant and bucket key.
+#[derive(Default)]
+pub struct Buckets {
+    states: Mutex<HashMap<(String, String), (Gcra, GcraState)>>,
+}
+
+/// The first bucket that refused, and when to retry (`None`: never fits the burst).
+pub struct Refusal<'a> {
+    /// The bucket.
+    pub slot: &'a RateSlot,
+    /// When to retry.
+    pub retry_after: Option<std::time::Duration>,
+}
+
+impl Buckets {
+    /// Takes `n` from every bucket, or from none. With `peek`, changes nothing.
+    pub fn take<'a>(
+        &self,
+        tenant: &str,
+        slots: &'a [RateSlot],
+        now_ns: u64,
+        n: u64,
+        peek: bool,
+    ) -> Result<(), Refusal<'a>> {
+        if slots.is_empty() || n == 0 {
+            return Ok(());
+        }
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        for slot in slots {
+            let state = states
+                .get(&(tenant.to_string(), slot.bucket.clone()))
+                .map(|(_, s)| *s)
+                .unwrap_or_default();
+            match slot.gcra.peek(&state, now_ns, n) {
+                GcraOutcome::Allowed { .. } => {}
+                GcraOutcome::Denied { retry_after, .. } => {
+                    return Err(Refusal { slot, retry_after: Some(retry_after) })
+                }
+                GcraOutcome::TooLarge => return Err(Refusal { slot, retry_after: None }),
+            }
+        }
+        if !peek {
+            for slot in slots {
+                let entry = states
+                    .entry((tenant.to_string(), slot.bucket.clone()))
+                    .or_insert((slot.gcra, GcraState::default()));
+                entry.0 = slot.gcra;
+                slot.gcra.take(&mut entry.1, now_ns, n);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives back `n` taken earlier from every bucket.
+    pub fn refund(&self, tenant: &str, slots: &[RateSlot], now_ns: u64, n: u64) {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        for slot in slots {
+            if let Some((_, state)) = states.get_mut(&(tenant.to_string(), slot.bucket.clone())) {
+                slot.gcra.refund(state, now_ns, n);
+            }
+        }
+    }
+
+    /// Number of buckets held (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.states.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no bucket is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets buckets that are full again: a missing bucket behaves as a full one, so
+    /// this changes no decision and bounds memory to the recently active buckets.
+    pub fn prune(&self, now_ns: u64) {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        states.retain(|_, (gcra, state)| {
+            !matches!(gcra.peek(state, now_ns, gcra.burst()), GcraOutcome::Allowed { .. })
+        });
+    }
+}

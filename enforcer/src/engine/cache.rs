@@ -1,0 +1,75 @@
+//! Effective entitlements per tenant, so the hot path resolves nothing and reads no store.
+//!
+//! An entry is used while the catalog generation is unchanged, the instant asked for is
+//! before the entitlements' `valid_until` (trial end, override expiry…), and it is younger
+//! than the TTL, which is the backstop for a change this node was not told about.
+//! Admin calls on this node drop the tenant's entry at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use super::TenantContext;
+
+struct Entry {
+    generation: u64,
+    fetched: Instant,
+    ctx: TenantContext,
+}
+
+/// The cache.
+pub struct EntitlementCache {
+    ttl: Duration,
+    entries: RwLock<HashMap<String, Entry>>,
+}
+
+impl EntitlementCache {
+    /// A cache whose entries live at most `ttl`.
+    pub fn new(ttl: Duration) -> Self {
+        EntitlementCache { ttl, entries: RwLock::new(HashMap::new()) }
+    }
+
+    /// The tenant's context, if cached and still valid at `at`.
+    pub fn get(&self, tenant: &str, generation: u64, at: DateTime<Utc>) -> Option<TenantContext> {
+        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        let e = entries.get(tenant)?;
+        let ent = &e.ctx.entitlements;
+        let fresh = e.generation == generation
+            && e.fetched.elapsed() < self.ttl
+            && at >= ent.at
+            && ent.valid_until.is_none_or(|until| at < until);
+        fresh.then(|| TenantContext {
+            catalog: e.ctx.catalog.clone(),
+            subscription: e.ctx.subscription.clone(),
+            overrides: e.ctx.overrides.clone(),
+            entitlements: e.ctx.entitlements.clone(),
+        })
+    }
+
+    /// Stores a freshly resolved context.
+    pub fn put(&self, tenant: &str, generation: u64, ctx: &TenantContext) {
+        let entry = Entry {
+            generation,
+            fetched: Instant::now(),
+            ctx: TenantContext {
+                catalog: ctx.catalog.clone(),
+                subscription: ctx.subscription.clone(),
+                overrides: ctx.overrides.clone(),
+                entitlements: Arc::clone(&ctx.entitlements),
+            },
+        };
+        self.entries.write().unwrap_or_else(|p| p.into_inner()).insert(tenant.to_string(), entry);
+    }
+
+    /// Drops one tenant.
+    pub fn invalidate(&self, tenant: &str) {
+        self.entries.write().unwrap_or_else(|p| p.into_inner()).remove(tenant);
+    }
+
+    /// Drops everything (a new catalog).
+    pub fn clear(&self) {
+        self.entries.write().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}

@@ -1,0 +1,394 @@
+//! Check, Reserve, Commit, Release, Record and GetUsage.
+//!
+//! Order of a consuming request: validate → entitlements (cache) → plan (meter) → token
+//! buckets (taken) → store (atomic reserve in all slots or none) → decision (meter). A
+//! request the store refuses gives its tokens back, so a denial costs no rate.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use meter::decision::{Decision, Reason};
+use meter::hint::{upgrade_options, Need};
+use meter::keys;
+use meter::quota::{self, Demand, Intent, Planned, QuotaSlot, RequestPlan};
+use meter::resolve::{FeatureGrant, ResolvedLimit};
+use meter::store::{RecordOp, ReserveOp, SettleOutcome, Settlement, SlotUsage};
+use meter::window::{period_at, Window};
+use serde::{Deserialize, Serialize};
+
+use super::{Engine, EngineError, TenantContext};
+
+/// Default reservation TTL.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
+/// Longest reservation TTL.
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Most dimensions on one request.
+pub const MAX_DIMENSIONS: usize = 16;
+
+/// The answer to a feature check.
+pub struct FeatureCheck {
+    /// The decision.
+    pub decision: Decision,
+    /// The feature's effective value.
+    pub grant: FeatureGrant,
+    /// Entitlements version.
+    pub version: u64,
+}
+
+/// The answer to a reserve.
+pub struct Reserved {
+    /// The decision.
+    pub decision: Decision,
+    /// The reservation id when granted.
+    pub reservation_id: Option<String>,
+    /// When it lapses.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// A repeated answer.
+    pub replayed: bool,
+}
+
+/// The answer to a record.
+pub struct Recorded {
+    /// The decision.
+    pub decision: Decision,
+    /// Whether it was counted.
+    pub recorded: bool,
+    /// A repeated answer.
+    pub replayed: bool,
+}
+
+/// One window of a metric, for GetUsage.
+pub struct WindowReport {
+    /// The limit.
+    pub limit: ResolvedLimit,
+    /// Used and reserved (zero for rate windows).
+    pub usage: SlotUsage,
+    /// Current period start.
+    pub period_start: DateTime<Utc>,
+    /// Current period end.
+    pub resets_at: Option<DateTime<Utc>>,
+}
+
+/// What is kept with a grant so that a replay answers exactly as the first time.
+#[derive(Serialize, Deserialize)]
+struct Replay {
+    metric: String,
+    amount: i64,
+    gauge: bool,
+    slots: Vec<QuotaSlot>,
+}
+
+impl Replay {
+    fn of(plan: &RequestPlan) -> Vec<u8> {
+        serde_json::to_vec(&Replay {
+            metric: plan.metric.clone(),
+            amount: plan.amount,
+            gauge: plan.gauge,
+            slots: plan.slots.clone(),
+        })
+        .expect("replay context serializes")
+    }
+
+    fn decide(bytes: &[u8], usage: &[SlotUsage]) -> Result<Decision, EngineError> {
+        let r: Replay = serde_json::from_slice(bytes)
+            .map_err(|e| EngineError::Internal(format!("stored replay context unreadable: {e}")))?;
+        let plan = RequestPlan { metric: r.metric, amount: r.amount, gauge: r.gauge, slots: r.slots, rates: vec![] };
+        Ok(quota::decide(&plan, usage, true))
+    }
+}
+
+fn check_dimensions(dims: &BTreeMap<String, String>) -> Result<(), EngineError> {
+    if dims.len() > MAX_DIMENSIONS {
+        return Err(EngineError::invalid("dimensions", format!("at most {MAX_DIMENSIONS} are allowed")));
+    }
+    for (k, v) in dims {
+        keys::check_code(k).map_err(|r| EngineError::invalid(format!("dimensions[{k:?}]"), format!("name {r}")))?;
+        keys::check_key(v).map_err(|r| EngineError::invalid(format!("dimensions.{k}"), r))?;
+    }
+    Ok(())
+}
+
+fn check_metric_code(metric: &str) -> Result<(), EngineError> {
+    keys::check_code(metric).map_err(|r| EngineError::invalid("metric", r))
+}
+
+impl Engine {
+    /// Whether a feature is on for the tenant, and its value.
+    pub async fn check_feature(&self, tenant: &str, feature: &str) -> Result<FeatureCheck, EngineError> {
+        keys::check_code(feature).map_err(|r| EngineError::invalid("feature", r))?;
+        let now = self.now();
+        let ctx = self.context(tenant, now).await?;
+        ctx.catalog.features.get(feature).ok_or_else(|| {
+            EngineError::not_found("feature", format!("unknown feature {feature:?}"))
+        })?;
+        let ent = &ctx.entitlements;
+        let grant = ent.features.get(feature).cloned().expect("every catalog feature is resolved");
+        let decision = match ent.access {
+            meter::catalog::AccessLevel::None => Decision::deny(
+                Reason::SubscriptionInactive,
+                format!("subscription is {}", ent.status.as_str()),
+            ),
+            _ if grant.enabled() => Decision::allow(),
+            _ => {
+                let mut d = Decision::deny(
+                    Reason::FeatureNotInPlan,
+                    format!("{feature} is not included in plan {}", ent.plan),
+                );
+                d.upgrade = upgrade_options(&ctx.catalog, &ctx.subscription, &ctx.overrides, now, &Need::Feature(feature));
+                d
+            }
+        };
+        Ok(FeatureCheck { decision, grant, version: ent.version })
+    }
+
+    /// Whether `amount` more units of `metric` would fit now. Consumes nothing.
+    pub async fn check_metric(
+        &self,
+        tenant: &str,
+        metric: &str,
+        amount: i64,
+        dims: &BTreeMap<String, String>,
+    ) -> Result<(Decision, u64), EngineError> {
+        check_metric_code(metric)?;
+        check_dimensions(dims)?;
+        let now = self.now();
+        let ctx = self.context(tenant, now).await?;
+        let demand = Demand { metric, amount, dimensions: dims, intent: Intent::Check };
+        let plan = match quota::plan_request(&ctx.catalog, &ctx.entitlements, &demand, now)? {
+            Planned::Decided(d) => return Ok((self.with_hint(&ctx, d, metric, amount, &[], now), ctx.entitlements.version)),
+            Planned::Plan(p) => p,
+        };
+        let n = amount.max(0) as u64;
+        if let Err(r) = self.buckets.take(tenant, &plan.rates, self.clock.monotonic_ns(), n, true) {
+            let d = quota::rate_limited(r.slot, r.retry_after, n);
+            return Ok((self.with_hint(&ctx, d, metric, amount, &[], now), ctx.entitlements.version));
+        }
+        let keys: Vec<String> = plan.slots.iter().map(|s| s.spec.key.clone()).collect();
+        let usage = self.usage.usage(tenant, &keys).await?;
+        let fits = plan.slots.iter().zip(&usage).all(|(s, u)| {
+            s.spec.cap.is_none_or(|cap| u.used.saturating_add(u.reserved).saturating_add(n) <= cap)
+        });
+        let d = quota::decide(&plan, &usage, fits);
+        Ok((self.with_hint(&ctx, d, metric, amount, &usage_totals(&plan, &usage), now), ctx.entitlements.version))
+    }
+
+    /// Holds units in every window, or in none.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn reserve(
+        &self,
+        tenant: &str,
+        metric: &str,
+        amount: i64,
+        idempotency_key: &str,
+        ttl: Option<Duration>,
+        dims: &BTreeMap<String, String>,
+        reservation_id: String,
+    ) -> Result<Reserved, EngineError> {
+        check_metric_code(metric)?;
+        keys::check_key(idempotency_key).map_err(|r| EngineError::invalid("idempotency_key", r))?;
+        check_dimensions(dims)?;
+        let ttl = ttl.unwrap_or(DEFAULT_TTL);
+        if ttl.is_zero() || ttl > MAX_TTL {
+            return Err(EngineError::invalid("ttl", format!("must be more than 0 and at most {}", humantime::format_duration(MAX_TTL))));
+        }
+        let now = self.now();
+        let ctx = self.context(tenant, now).await?;
+        let demand = Demand { metric, amount, dimensions: dims, intent: Intent::Reserve };
+        let plan = match quota::plan_request(&ctx.catalog, &ctx.entitlements, &demand, now)? {
+            Planned::Decided(d) => return Ok(denied(self.with_hint(&ctx, d, metric, amount, &[], now))),
+            Planned::Plan(p) => p,
+        };
+        let n = amount as u64;
+        let mono = self.clock.monotonic_ns();
+        if let Err(r) = self.buckets.take(tenant, &plan.rates, mono, n, false) {
+            let d = quota::rate_limited(r.slot, r.retry_after, n);
+            return Ok(denied(self.with_hint(&ctx, d, metric, amount, &[], now)));
+        }
+        let expires_at = now + chrono::Duration::from_std(ttl).expect("ttl bounded");
+        let op = ReserveOp {
+            tenant: tenant.to_string(),
+            metric: metric.to_string(),
+            amount: n,
+            reservation_id,
+            idempotency_key: idempotency_key.to_string(),
+            slots: plan.slots.iter().map(|s| s.spec.clone()).collect(),
+            expires_at,
+            context: Replay::of(&plan),
+        };
+        let out = match self.usage.reserve(op).await {
+            Ok(out) => out,
+            Err(e) => {
+                self.buckets.refund(tenant, &plan.rates, mono, n);
+                return Err(e.into());
+            }
+        };
+        if out.replayed || !out.granted {
+            self.buckets.refund(tenant, &plan.rates, mono, n);
+        }
+        if out.replayed {
+            return Ok(Reserved {
+                decision: Replay::decide(&out.context, &out.usage)?,
+                reservation_id: Some(out.reservation_id),
+                expires_at: Some(out.expires_at),
+                replayed: true,
+            });
+        }
+        let d = quota::decide(&plan, &out.usage, out.granted);
+        if !out.granted {
+            return Ok(denied(self.with_hint(&ctx, d, metric, amount, &usage_totals(&plan, &out.usage), now)));
+        }
+        Ok(Reserved { decision: d, reservation_id: Some(out.reservation_id), expires_at: Some(out.expires_at), replayed: false })
+    }
+
+    /// Settles a reservation with the amount actually used.
+    pub async fn commit(&self, tenant: &str, reservation_id: &str, actual: i64) -> Result<SettleOutcome, EngineError> {
+        super::check_tenant(tenant)?;
+        keys::check_key(reservation_id).map_err(|r| EngineError::invalid("reservation_id", r))?;
+        if actual < 0 {
+            return Err(EngineError::invalid("actual_amount", "must not be negative"));
+        }
+        Ok(self.usage.commit(tenant, reservation_id, actual as u64, self.now()).await?)
+    }
+
+    /// Returns a reservation's units.
+    pub async fn release(&self, tenant: &str, reservation_id: &str) -> Result<SettleOutcome, EngineError> {
+        super::check_tenant(tenant)?;
+        keys::check_key(reservation_id).map_err(|r| EngineError::invalid("reservation_id", r))?;
+        Ok(self.usage.release(tenant, reservation_id, self.now()).await?)
+    }
+
+    /// Counts units at once, deduplicated by event id.
+    pub async fn record(
+        &self,
+        tenant: &str,
+        metric: &str,
+        amount: i64,
+        event_id: &str,
+        dims: &BTreeMap<String, String>,
+    ) -> Result<Recorded, EngineError> {
+        check_metric_code(metric)?;
+        keys::check_key(event_id).map_err(|r| EngineError::invalid("event_id", r))?;
+        check_dimensions(dims)?;
+        let now = self.now();
+        let ctx = self.context(tenant, now).await?;
+        let demand = Demand { metric, amount, dimensions: dims, intent: Intent::Record };
+        let plan = match quota::plan_request(&ctx.catalog, &ctx.entitlements, &demand, now)? {
+            Planned::Decided(d) => {
+                return Ok(Recorded { decision: self.with_hint(&ctx, d, metric, amount, &[], now), recorded: false, replayed: false })
+            }
+            Planned::Plan(p) => p,
+        };
+        let n = amount.max(0) as u64;
+        let mono = self.clock.monotonic_ns();
+        if let Err(r) = self.buckets.take(tenant, &plan.rates, mono, n, false) {
+            let d = quota::rate_limited(r.slot, r.retry_after, n);
+            return Ok(Recorded { decision: self.with_hint(&ctx, d, metric, amount, &[], now), recorded: false, replayed: false });
+        }
+        let op = RecordOp {
+            tenant: tenant.to_string(),
+            metric: metric.to_string(),
+            amount,
+            event_id: event_id.to_string(),
+            slots: plan.slots.iter().map(|s| s.spec.clone()).collect(),
+            at: now,
+            context: Replay::of(&plan),
+        };
+        let out = match self.usage.record(op).await {
+            Ok(out) => out,
+            Err(e) => {
+                self.buckets.refund(tenant, &plan.rates, mono, n);
+                return Err(e.into());
+            }
+        };
+        if out.replayed || !out.granted {
+            self.buckets.refund(tenant, &plan.rates, mono, n);
+        }
+        if out.replayed {
+            return Ok(Recorded { decision: Replay::decide(&out.context, &out.usage)?, recorded: true, replayed: true });
+        }
+        let d = quota::decide(&plan, &out.usage, out.granted);
+        let d = if out.granted { d } else { self.with_hint(&ctx, d, metric, amount, &usage_totals(&plan, &out.usage), now) };
+        Ok(Recorded { decision: d, recorded: out.granted, replayed: false })
+    }
+
+    /// Every window of a tenant's metric. `None` when the metric is not granted.
+    pub async fn usage(&self, tenant: &str, metric: &str) -> Result<Option<Vec<WindowReport>>, EngineError> {
+        check_metric_code(metric)?;
+        let now = self.now();
+        let ctx = self.context(tenant, now).await?;
+        if !ctx.catalog.metrics.contains_key(metric) {
+            return Err(EngineError::not_found("metric", format!("unknown metric {metric:?}")));
+        }
+        let Some(limits) = ctx.entitlements.limits.get(metric) else { return Ok(None) };
+        let ent = &ctx.entitlements;
+        let periods: Vec<_> = limits.iter().map(|l| period_at(l.window, now, ent.time_zone, ent.billing_anchor)).collect();
+        let keys: Vec<String> = limits
+            .iter()
+            .zip(&periods)
+            .map(|(l, p)| format!("{metric}|{}|{}", l.window, p.start.timestamp()))
+            .collect();
+        let usage = self.usage.usage(tenant, &keys).await?;
+        Ok(Some(
+            limits
+                .iter()
+                .zip(periods)
+                .zip(usage)
+                .map(|((l, p), u)| WindowReport {
+                    limit: l.clone(),
+                    usage: if l.window.is_rate() { SlotUsage::default() } else { u },
+                    period_start: p.start,
+                    resets_at: p.end,
+                })
+                .collect(),
+        ))
+    }
+
+    /// Adds upgrade options to a denial that an upgrade could fix.
+    fn with_hint(
+        &self,
+        ctx: &TenantContext,
+        mut d: Decision,
+        metric: &str,
+        amount: i64,
+        totals: &[(Window, u64)],
+        now: DateTime<Utc>,
+    ) -> Decision {
+        let fixable = matches!(
+            d.reason,
+            Reason::FeatureNotInPlan
+                | Reason::LimitExceeded
+                | Reason::AboveLimitAfterDowngrade
+                | Reason::ExceedsBurst
+                | Reason::PerRequestMaxExceeded
+        );
+        if d.outcome.allowed() || !fixable {
+            return d;
+        }
+        let need = Need::Units { metric, amount: amount.max(0) as u64, totals };
+        d.upgrade = upgrade_options(&ctx.catalog, &ctx.subscription, &ctx.overrides, now, &need);
+        d
+    }
+}
+
+fn denied(decision: Decision) -> Reserved {
+    Reserved { decision, reservation_id: None, expires_at: None, replayed: false }
+}
+
+/// For each quota window, the total the request needed (held + amount).
+fn usage_totals(plan: &RequestPlan, usage: &[SlotUsage]) -> Vec<(Window, u64)> {
+    let n = plan.amount.max(0) as u64;
+    plan.slots
+        .iter()
+        .zip(usage)
+        .map(|(s, u)| (s.window, u.used.saturating_add(u.reserved).saturating_add(n)))
+        .collect()
+}
+
+/// Whether a settlement means the units were counted.
+pub fn committed_amount(s: Settlement) -> u64 {
+    match s {
+        Settlement::Committed(a) => a,
+        _ => 0,
+    }
+}

@@ -1,0 +1,130 @@
+//! The engine: the node's request logic, between the gRPC layer and the stores.
+//!
+//! It validates input, resolves entitlements through a cache, runs token buckets, asks the
+//! store to reserve or count, and turns the answers into decisions with `meter`. Nothing
+//! here knows about protobuf; nothing in `meter` knows about clocks or stores.
+//!
+//! - [`enforce`]: Check, Reserve, Commit, Release, Record, GetUsage.
+//! - [`admin`]: catalog, subscriptions, overrides, the tenant view.
+//! - [`cache`]: effective entitlements per tenant, dropped on change or when they expire.
+//! - [`buckets`]: the node's token buckets.
+
+pub mod admin;
+pub mod buckets;
+pub mod cache;
+pub mod clock;
+pub mod enforce;
+pub mod error;
+
+use std::sync::{Arc, RwLock};
+
+use chrono::{DateTime, Utc};
+use meter::catalog::Catalog;
+use meter::grant::Override;
+use meter::keys;
+use meter::lifecycle::Subscription;
+use meter::resolve::{resolve, Entitlements};
+use meter::store::{ControlStore, UsageStore};
+
+pub use clock::{Clock, SystemClock};
+pub use error::EngineError;
+
+/// What a request is decided against.
+pub struct TenantContext {
+    /// The catalog in force.
+    pub catalog: Arc<Catalog>,
+    /// The tenant's subscription.
+    pub subscription: Arc<Subscription>,
+    /// The tenant's overrides (all, expired included).
+    pub overrides: Arc<Vec<Override>>,
+    /// The effective entitlements now.
+    pub entitlements: Arc<Entitlements>,
+}
+
+/// The node's request logic. Shared by all gRPC handlers.
+pub struct Engine {
+    usage: Arc<dyn UsageStore>,
+    control: Arc<dyn ControlStore>,
+    clock: Arc<dyn Clock>,
+    catalog: RwLock<Option<(u64, Arc<Catalog>)>>,
+    cache: cache::EntitlementCache,
+    buckets: buckets::Buckets,
+}
+
+impl Engine {
+    /// An engine over the given stores, loading the catalog the control store holds.
+    pub async fn new(
+        usage: Arc<dyn UsageStore>,
+        control: Arc<dyn ControlStore>,
+        clock: Arc<dyn Clock>,
+        cache_ttl: std::time::Duration,
+    ) -> Result<Engine, EngineError> {
+        let catalog = control.catalog().await?.map(|c| (1, Arc::new(c)));
+        Ok(Engine {
+            usage,
+            control,
+            clock,
+            catalog: RwLock::new(catalog),
+            cache: cache::EntitlementCache::new(cache_ttl),
+            buckets: buckets::Buckets::default(),
+        })
+    }
+
+    /// The clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    /// The usage store (for the sweeper).
+    pub fn usage_store(&self) -> &Arc<dyn UsageStore> {
+        &self.usage
+    }
+
+    /// The catalog in force and its generation.
+    pub fn catalog(&self) -> Result<(u64, Arc<Catalog>), EngineError> {
+        self.catalog.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or_else(|| {
+            EngineError::FailedPrecondition(
+                "no catalog applied yet: run `allot catalog apply FILE`".into(),
+            )
+        })
+    }
+
+    fn set_catalog(&self, c: Catalog) {
+        let mut guard = self.catalog.write().unwrap_or_else(|p| p.into_inner());
+        let generation = guard.as_ref().map_or(1, |(g, _)| g + 1);
+        *guard = Some((generation, Arc::new(c)));
+        self.cache.clear();
+    }
+
+    /// Resolves the tenant's entitlements at `at`, from the cache when it still holds.
+    pub async fn context(&self, tenant: &str, at: DateTime<Utc>) -> Result<TenantContext, EngineError> {
+        check_tenant(tenant)?;
+        let (generation, catalog) = self.catalog()?;
+        if let Some(ctx) = self.cache.get(tenant, generation, at) {
+            return Ok(ctx);
+        }
+        let sub = self.control.subscription(tenant).await?.ok_or_else(|| {
+            EngineError::not_found("tenant", format!("unknown tenant {tenant:?}: it has no subscription"))
+        })?;
+        let overrides = self.control.overrides(tenant).await?;
+        let ent = resolve(&catalog, &sub, &overrides, at);
+        let ctx = TenantContext {
+            catalog,
+            subscription: Arc::new(sub),
+            overrides: Arc::new(overrides),
+            entitlements: Arc::new(ent),
+        };
+        self.cache.put(tenant, generation, &ctx);
+        Ok(ctx)
+    }
+
+    /// Drops background state that no longer matters (full token buckets).
+    pub fn prune(&self) {
+        self.buckets.prune(self.clock.monotonic_ns());
+    }
+}
+
+/// Validates a tenant id, naming the field.
+pub fn check_tenant(tenant: &str) -> Result<(), EngineError> {
+    keys::check_tenant(tenant).map_err(|r| EngineError::invalid("tenant", r))
+}

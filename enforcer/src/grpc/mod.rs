@@ -1,0 +1,9 @@
+//! The gRPC layer: `allot.v1` services as thin adapters over the [`crate::engine`].
+//!
+//! Conversions live in [`convert`], the error → status table in [`status`]; handlers hold
+//! no logic of their own beyond reading optional proto fields.
+
+pub mod admin;
+pub mod convert;
+pub mod enforcer;
+pub mod status;

@@ -1,0 +1,19 @@
+//! The Allot node: gRPC `Enforcer` and `Admin` services over the embedded, durable store.
+//!
+//! A tour:
+//! - [`server::run`] wires everything: store, engine, gRPC services (with health checking
+//!   and reflection), the reservation sweeper.
+//! - [`engine`] holds the request logic (validation, entitlement cache, token buckets,
+//!   store calls, decisions) and knows nothing of protobuf.
+//! - [`grpc`] adapts `allot.v1` messages to the engine; [`grpc::status`] maps errors to
+//!   gRPC codes in one table.
+//! - [`embedded`] is the default store: memory + redb with group commit.
+//! - [`config`] is `allot serve`'s configuration (file, environment, flags).
+//!
+//! The `allot` binary (src/main.rs) adds the client commands (src/cli/).
+
+pub mod config;
+pub mod embedded;
+pub mod engine;
+pub mod grpc;
+pub mod server;

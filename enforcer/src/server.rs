@@ -1,0 +1,118 @@
+//! Wiring of a node: store → engine → gRPC services, plus the background sweeper.
+//!
+//! [`run`] takes a bound listener and a shutdown future (mini-redis style) so tests and the
+//! binary start nodes the same way.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use allot_proto::v1::admin_server::AdminServer;
+use allot_proto::v1::enforcer_server::EnforcerServer;
+use meter::store::{ControlStore, UsageStore};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::ServeConfig;
+use crate::embedded::EmbeddedStore;
+use crate::engine::{Engine, SystemClock};
+use crate::grpc::admin::AdminService;
+use crate::grpc::enforcer::EnforcerService;
+
+/// Most reservations released per sweep; the rest wait for the next one.
+const SWEEP_BATCH: usize = 10_000;
+/// Sweeps between compactions of the store.
+const SWEEPS_PER_COMPACTION: u64 = 600;
+
+/// Why a node could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] meter::store::StoreError),
+    /// The engine could not start.
+    #[error("{0}")]
+    Engine(#[from] crate::engine::EngineError),
+    /// The start catalog could not be read.
+    #[error("cannot read catalog {path}: {source}")]
+    CatalogFile {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Opens the store in `cfg.data_dir`, applies the start catalog, and serves on `listener`
+/// until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    cfg: &ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let store = EmbeddedStore::open(&cfg.data_dir)?;
+    let usage: Arc<dyn UsageStore> = Arc::new(store.clone());
+    let control: Arc<dyn ControlStore> = Arc::new(store.clone());
+    let engine = Arc::new(Engine::new(usage, control, Arc::new(SystemClock::default()), cfg.cache_ttl).await?);
+
+    if let Some((path, explicit)) = &cfg.catalog {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ServeError::CatalogFile { path: path.display().to_string(), source })?;
+        match engine.apply_catalog(&text, &path.display().to_string(), false).await {
+            Ok(a) => tracing::info!(path = %path.display(), changed = a.changed, "start catalog loaded"),
+            // An implicit default catalog that conflicts with the stored one must not
+            // stop a node that has a good catalog already.
+            Err(e) if !explicit && engine.catalog().is_ok() => {
+                tracing::warn!(path = %path.display(), error = %e, "default catalog not applied; keeping the stored one")
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+
+    let sweeper = tokio::spawn(sweep(engine.clone(), store, cfg.sweep_interval, cfg.retention));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<EnforcerServer<EnforcerService>>().await;
+    health.set_serving::<AdminServer<AdminService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(allot_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| crate::engine::EngineError::Internal(format!("reflection: {e}")))?;
+
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(EnforcerServer::new(EnforcerService::new(engine.clone())))
+        .add_service(AdminServer::new(AdminService::new(engine)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    sweeper.abort();
+    result?;
+    Ok(())
+}
+
+/// Releases reservations past their TTL, and now and then forgets what expired.
+async fn sweep(engine: Arc<Engine>, store: EmbeddedStore, every: std::time::Duration, retention: std::time::Duration) {
+    let retention = chrono::Duration::from_std(retention).unwrap_or(crate::embedded::DEFAULT_RETENTION);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        n += 1;
+        match engine.usage_store().expire_due(engine.now(), SWEEP_BATCH).await {
+            Ok(expired) if !expired.is_empty() => tracing::info!(count = expired.len(), "reservations expired"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "expiring reservations failed"),
+        }
+        if n % SWEEPS_PER_COMPACTION == 0 {
+            engine.prune();
+            if let Err(e) = store.compact(engine.now(), retention).await {
+                tracing::warn!(error = %e, "compaction failed");
+            }
+        }
+    }
+}

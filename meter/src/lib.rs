@@ -1,0 +1,33 @@
+//! Allot's domain core: everything that decides, nothing that waits.
+//!
+//! No clocks, no I/O, no randomness: instants and ids are arguments, so every rule here is
+//! a pure function that tests can pin down.
+//!
+//! A tour, in the order a request meets it:
+//! - [`catalog`]: plans, add-ons, features, metrics and limits, loaded from YAML and
+//!   validated ([`catalog::parse`]).
+//! - [`lifecycle`]: subscriptions and what is in force at an instant (trials, scheduled
+//!   downgrades, cancellation).
+//! - [`grant`]: time-boxed overrides.
+//! - [`resolve`]: catalog + subscription + overrides → [`resolve::Entitlements`], with
+//!   provenance.
+//! - [`window`] and [`gcra`]: calendar periods in the tenant's zone, and token buckets.
+//! - [`quota`]: a request → counter slots and buckets → [`decision::Decision`].
+//! - [`hint`]: which plans or add-ons would have allowed a denied request.
+//! - [`store`]: the storage traits every backend implements; [`conformance`] (feature
+//!   `conformance`) is the suite they all pass.
+//! - [`keys`]: what valid codes, tenant ids and keys look like.
+
+pub mod catalog;
+#[cfg(feature = "conformance")]
+pub mod conformance;
+pub mod decision;
+pub mod gcra;
+pub mod grant;
+pub mod hint;
+pub mod keys;
+pub mod lifecycle;
+pub mod quota;
+pub mod resolve;
+pub mod store;
+pub mod window;

@@ -1,0 +1,356 @@
+//! How a request for units of a metric is decided, minus the storage.
+//!
+//! [`plan_request`] validates the request against the entitlements and turns every
+//! applicable limit into a counter slot (quota and gauge windows, kept by a store) or a
+//! token bucket (rate windows, kept at the edge). The store then reserves in all slots or
+//! in none, and [`decide`] turns what it saw into a [`Decision`]. The same plan serves
+//! Check (nothing is consumed), Reserve and Record.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{Catalog, MetricKind};
+use crate::decision::{Decision, Outcome, Reason};
+use crate::catalog::AccessLevel;
+use crate::gcra::Gcra;
+use crate::resolve::{Entitlements, ResolvedLimit};
+use crate::store::{SlotSpec, SlotUsage};
+use crate::window::{period_at, Period, Window};
+
+/// A request for units of a metric.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Demand<'a> {
+    /// Metric code.
+    pub metric: &'a str,
+    /// Units asked for; negative only for gauge releases through Record.
+    pub amount: i64,
+    /// Request dimensions (`api_key`…), used by per-dimension rate limits.
+    pub dimensions: &'a BTreeMap<String, String>,
+    /// What the request does with the units.
+    pub intent: Intent,
+}
+
+/// What a request does with the units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    /// Only asks whether they would fit (amount may be 0: "is the metric granted?").
+    Check,
+    /// Holds them (positive amounts only).
+    Reserve,
+    /// Counts them at once (signed for gauges).
+    Record,
+}
+
+/// A bad request, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The field's value is not acceptable.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The request field.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+    /// The field names something that does not exist.
+    #[error("{field}: {reason}")]
+    NotFound {
+        /// The request field.
+        field: String,
+        /// What is missing.
+        reason: String,
+    },
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> RequestError {
+    RequestError::Invalid { field: field.into(), reason: reason.into() }
+}
+
+/// A counter slot together with the limit it enforces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaSlot {
+    /// The window.
+    pub window: Window,
+    /// The limit amount (for warnings and `remaining`).
+    pub limit: u64,
+    /// Soft limit: past `limit` is overage.
+    pub soft: bool,
+    /// Warning thresholds in percent.
+    pub warn_at: Vec<u8>,
+    /// The period the slot counts.
+    pub resets_at: Option<DateTime<Utc>>,
+    /// What the store needs.
+    pub spec: SlotSpec,
+}
+
+/// A token bucket the request must pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateSlot {
+    /// `second` or `minute`.
+    pub window: Window,
+    /// Bucket key within the tenant: metric, window and dimension value.
+    pub bucket: String,
+    /// The bucket's parameters.
+    pub gcra: Gcra,
+}
+
+/// What a request needs from storage and buckets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestPlan {
+    /// Metric code.
+    pub metric: String,
+    /// Units asked for.
+    pub amount: i64,
+    /// Whether the metric is a gauge.
+    pub gauge: bool,
+    /// Counter slots, all of which must have room.
+    pub slots: Vec<QuotaSlot>,
+    /// Token buckets, all of which must have room.
+    pub rates: Vec<RateSlot>,
+}
+
+/// The outcome of planning: either decided already (no access, not in plan…), or a plan
+/// for the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Planned {
+    /// Decided without storage.
+    Decided(Decision),
+    /// Needs the store's answer.
+    Plan(RequestPlan),
+}
+
+/// Plans `demand` against `ent` at `at`. Returns an error for bad input, which changes
+/// nothing.
+pub fn plan_request(
+    catalog: &Catalog,
+    ent: &Entitlements,
+    demand: &Demand<'_>,
+    at: DateTime<Utc>,
+) -> Result<Planned, RequestError> {
+    let metric = demand.metric;
+    let def = catalog.metrics.get(metric).ok_or_else(|| RequestError::NotFound {
+        field: "metric".into(),
+        reason: format!("unknown metric {metric:?}"),
+    })?;
+    let gauge = def.kind == MetricKind::Gauge;
+    let amount = demand.amount;
+    match demand.intent {
+        Intent::Check if amount < 0 => return Err(invalid("amount", "must not be negative")),
+        Intent::Reserve if amount <= 0 => {
+            return Err(invalid("amount", "must be positive (at least 1)"))
+        }
+        Intent::Record if amount == 0 => return Err(invalid("amount", "must not be zero")),
+        Intent::Record if amount < 0 && !gauge => {
+            return Err(invalid(
+                "amount",
+                format!("must be positive: {metric} is a counter; only gauges take negative adjustments"),
+            ))
+        }
+        _ => {}
+    }
+    if amount.unsigned_abs() > crate::catalog::MAX_AMOUNT {
+        return Err(invalid("amount", "is too large"));
+    }
+
+    let consumes = amount > 0 && demand.intent != Intent::Check;
+    match ent.access {
+        AccessLevel::None => {
+            return Ok(Planned::Decided(Decision::deny(
+                Reason::SubscriptionInactive,
+                format!("subscription is {}", ent.status.as_str()),
+            )))
+        }
+        AccessLevel::ReadOnly if consumes => {
+            return Ok(Planned::Decided(Decision::deny(
+                Reason::SubscriptionReadOnly,
+                format!("subscription is {}: read-only access", ent.status.as_str()),
+            )))
+        }
+        _ => {}
+    }
+    let Some(limits) = ent.limits.get(metric) else {
+        return Ok(Planned::Decided(Decision::deny(
+            Reason::FeatureNotInPlan,
+            format!("{metric} is not included in plan {}", ent.plan),
+        )));
+    };
+
+    let mut slots = Vec::new();
+    let mut rates = Vec::new();
+    for l in limits {
+        if amount > 0 {
+            if let Some(max) = l.max_per_request {
+                if amount as u64 > max {
+                    let mut d = Decision::deny(
+                        Reason::PerRequestMaxExceeded,
+                        format!("{amount} {metric} in one request is more than the maximum {max}"),
+                    );
+                    d.limit = Some(max);
+                    d.window = Some(l.window);
+                    return Ok(Planned::Decided(d));
+                }
+            }
+        }
+        if l.window.is_rate() {
+            rates.push(rate_slot(metric, l, demand.dimensions)?);
+        } else {
+            slots.push(quota_slot(metric, l, ent, at));
+        }
+    }
+    Ok(Planned::Plan(RequestPlan { metric: metric.to_string(), amount, gauge, slots, rates }))
+}
+
+fn quota_slot(metric: &str, l: &ResolvedLimit, ent: &Entitlements, at: DateTime<Utc>) -> QuotaSlot {
+    let period: Period = period_at(l.window, at, ent.time_zone, ent.billing_anchor);
+    QuotaSlot {
+        window: l.window,
+        limit: l.amount,
+        soft: l.enforcement == crate::catalog::Enforcement::Soft,
+        warn_at: l.warn_at.clone(),
+        resets_at: period.end,
+        spec: SlotSpec {
+            key: format!("{metric}|{}|{}", l.window, period.start.timestamp()),
+            cap: l.cap(),
+            ends_at: period.end,
+        },
+    }
+}
+
+fn rate_slot(
+    metric: &str,
+    l: &ResolvedLimit,
+    dimensions: &BTreeMap<String, String>,
+) -> Result<RateSlot, RequestError> {
+    let period = l.window.rate_period().expect("rate window");
+    let gcra = Gcra::new(l.amount, period, l.burst.unwrap_or(l.amount))
+        .map_err(|e| invalid("metric", format!("rate limit of {metric} is unusable: {e}")))?;
+    let bucket = match &l.per {
+        None => format!("{metric}|{}", l.window),
+        Some(dim) => {
+            let field = format!("dimensions.{dim}");
+            let value = dimensions.get(dim).ok_or_else(|| {
+                invalid(&field, format!("required: {metric} has a per-{dim} rate limit"))
+            })?;
+            crate::keys::check_key(value).map_err(|r| invalid(&field, r))?;
+            format!("{metric}|{}|{dim}={value}", l.window)
+        }
+    };
+    Ok(RateSlot { window: l.window, bucket, gcra })
+}
+
+/// Builds the decision for `plan` from the usage the store saw (one entry per slot, in
+/// order, before this request) and whether the store admitted it.
+pub fn decide(plan: &RequestPlan, usage: &[SlotUsage], admitted: bool) -> Decision {
+    let amount = plan.amount.max(0) as u64;
+    const ZERO: SlotUsage = SlotUsage { used: 0, reserved: 0 };
+    let rows = plan.slots.iter().zip(usage.iter().chain(std::iter::repeat(&ZERO)));
+    if !admitted {
+        for (slot, u) in rows {
+            let Some(cap) = slot.spec.cap else { continue };
+            let held = u.used.saturating_add(u.reserved);
+            if held.saturating_add(amount) <= cap {
+                continue;
+            }
+            let above = plan.gauge && u.used > slot.limit;
+            let (reason, message) = if above {
+                (
+                    Reason::AboveLimitAfterDowngrade,
+                    format!(
+                        "{} {} in use is already above the limit {}; existing ones stay, new ones are refused",
+                        u.used, plan.metric, slot.limit
+                    ),
+                )
+            } else {
+                (
+                    Reason::LimitExceeded,
+                    format!(
+                        "{amount} more {} would pass the {} limit of {} ({} used, {} reserved)",
+                        plan.metric, slot.window, slot.limit, u.used, u.reserved
+                    ),
+                )
+            };
+            let mut d = Decision::deny(reason, message);
+            fill(&mut d, slot, u, cap.saturating_sub(held));
+            return d;
+        }
+        // The store refused without a slot over its cap (a gauge going below zero is an
+        // error, not a refusal), so this is the store's own word.
+        return Decision::deny(Reason::LimitExceeded, "refused by the store");
+    }
+
+    // Allowed: report the tightest window, and warn past thresholds or soft limits.
+    let mut best: Option<Decision> = None;
+    let mut best_fill: u128 = 0;
+    for (slot, u) in rows {
+        let after = u.used.saturating_add(u.reserved).saturating_add(amount);
+        let mut d = Decision::allow();
+        fill(&mut d, slot, u, slot.spec.cap.map_or(u64::MAX, |c| c.saturating_sub(after)));
+        if slot.spec.cap.is_none() || slot.soft {
+            d.remaining = Some(slot.limit.saturating_sub(after));
+        }
+        let percent = if slot.limit == 0 {
+            if after > 0 { u128::MAX } else { 0 }
+        } else {
+            u128::from(after) * 100 / u128::from(slot.limit)
+        };
+        if slot.soft && after > slot.limit && amount > 0 {
+            d.outcome = Outcome::AllowWithWarning;
+            d.reason = Reason::Overage;
+            d.overage = true;
+            d.message = format!(
+                "allowed as overage: {after} of {} {} this {}",
+                slot.limit, plan.metric, slot.window
+            );
+        }
+        if let Some(t) = slot.warn_at.iter().rev().find(|t| u128::from(**t) <= percent) {
+            d.warning_percent = Some(*t);
+            if d.outcome == Outcome::Allow {
+                d.outcome = Outcome::AllowWithWarning;
+                d.reason = Reason::NearLimit;
+                d.message = format!(
+                    "{}% of the {} limit of {} {} reached",
+                    percent.min(999),
+                    slot.window,
+                    slot.limit,
+                    plan.metric
+                );
+            }
+        }
+        let rank = percent.saturating_add(if d.overage { 1 << 100 } else { 0 });
+        if best.is_none() || rank > best_fill {
+            best_fill = rank;
+            best = Some(d);
+        }
+    }
+    best.unwrap_or_else(Decision::allow)
+}
+
+fn fill(d: &mut Decision, slot: &QuotaSlot, u: &SlotUsage, remaining: u64) {
+    d.window = Some(slot.window);
+    d.limit = Some(slot.limit);
+    d.used = u.used;
+    d.reserved = u.reserved;
+    d.remaining = Some(remaining);
+    d.resets_at = slot.resets_at;
+}
+
+/// The decision for a request stopped by a token bucket.
+pub fn rate_limited(slot: &RateSlot, retry_after: Option<std::time::Duration>, amount: u64) -> Decision {
+    let (reason, message) = match retry_after {
+        Some(_) => (
+            Reason::RateLimited,
+            format!("rate limit of {} per {} reached", slot.gcra.rate(), slot.window),
+        ),
+        None => (
+            Reason::ExceedsBurst,
+            format!("{amount} at once is more than the burst of {}", slot.gcra.burst()),
+        ),
+    };
+    let mut d = Decision::deny(reason, message);
+    d.window = Some(slot.window);
+    d.limit = Some(slot.gcra.rate());
+    d.retry_after = retry_after;
+    d
+}
