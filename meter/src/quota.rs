@@ -284,7 +284,11 @@ pub fn decide(plan: &RequestPlan, usage: &[SlotUsage], admitted: bool) -> Decisi
     let mut best: Option<Decision> = None;
     let mut best_fill: u128 = 0;
     for (slot, u) in rows {
-        let after = u.used.saturating_add(u.reserved).saturating_add(amount);
+        let after = if plan.amount < 0 {
+            u.used.saturating_add(u.reserved).saturating_sub(plan.amount.unsigned_abs())
+        } else {
+            u.used.saturating_add(u.reserved).saturating_add(amount)
+        };
         let mut d = Decision::allow();
         fill(&mut d, slot, u, slot.spec.cap.map_or(u64::MAX, |c| c.saturating_sub(after)));
         if slot.spec.cap.is_none() || slot.soft {
