@@ -116,6 +116,9 @@ pub async fn reserve_replays_by_idempotency_key<S: Backend>(s: &S) {
     let first = s.reserve(reserve_op("r1", "k1", 2, vec![slot("m", Some(10))])).await.unwrap();
     let again = s.reserve(reserve_op("r2", "k1", 2, vec![slot("m", Some(10))])).await.unwrap();
     assert!(again.granted && again.replayed);
+    assert_eq!(s.find_reserve("acme", "k1").await.unwrap(), Some(again.clone()));
+    assert_eq!(s.find_reserve("acme", "k2").await.unwrap(), None);
+    assert_eq!(s.find_reserve("globex", "k1").await.unwrap(), None);
     assert_eq!(again.reservation_id, first.reservation_id);
     assert_eq!(again.context, b"r1".to_vec());
     assert_eq!(again.usage, first.usage);
@@ -193,6 +196,8 @@ pub async fn record_dedups_by_event_id<S: Backend>(s: &S) {
     assert!(first.granted && !first.replayed);
     let again = s.record(record_op("e1", 2, vec![slot("g", Some(10))])).await.unwrap();
     assert!(again.granted && again.replayed);
+    assert_eq!(s.find_record("acme", "e1").await.unwrap(), Some(again.clone()));
+    assert_eq!(s.find_record("acme", "e2").await.unwrap(), None);
     assert_eq!(again.context, b"e1".to_vec());
     assert_eq!(usage_of(s, "g").await.used, 2);
 }

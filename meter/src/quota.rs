@@ -19,6 +19,10 @@ use crate::resolve::{Entitlements, ResolvedLimit};
 use crate::store::{SlotSpec, SlotUsage};
 use crate::window::{period_at, Period, Window};
 
+/// The largest amount one request may carry: 10^15 units (a billion USD in micros) keeps
+/// every counter exact, far from the edge of 64 bits, however many requests add up.
+pub const MAX_REQUEST_AMOUNT: u64 = 1_000_000_000_000_000;
+
 /// A request for units of a metric.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Demand<'a> {
@@ -150,8 +154,8 @@ pub fn plan_request(
         }
         _ => {}
     }
-    if amount.unsigned_abs() > crate::catalog::MAX_AMOUNT {
-        return Err(invalid("amount", "is too large"));
+    if amount.unsigned_abs() > MAX_REQUEST_AMOUNT {
+        return Err(invalid("amount", format!("is too large (at most {MAX_REQUEST_AMOUNT} per request)")));
     }
 
     let consumes = amount > 0 && demand.intent != Intent::Check;

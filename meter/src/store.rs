@@ -213,6 +213,21 @@ pub trait UsageStore: Send + Sync {
     /// Counts units at once, deduplicated by event id.
     async fn record(&self, op: RecordOp) -> Result<RecordOutcome, StoreError>;
 
+    /// The first grant made with this idempotency key, if any (a retry that would be
+    /// denied before reaching [`UsageStore::reserve`] must still get the first answer).
+    async fn find_reserve(
+        &self,
+        tenant: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<ReserveOutcome>, StoreError>;
+
+    /// The first answer to a counted record with this event id, if any.
+    async fn find_record(
+        &self,
+        tenant: &str,
+        event_id: &str,
+    ) -> Result<Option<RecordOutcome>, StoreError>;
+
     /// Usage of the given slots of a tenant (zero for unknown ones).
     async fn usage(&self, tenant: &str, keys: &[String]) -> Result<Vec<SlotUsage>, StoreError>;
 

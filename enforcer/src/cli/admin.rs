@@ -278,7 +278,7 @@ pub async fn subscribe(channel: &Channel, out: Output, args: SubscribeArgs) -> a
     let (plan, plan_version) = plan_and_version(args.plan, args.version)?;
     let trial_ends = match (args.trial_ends, args.trial_days) {
         (Some(at), _) => Some(at),
-        (None, Some(days)) => Some(Utc::now() + chrono::Duration::days(i64::from(days))),
+        (None, Some(days)) => Some(parse::now() + chrono::Duration::days(i64::from(days))),
         (None, None) => None,
     };
     let (post_trial_plan, post_trial_plan_version) = args
@@ -484,7 +484,9 @@ mod tests {
             ("pro".into(), 3)
         );
         let e = plan_and_version(plan("pro", Some(2)), Some(3)).unwrap_err();
-        assert!(e.to_string().starts_with("error: --plan pro@2 and --version 3"));
+        assert!(e
+            .to_string()
+            .starts_with("error: --plan pro@2 and --version 3"));
     }
 
     #[test]

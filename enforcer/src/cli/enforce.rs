@@ -45,7 +45,7 @@ pub struct CheckArgs {
     #[arg(long)]
     pub metric: Option<String>,
     /// Units to check for (default 0: only whether the metric is granted at all).
-    #[arg(long, requires = "metric", allow_negative_numbers = true)]
+    #[arg(long, conflicts_with = "feature", allow_negative_numbers = true)]
     pub amount: Option<i64>,
     #[command(flatten)]
     pub dims: DimArgs,
@@ -159,9 +159,7 @@ pub async fn check(channel: &Channel, out: Output, args: CheckArgs) -> anyhow::R
 
 /// Runs `allot reserve`.
 pub async fn reserve(channel: &Channel, out: Output, args: ReserveArgs) -> anyhow::Result<()> {
-    let key = args
-        .key
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let key = args.key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let request = ReserveRequest {
         tenant: args.tenant,
         metric: args.metric,

@@ -6,10 +6,9 @@
 //! absent optional field is `null` rather than missing, so `jq` filters need no guards.
 
 use allot_proto::v1::{
-    value::Kind, ApplyCatalogResponse, CheckResponse, CommitResponse, Decision,
-    FeatureEntitlement, GetTenantResponse, GetUsageResponse, LimitEntitlement, Override,
-    Provenance, RecordResponse, ReleaseResponse, ReserveResponse, Subscription, UpgradeOption,
-    Value, WindowUsage,
+    value::Kind, ApplyCatalogResponse, CheckResponse, CommitResponse, Decision, FeatureEntitlement,
+    GetTenantResponse, GetUsageResponse, LimitEntitlement, Override, Provenance, RecordResponse,
+    ReleaseResponse, ReserveResponse, Subscription, UpgradeOption, Value, WindowUsage,
 };
 use prost_types::Timestamp;
 use serde_json::{json, Value as Json};

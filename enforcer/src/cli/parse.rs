@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use allot_proto::v1::{value::Kind, AddonItem, StringList, Value};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 
 /// A request dimension, `key=value`. The value may contain `=`; only the first one splits.
 pub fn dimension(s: &str) -> Result<(String, String), String> {
@@ -120,8 +120,8 @@ pub fn feature_value(s: &str) -> Result<Value, String> {
         }),
         Json::Null | Json::Object(_) => {
             return Err(format!(
-                "{s} is not a feature value: give a boolean, an integer, a string or a list of strings"
-            ))
+            "{s} is not a feature value: give a boolean, an integer, a string or a list of strings"
+        ))
         }
     };
     Ok(Value { kind: Some(kind) })
@@ -130,7 +130,13 @@ pub fn feature_value(s: &str) -> Result<Value, String> {
 /// An instant: RFC 3339 (`2025-03-01T00:00:00Z`, any offset), `now`, or `now+DURATION` /
 /// `now-DURATION` (`now+30d`), the last being handy to preview what a tenant will have.
 pub fn instant(s: &str) -> Result<DateTime<Utc>, String> {
-    instant_at(s, Utc::now())
+    instant_at(s, now())
+}
+
+/// The current instant in whole seconds: what gets stored and shown back (a trial end,
+/// a billing anchor) reads better without nine digits of noise.
+pub fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(0)
 }
 
 /// [`instant`] with the clock as an argument, for tests.
@@ -145,11 +151,13 @@ fn instant_at(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
         } else if let Some(d) = rest.strip_prefix('-') {
             (false, d)
         } else {
-            return Err(format!("expected now, now+DURATION or now-DURATION, got {s:?}"));
+            return Err(format!(
+                "expected now, now+DURATION or now-DURATION, got {s:?}"
+            ));
         };
         let offset = duration(offset.trim())?;
-        let offset = chrono::Duration::from_std(offset)
-            .map_err(|_| format!("{s:?} is too far from now"))?;
+        let offset =
+            chrono::Duration::from_std(offset).map_err(|_| format!("{s:?} is too far from now"))?;
         let at = if later {
             now.checked_add_signed(offset)
         } else {

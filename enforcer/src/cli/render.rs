@@ -80,7 +80,11 @@ fn decision_rows(t: &mut Table, d: Option<&Decision>) {
     if !d.window.is_empty() {
         pair(t, "window", &d.window);
         let unlimited = || "unlimited".to_string();
-        pair(t, "limit", d.limit.map_or_else(unlimited, |n| n.to_string()));
+        pair(
+            t,
+            "limit",
+            d.limit.map_or_else(unlimited, |n| n.to_string()),
+        );
         pair(t, "used", d.used.to_string());
         pair(t, "reserved", d.reserved.to_string());
         pair(
@@ -121,7 +125,11 @@ pub fn check(r: &CheckResponse) -> String {
     if r.value.is_some() {
         pair(&mut t, "value", value_text(r.value.as_ref()));
     }
-    pair(&mut t, "entitlements version", r.entitlements_version.to_string());
+    pair(
+        &mut t,
+        "entitlements version",
+        r.entitlements_version.to_string(),
+    );
     t.to_string()
 }
 
@@ -137,7 +145,11 @@ pub fn reserve(r: &ReserveResponse, idempotency_key: &str) -> String {
         pair(&mut t, "expires at", convert::rfc3339(e));
     }
     if r.replayed {
-        pair(&mut t, "replayed", "yes (answer to an earlier request with this key)");
+        pair(
+            &mut t,
+            "replayed",
+            "yes (answer to an earlier request with this key)",
+        );
     }
     t.to_string()
 }
@@ -167,7 +179,11 @@ pub fn record(r: &RecordResponse, event_id: &str) -> String {
     pair(&mut t, "recorded", yes_no(r.recorded));
     decision_rows(&mut t, r.decision.as_ref());
     if r.replayed {
-        pair(&mut t, "replayed", "yes (answer to an earlier event with this id)");
+        pair(
+            &mut t,
+            "replayed",
+            "yes (answer to an earlier event with this id)",
+        );
     }
     t.to_string()
 }
@@ -231,7 +247,11 @@ pub fn apply_catalog(r: &ApplyCatalogResponse) -> String {
         "no (dry run: valid, nothing changed)"
     };
     pair(&mut t, "applied", applied);
-    pair(&mut t, "differs from the catalog in force", yes_no(r.changed));
+    pair(
+        &mut t,
+        "differs from the catalog in force",
+        yes_no(r.changed),
+    );
     pair(&mut t, "plans", r.plans.join("\n"));
     t.to_string()
 }
@@ -396,7 +416,11 @@ pub fn tenant(
     pair(&mut head, "tenant", tenant);
     pair(&mut head, "at", when(r.at.as_ref()));
     pair(&mut head, "plan", since(&r.plan, r.plan_since.as_ref()));
-    pair(&mut head, "status", since(&r.status, r.status_since.as_ref()));
+    pair(
+        &mut head,
+        "status",
+        since(&r.status, r.status_since.as_ref()),
+    );
     pair(&mut head, "access", &r.access);
     if let Some(s) = &r.subscription {
         subscription_rows(&mut head, s);
@@ -549,7 +573,13 @@ mod tests {
             ..Default::default()
         };
         let text = check(&r);
-        for needle in ["DENY", "limit_exceeded", "1000", "plan pro@3", "addon extra_calls"] {
+        for needle in [
+            "DENY",
+            "limit_exceeded",
+            "1000",
+            "plan pro@3",
+            "addon extra_calls",
+        ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }
     }

@@ -32,11 +32,27 @@ use state::{row_key, Applied, State, Table, Write};
 /// How long dedup keys, settled reservations and ended counters are kept.
 pub const DEFAULT_RETENTION: chrono::Duration = chrono::Duration::days(7);
 
-/// The embedded store. Cheap to clone.
+/// The embedded store. Cheap to clone; the database closes when the last clone drops.
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    state: Arc<Mutex<State>>,
-    queue: writer::Queue,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    queue: Mutex<Option<writer::Queue>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer after it has written what was queued; joining
+        // it releases the database file, so the directory can be opened again at once.
+        drop(self.queue.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = handle.join();
+        }
+    }
 }
 
 impl EmbeddedStore {
@@ -53,25 +69,40 @@ impl EmbeddedStore {
         load(&db, &mut state)?;
         let db = Arc::new(db);
         let (queue, jobs) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("allot-store-writer".into())
             .spawn(move || writer::run(db, jobs))
             .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
-        Ok(EmbeddedStore { state: Arc::new(Mutex::new(state)), queue })
+        Ok(EmbeddedStore {
+            inner: Arc::new(Inner {
+                state: Mutex::new(state),
+                queue: Mutex::new(Some(queue)),
+                writer: Mutex::new(Some(writer)),
+            }),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock would leave half an operation in memory; the
         // operations check before they change, so the state is still consistent.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues rows while the state lock is still held (so disk order is state order) and
     /// returns a receiver that resolves once they are durable.
     fn queue(&self, writes: Vec<Write>) -> oneshot::Receiver<Result<(), String>> {
         let (done, rx) = oneshot::channel();
-        if let Err(e) = self.queue.send(writer::Job { writes, done }) {
-            let _ = e.0.done.send(Err("the writer thread stopped".into()));
+        let job = writer::Job { writes, done };
+        let queue = self.inner.queue.lock().unwrap_or_else(|p| p.into_inner());
+        match queue.as_ref() {
+            Some(q) => {
+                if let Err(e) = q.send(job) {
+                    let _ = e.0.done.send(Err("the writer thread stopped".into()));
+                }
+            }
+            None => {
+                let _ = job.done.send(Err("the store is closed".into()));
+            }
         }
         rx
     }
@@ -169,6 +200,23 @@ impl UsageStore for EmbeddedStore {
 
     async fn record(&self, op: RecordOp) -> Result<RecordOutcome, StoreError> {
         self.apply(|s| s.record(op)).await
+    }
+
+    async fn find_reserve(
+        &self,
+        tenant: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<ReserveOutcome>, StoreError> {
+        // Waits like any replay: the first grant may still be on its way to disk.
+        self.apply(|s| Ok(Applied { answer: s.find_reserve(tenant, idempotency_key), writes: vec![] })).await
+    }
+
+    async fn find_record(
+        &self,
+        tenant: &str,
+        event_id: &str,
+    ) -> Result<Option<RecordOutcome>, StoreError> {
+        self.apply(|s| Ok(Applied { answer: s.find_record(tenant, event_id), writes: vec![] })).await
     }
 
     async fn usage(&self, tenant: &str, keys: &[String]) -> Result<Vec<SlotUsage>, StoreError> {

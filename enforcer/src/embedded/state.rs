@@ -156,23 +156,39 @@ impl State {
         self.reservations.insert(key, row);
     }
 
+    /// The first grant for an idempotency key.
+    pub fn find_reserve(&self, tenant: &str, idempotency_key: &str) -> Option<ReserveOutcome> {
+        let row = self
+            .idempotency
+            .get(&row_key(tenant, idempotency_key))
+            .and_then(|id| self.reservations.get(&row_key(tenant, id)))?;
+        Some(ReserveOutcome {
+            granted: true,
+            usage: row.usage_at_grant.clone(),
+            reservation_id: row.reservation.id.clone(),
+            expires_at: row.reservation.expires_at,
+            replayed: true,
+            context: row.context.clone(),
+        })
+    }
+
+    /// The first answer for an event id.
+    pub fn find_record(&self, tenant: &str, event_id: &str) -> Option<RecordOutcome> {
+        let row = self.events.get(&row_key(tenant, event_id))?;
+        Some(RecordOutcome {
+            granted: true,
+            usage: row.usage.clone(),
+            replayed: true,
+            context: row.context.clone(),
+        })
+    }
+
     /// Reserve in every slot or none.
     pub fn reserve(&mut self, op: ReserveOp) -> Applied<ReserveOutcome> {
-        let idem_key = row_key(&op.tenant, &op.idempotency_key);
-        if let Some(row) = self
-            .idempotency
-            .get(&idem_key)
-            .and_then(|id| self.reservations.get(&row_key(&op.tenant, id)))
-        {
-            return Applied::read_only(ReserveOutcome {
-                granted: true,
-                usage: row.usage_at_grant.clone(),
-                reservation_id: row.reservation.id.clone(),
-                expires_at: row.reservation.expires_at,
-                replayed: true,
-                context: row.context.clone(),
-            });
+        if let Some(first) = self.find_reserve(&op.tenant, &op.idempotency_key) {
+            return Applied::read_only(first);
         }
+        let idem_key = row_key(&op.tenant, &op.idempotency_key);
         let usage: Vec<SlotUsage> =
             op.slots.iter().map(|s| self.usage_of(&op.tenant, &s.key)).collect();
         let fits = op.slots.iter().zip(&usage).all(|(s, u)| {
@@ -299,15 +315,10 @@ impl State {
 
     /// Count units at once.
     pub fn record(&mut self, op: RecordOp) -> Result<Applied<RecordOutcome>, StoreError> {
-        let ekey = row_key(&op.tenant, &op.event_id);
-        if let Some(row) = self.events.get(&ekey) {
-            return Ok(Applied::read_only(RecordOutcome {
-                granted: true,
-                usage: row.usage.clone(),
-                replayed: true,
-                context: row.context.clone(),
-            }));
+        if let Some(first) = self.find_record(&op.tenant, &op.event_id) {
+            return Ok(Applied::read_only(first));
         }
+        let ekey = row_key(&op.tenant, &op.event_id);
         let usage: Vec<SlotUsage> =
             op.slots.iter().map(|s| self.usage_of(&op.tenant, &s.key)).collect();
         let delta = op.amount.unsigned_abs();

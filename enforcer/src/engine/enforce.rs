@@ -196,14 +196,18 @@ impl Engine {
         let ctx = self.context(tenant, now).await?;
         let demand = Demand { metric, amount, dimensions: dims, intent: Intent::Reserve };
         let plan = match quota::plan_request(&ctx.catalog, &ctx.entitlements, &demand, now)? {
-            Planned::Decided(d) => return Ok(denied(self.with_hint(&ctx, d, metric, amount, &[], now))),
+            Planned::Decided(d) => {
+                let d = self.with_hint(&ctx, d, metric, amount, &[], now);
+                return self.reserve_denied(tenant, idempotency_key, d).await;
+            }
             Planned::Plan(p) => p,
         };
         let n = amount as u64;
         let mono = self.clock.monotonic_ns();
         if let Err(r) = self.buckets.take(tenant, &plan.rates, mono, n, false) {
             let d = quota::rate_limited(r.slot, r.retry_after, n);
-            return Ok(denied(self.with_hint(&ctx, d, metric, amount, &[], now)));
+            let d = self.with_hint(&ctx, d, metric, amount, &[], now);
+            return self.reserve_denied(tenant, idempotency_key, d).await;
         }
         let expires_at = now + chrono::Duration::from_std(ttl).expect("ttl bounded");
         let op = ReserveOp {
@@ -275,7 +279,8 @@ impl Engine {
         let demand = Demand { metric, amount, dimensions: dims, intent: Intent::Record };
         let plan = match quota::plan_request(&ctx.catalog, &ctx.entitlements, &demand, now)? {
             Planned::Decided(d) => {
-                return Ok(Recorded { decision: self.with_hint(&ctx, d, metric, amount, &[], now), recorded: false, replayed: false })
+                let d = self.with_hint(&ctx, d, metric, amount, &[], now);
+                return self.record_denied(tenant, event_id, d).await;
             }
             Planned::Plan(p) => p,
         };
@@ -283,7 +288,8 @@ impl Engine {
         let mono = self.clock.monotonic_ns();
         if let Err(r) = self.buckets.take(tenant, &plan.rates, mono, n, false) {
             let d = quota::rate_limited(r.slot, r.retry_after, n);
-            return Ok(Recorded { decision: self.with_hint(&ctx, d, metric, amount, &[], now), recorded: false, replayed: false });
+            let d = self.with_hint(&ctx, d, metric, amount, &[], now);
+            return self.record_denied(tenant, event_id, d).await;
         }
         let op = RecordOp {
             tenant: tenant.to_string(),
@@ -342,6 +348,28 @@ impl Engine {
                 })
                 .collect(),
         ))
+    }
+
+    /// A denial decided before the store was asked, unless the key was granted before:
+    /// then the retry gets the first answer, as the API promises.
+    async fn reserve_denied(&self, tenant: &str, key: &str, d: Decision) -> Result<Reserved, EngineError> {
+        match self.usage.find_reserve(tenant, key).await? {
+            Some(first) => Ok(Reserved {
+                decision: Replay::decide(&first.context, &first.usage)?,
+                reservation_id: Some(first.reservation_id),
+                expires_at: Some(first.expires_at),
+                replayed: true,
+            }),
+            None => Ok(denied(d)),
+        }
+    }
+
+    /// Same as [`Engine::reserve_denied`] for records.
+    async fn record_denied(&self, tenant: &str, event_id: &str, d: Decision) -> Result<Recorded, EngineError> {
+        match self.usage.find_record(tenant, event_id).await? {
+            Some(first) => Ok(Recorded { decision: Replay::decide(&first.context, &first.usage)?, recorded: true, replayed: true }),
+            None => Ok(Recorded { decision: d, recorded: false, replayed: false }),
+        }
     }
 
     /// Adds upgrade options to a denial that an upgrade could fix.

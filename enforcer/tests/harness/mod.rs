@@ -1,0 +1,193 @@
+//! The shared test harness: real `allot serve` processes on free loopback ports, in
+//! temporary data directories, stopped when dropped.
+//!
+//! ```ignore
+//! let node = Node::builder().catalog(TEST_CATALOG).start().await;
+//! let mut enforcer = node.enforcer().await;
+//! ```
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use allot_proto::v1 as pb;
+use pb::admin_client::AdminClient;
+use pb::enforcer_client::EnforcerClient;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+/// The repository's example catalog.
+pub fn example_catalog() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/catalog.yaml")).unwrap()
+}
+
+/// Builds a node.
+pub struct NodeBuilder {
+    catalog: Option<String>,
+    data_dir: Option<PathBuf>,
+    args: Vec<String>,
+}
+
+impl NodeBuilder {
+    /// Catalog text to start with (default: the example catalog).
+    pub fn catalog(mut self, yaml: &str) -> Self {
+        self.catalog = Some(yaml.to_string());
+        self
+    }
+
+    /// Reuse a data directory (to restart a node on the same state).
+    pub fn data_dir(mut self, dir: &Path) -> Self {
+        self.data_dir = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Extra `allot serve` arguments.
+    pub fn arg(mut self, a: &str) -> Self {
+        self.args.push(a.to_string());
+        self
+    }
+
+    /// Starts the process and waits until it serves.
+    pub async fn start(self) -> Node {
+        let tmp = tempfile::tempdir().unwrap();
+        let data_dir = self.data_dir.unwrap_or_else(|| tmp.path().join("data"));
+        let catalog_path = tmp.path().join("catalog.yaml");
+        std::fs::write(&catalog_path, self.catalog.unwrap_or_else(example_catalog)).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_allot"))
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--catalog")
+            .arg(&catalog_path)
+            .args(&self.args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("allot binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(a) = line.strip_prefix("listening on ") {
+                    return a.to_string();
+                }
+            }
+            panic!("allot serve exited before listening");
+        })
+        .await
+        .expect("allot serve listens within 30 s");
+        let node = Node { child, endpoint: format!("http://{addr}"), data_dir, _tmp: tmp };
+        node.wait_ready().await;
+        node
+    }
+}
+
+/// A running node.
+pub struct Node {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Node {
+    /// A builder with the example catalog.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder { catalog: None, data_dir: None, args: Vec::new() }
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(self.endpoint.clone()).unwrap().connect().await.expect("node reachable")
+    }
+
+    async fn wait_ready(&self) {
+        // The gRPC server starts a moment after the line is printed.
+        for _ in 0..100 {
+            if Channel::from_shared(self.endpoint.clone()).unwrap().connect().await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("node at {} never accepted connections", self.endpoint);
+    }
+
+    /// An Enforcer client.
+    pub async fn enforcer(&self) -> EnforcerClient<Channel> {
+        EnforcerClient::new(self.channel().await)
+    }
+
+    /// An Admin client.
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel().await)
+    }
+
+    /// Kills the process with SIGKILL and waits for it: no shutdown code runs.
+    pub async fn kill9(&mut self) {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
+    }
+
+    /// Runs the `allot` CLI against this node; returns (exit code, stdout, stderr).
+    pub async fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_allot"))
+            .args(args)
+            .env("ALLOT_ENDPOINT", &self.endpoint)
+            .output()
+            .await
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+/// Subscribes `tenant` to `plan` (newest version) through the Admin API.
+pub async fn subscribe(admin: &mut AdminClient<Channel>, tenant: &str, plan: &str) {
+    admin
+        .put_subscription(pb::PutSubscriptionRequest { tenant: tenant.into(), plan: plan.into(), actor: "test".into(), ..Default::default() })
+        .await
+        .unwrap_or_else(|e| panic!("subscribe {tenant} to {plan}: {e}"));
+}
+
+/// A Reserve request.
+pub fn reserve(tenant: &str, metric: &str, amount: i64, key: &str) -> pb::ReserveRequest {
+    pb::ReserveRequest {
+        tenant: tenant.into(),
+        metric: metric.into(),
+        amount,
+        idempotency_key: key.into(),
+        ttl: None,
+        dimensions: Default::default(),
+    }
+}
+
+/// A Record request.
+pub fn record(tenant: &str, metric: &str, amount: i64, event_id: &str) -> pb::RecordRequest {
+    pb::RecordRequest { tenant: tenant.into(), metric: metric.into(), amount, event_id: event_id.into(), dimensions: Default::default() }
+}
+
+/// The usage of one window of a metric: (used, reserved).
+pub async fn window_usage(e: &mut EnforcerClient<Channel>, tenant: &str, metric: &str, window: &str) -> (u64, u64) {
+    let u = e
+        .get_usage(pb::GetUsageRequest { tenant: tenant.into(), metric: metric.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let w = u.windows.iter().find(|w| w.window == window).unwrap_or_else(|| panic!("no {window} window in {u:?}"));
+    (w.used, w.reserved)
+}
+
+/// The outcome of a decision.
+pub fn outcome(d: &Option<pb::Decision>) -> pb::Outcome {
+    pb::Outcome::try_from(d.as_ref().expect("decision").outcome).unwrap()
+}
