@@ -7,7 +7,8 @@ use std::time::Duration;
 use allot_proto::v1::admin_client::AdminClient;
 use allot_proto::v1::enforcer_client::EnforcerClient;
 use allot_proto::v1::{
-    ApplyCatalogRequest, CheckRequest, CheckResponse, Outcome, PutSubscriptionRequest,
+    ApplyCatalogRequest, CheckRequest, CheckResponse, GetCatalogRequest, Outcome,
+    PutSubscriptionRequest,
 };
 use anyhow::{bail, Context as _};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -63,32 +64,33 @@ pub async fn connect(url: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
 /// Applies the bench catalog and subscribes tenants `bench-0 … bench-{tenants-1}` to
 /// plan `bench`.
 ///
-/// On a node that already has another catalog (`--endpoint`), a refused catalog is only
-/// a warning: the subscriptions then tell whether plan `bench` exists there.
+/// A node the bench started gets the bench catalog as it is. A running node
+/// (`--endpoint`) keeps its own catalog: the bench's metrics, features and plans are
+/// added to it where missing (published plan versions cannot be removed), and nothing is
+/// applied when they are all there already.
 pub async fn prepare(channel: Channel, tenants: usize, spawned: bool) -> anyhow::Result<()> {
     let mut admin = AdminClient::new(channel);
-    let applied = admin
-        .apply_catalog(ApplyCatalogRequest {
-            yaml: CATALOG_YAML.to_owned(),
-            source_name: "bench/catalog.yaml".to_owned(),
-            dry_run: false,
-            actor: "bench".to_owned(),
-        })
-        .await;
-    match applied {
-        Ok(_) => {}
-        Err(status) if !spawned && status.code() == tonic::Code::FailedPrecondition => {
-            eprintln!(
-                "warning: the node refused the bench catalog ({}); going on with its own \
-                 catalog, which must have plan `{PLAN}` granting `{METRIC}` and `{FEATURE}`",
-                status.message()
-            );
-        }
-        Err(status) => bail!(
-            "Admin.ApplyCatalog failed: {:?}: {}",
-            status.code(),
-            status.message()
-        ),
+    let yaml = if spawned {
+        Some(CATALOG_YAML.to_owned())
+    } else {
+        let current = admin
+            .get_catalog(GetCatalogRequest {})
+            .await
+            .map_err(|s| status_error("Admin.GetCatalog", &s))?
+            .into_inner()
+            .yaml;
+        merge_catalog(&current, CATALOG_YAML)?
+    };
+    if let Some(yaml) = yaml {
+        admin
+            .apply_catalog(ApplyCatalogRequest {
+                yaml,
+                source_name: "bench/catalog.yaml".to_owned(),
+                dry_run: false,
+                actor: "bench".to_owned(),
+            })
+            .await
+            .map_err(|s| status_error("Admin.ApplyCatalog", &s))?;
     }
     for i in 0..tenants {
         admin
@@ -100,15 +102,53 @@ pub async fn prepare(channel: Channel, tenants: usize, spawned: bool) -> anyhow:
             })
             .await
             .map_err(|s| {
-                anyhow::anyhow!(
-                    "Admin.PutSubscription({}, plan {PLAN}) failed: {:?}: {}",
-                    tenant(i),
-                    s.code(),
-                    s.message()
+                status_error(
+                    &format!("Admin.PutSubscription({}, plan {PLAN})", tenant(i)),
+                    &s,
                 )
             })?;
     }
     Ok(())
+}
+
+fn status_error(call: &str, s: &tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{call} failed: {:?}: {}", s.code(), s.message())
+}
+
+/// `current` with the entries of `ours` it lacks under `metrics`, `features` and `plans`
+/// added (existing entries win); `None` when nothing is missing.
+fn merge_catalog(current: &str, ours: &str) -> anyhow::Result<Option<String>> {
+    use serde_yaml_ng::{Mapping, Value};
+    if current.trim().is_empty() {
+        return Ok(Some(ours.to_owned()));
+    }
+    let mut merged: Value =
+        serde_yaml_ng::from_str(current).context("parsing the node's catalog")?;
+    let ours: Value = serde_yaml_ng::from_str(ours).context("parsing the bench catalog")?;
+    let root = merged
+        .as_mapping_mut()
+        .context("the node's catalog is not a mapping")?;
+    let mut changed = false;
+    for section in ["metrics", "features", "plans"] {
+        let Some(entries) = ours.get(section).and_then(Value::as_mapping) else {
+            continue;
+        };
+        let target = root
+            .entry(Value::from(section))
+            .or_insert_with(|| Value::Mapping(Mapping::new()));
+        let target = target
+            .as_mapping_mut()
+            .with_context(|| format!("the node's catalog: {section} is not a mapping"))?;
+        for (code, def) in entries {
+            if !target.contains_key(code) {
+                target.insert(code.clone(), def.clone());
+                changed = true;
+            }
+        }
+    }
+    Ok(changed
+        .then(|| serde_yaml_ng::to_string(&merged))
+        .transpose()?)
 }
 
 /// The request of the `check` scenario for tenant `i`.
@@ -128,13 +168,7 @@ pub async fn probe(channel: Channel) -> anyhow::Result<CheckResponse> {
     let response = enforcer
         .check(check_request(0))
         .await
-        .map_err(|s| {
-            anyhow::anyhow!(
-                "probe Enforcer.Check failed: {:?}: {}",
-                s.code(),
-                s.message()
-            )
-        })?
+        .map_err(|s| status_error("probe Enforcer.Check", &s))?
         .into_inner();
     let decision = response.decision.clone().unwrap_or_default();
     if !matches!(
@@ -154,6 +188,21 @@ pub async fn probe(channel: Channel) -> anyhow::Result<CheckResponse> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merges_missing_entries_only() {
+        assert_eq!(
+            merge_catalog("", CATALOG_YAML).unwrap().as_deref(),
+            Some(CATALOG_YAML)
+        );
+        let theirs = "version: 1\nmetrics:\n  api_calls: { unit: request }\nplans:\n  free:\n    versions:\n      1: {}\n";
+        let merged = merge_catalog(theirs, CATALOG_YAML).unwrap().unwrap();
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&merged).unwrap();
+        assert_eq!(v["metrics"]["api_calls"]["unit"], "request");
+        assert_eq!(v["features"]["reports"]["kind"], "boolean");
+        assert!(v["plans"]["free"].is_mapping() && v["plans"]["bench"].is_mapping());
+        assert_eq!(merge_catalog(&merged, CATALOG_YAML).unwrap(), None);
+    }
 
     #[test]
     fn loopback_only() {

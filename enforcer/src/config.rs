@@ -82,7 +82,8 @@ mod humantime_serde_opt {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let s: Option<String> = Option::deserialize(d)?;
-        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom)).transpose()
+        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
     }
 }
 
@@ -143,19 +144,40 @@ impl ServeArgs {
         };
         let catalog = match self.catalog.clone().or(file.catalog) {
             Some(p) => Some((p, true)),
-            None => Path::new(DEFAULT_CATALOG).exists().then(|| (PathBuf::from(DEFAULT_CATALOG), false)),
+            None => Path::new(DEFAULT_CATALOG)
+                .exists()
+                .then(|| (PathBuf::from(DEFAULT_CATALOG), false)),
         };
         let cfg = ServeConfig {
-            listen: self.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
-            data_dir: self.data_dir.clone().or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            data_dir: self
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
             catalog,
-            cache_ttl: self.cache_ttl.or(file.cache_ttl).unwrap_or(Duration::from_secs(30)),
-            sweep_interval: self.sweep_interval.or(file.sweep_interval).unwrap_or(Duration::from_secs(1)),
-            retention: self.retention.or(file.retention).unwrap_or(Duration::from_secs(7 * 24 * 3600)),
+            cache_ttl: self
+                .cache_ttl
+                .or(file.cache_ttl)
+                .unwrap_or(Duration::from_secs(30)),
+            sweep_interval: self
+                .sweep_interval
+                .or(file.sweep_interval)
+                .unwrap_or(Duration::from_secs(1)),
+            retention: self
+                .retention
+                .or(file.retention)
+                .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
         };
         if cfg.sweep_interval.is_zero() {
-            return Err(ConfigError::Invalid { field: "sweep_interval", reason: "must be more than 0".into() });
+            return Err(ConfigError::Invalid {
+                field: "sweep_interval",
+                reason: "must be more than 0".into(),
+            });
         }
         if cfg.retention < Duration::from_secs(24 * 3600) {
             return Err(ConfigError::Invalid {
@@ -168,8 +190,14 @@ impl ServeArgs {
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.into(),
+        message: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -180,8 +208,16 @@ mod tests {
     fn flags_beat_file_and_file_beats_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("allot.toml");
-        std::fs::write(&path, "listen = \"127.0.0.1:9000\"\ndata_dir = \"/tmp/x\"\ncache_ttl = \"5s\"\n").unwrap();
-        let args = ServeArgs { config: Some(path), data_dir: Some("/tmp/y".into()), ..Default::default() };
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\ndata_dir = \"/tmp/x\"\ncache_ttl = \"5s\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            data_dir: Some("/tmp/y".into()),
+            ..Default::default()
+        };
         let cfg = args.resolve().unwrap();
         assert_eq!(cfg.listen.port(), 9000);
         assert_eq!(cfg.data_dir, PathBuf::from("/tmp/y"));
@@ -194,12 +230,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("allot.toml");
         std::fs::write(&path, "listn = \"127.0.0.1:9000\"\n").unwrap();
-        let err = ServeArgs { config: Some(path.clone()), ..Default::default() }.resolve().unwrap_err();
+        let err = ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
         assert!(err.to_string().contains("unknown field `listn`"), "{err}");
         std::fs::write(&path, "cache_ttl = \"soon\"\n").unwrap();
-        let err = ServeArgs { config: Some(path), ..Default::default() }.resolve().unwrap_err();
+        let err = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
         assert!(err.to_string().contains("cache_ttl"), "{err}");
-        let err = ServeArgs { sweep_interval: Some(Duration::ZERO), ..Default::default() }.resolve().unwrap_err();
+        let err = ServeArgs {
+            sweep_interval: Some(Duration::ZERO),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
         assert!(err.to_string().starts_with("sweep_interval:"), "{err}");
     }
 }

@@ -55,13 +55,28 @@ pub async fn run(
     let store = EmbeddedStore::open(&cfg.data_dir)?;
     let usage: Arc<dyn UsageStore> = Arc::new(store.clone());
     let control: Arc<dyn ControlStore> = Arc::new(store.clone());
-    let engine = Arc::new(Engine::new(usage, control, Arc::new(SystemClock::default()), cfg.cache_ttl).await?);
+    let engine = Arc::new(
+        Engine::new(
+            usage,
+            control,
+            Arc::new(SystemClock::default()),
+            cfg.cache_ttl,
+        )
+        .await?,
+    );
 
     if let Some((path, explicit)) = &cfg.catalog {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ServeError::CatalogFile { path: path.display().to_string(), source })?;
-        match engine.apply_catalog(&text, &path.display().to_string(), false).await {
-            Ok(a) => tracing::info!(path = %path.display(), changed = a.changed, "start catalog loaded"),
+        let text = std::fs::read_to_string(path).map_err(|source| ServeError::CatalogFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        match engine
+            .apply_catalog(&text, &path.display().to_string(), false)
+            .await
+        {
+            Ok(a) => {
+                tracing::info!(path = %path.display(), changed = a.changed, "start catalog loaded")
+            }
             // An implicit default catalog that conflicts with the stored one must not
             // stop a node that has a good catalog already.
             Err(e) if !explicit && engine.catalog().is_ok() => {
@@ -71,10 +86,17 @@ pub async fn run(
         }
     }
 
-    let sweeper = tokio::spawn(sweep(engine.clone(), store, cfg.sweep_interval, cfg.retention));
+    let sweeper = tokio::spawn(sweep(
+        engine.clone(),
+        store,
+        cfg.sweep_interval,
+        cfg.retention,
+    ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<EnforcerServer<EnforcerService>>().await;
+    health
+        .set_serving::<EnforcerServer<EnforcerService>>()
+        .await;
     health.set_serving::<AdminServer<AdminService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(allot_proto::FILE_DESCRIPTOR_SET)
@@ -95,20 +117,32 @@ pub async fn run(
 }
 
 /// Releases reservations past their TTL, and now and then forgets what expired.
-async fn sweep(engine: Arc<Engine>, store: EmbeddedStore, every: std::time::Duration, retention: std::time::Duration) {
-    let retention = chrono::Duration::from_std(retention).unwrap_or(crate::embedded::DEFAULT_RETENTION);
+async fn sweep(
+    engine: Arc<Engine>,
+    store: EmbeddedStore,
+    every: std::time::Duration,
+    retention: std::time::Duration,
+) {
+    let retention =
+        chrono::Duration::from_std(retention).unwrap_or(crate::embedded::DEFAULT_RETENTION);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u64 = 0;
     loop {
         tick.tick().await;
         n += 1;
-        match engine.usage_store().expire_due(engine.now(), SWEEP_BATCH).await {
-            Ok(expired) if !expired.is_empty() => tracing::info!(count = expired.len(), "reservations expired"),
+        match engine
+            .usage_store()
+            .expire_due(engine.now(), SWEEP_BATCH)
+            .await
+        {
+            Ok(expired) if !expired.is_empty() => {
+                tracing::info!(count = expired.len(), "reservations expired")
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "expiring reservations failed"),
         }
-        if n % SWEEPS_PER_COMPACTION == 0 {
+        if n.is_multiple_of(SWEEPS_PER_COMPACTION) {
             engine.prune();
             if let Err(e) = store.compact(engine.now(), retention).await {
                 tracing::warn!(error = %e, "compaction failed");

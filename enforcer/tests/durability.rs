@@ -48,21 +48,34 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
                 let key = format!("w{w}-{i}");
                 if i % 2 == 0 {
                     let mut req = reserve("acme", "calls", amount as i64, &key);
-                    req.ttl = Some(prost_types::Duration { seconds: 3600, nanos: 0 });
+                    req.ttl = Some(prost_types::Duration {
+                        seconds: 3600,
+                        nanos: 0,
+                    });
                     let Ok(r) = e.reserve(req).await else { return };
                     let r = r.into_inner();
                     assert_eq!(outcome(&r.decision), pb::Outcome::Allow);
-                    ledger.lock().unwrap().reserved.insert(key.clone(), (r.reservation_id.clone(), amount, None));
+                    ledger
+                        .lock()
+                        .unwrap()
+                        .reserved
+                        .insert(key.clone(), (r.reservation_id.clone(), amount, None));
                     if i % 4 == 0 {
                         let actual = amount - 1;
-                        let c = pb::CommitRequest { tenant: "acme".into(), reservation_id: r.reservation_id, actual_amount: actual as i64 };
+                        let c = pb::CommitRequest {
+                            tenant: "acme".into(),
+                            reservation_id: r.reservation_id,
+                            actual_amount: actual as i64,
+                        };
                         if e.commit(c).await.is_err() {
                             return;
                         }
                         ledger.lock().unwrap().reserved.get_mut(&key).unwrap().2 = Some(actual);
                     }
                 } else {
-                    let Ok(r) = e.record(record("acme", "calls", amount as i64, &key)).await else { return };
+                    let Ok(r) = e.record(record("acme", "calls", amount as i64, &key)).await else {
+                        return;
+                    };
                     assert!(r.into_inner().recorded);
                     ledger.lock().unwrap().recorded.insert(key, amount);
                 }
@@ -76,46 +89,97 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
     }
 
     let ledger = Arc::try_unwrap(ledger).ok().unwrap().into_inner().unwrap();
-    assert!(ledger.recorded.len() > 50, "the load ran ({} records)", ledger.recorded.len());
+    assert!(
+        ledger.recorded.len() > 50,
+        "the load ran ({} records)",
+        ledger.recorded.len()
+    );
     let acked_used: u64 = ledger.recorded.values().sum::<u64>()
-        + ledger.reserved.values().filter_map(|(_, _, c)| *c).sum::<u64>();
-    let acked_held: u64 = ledger.reserved.values().filter(|(_, _, c)| c.is_none()).map(|(_, a, _)| *a).sum();
+        + ledger
+            .reserved
+            .values()
+            .filter_map(|(_, _, c)| *c)
+            .sum::<u64>();
+    let acked_held: u64 = ledger
+        .reserved
+        .values()
+        .filter(|(_, _, c)| c.is_none())
+        .map(|(_, a, _)| *a)
+        .sum();
 
-    let node = Node::builder().catalog(CATALOG).data_dir(&node.data_dir).start().await;
+    let node = Node::builder()
+        .catalog(CATALOG)
+        .data_dir(&node.data_dir)
+        .start()
+        .await;
     let mut e = node.enforcer().await;
     let (used, held) = window_usage(&mut e, "acme", "calls", "month").await;
     // Requests in flight at the kill may have reached the disk without an answer: at most
     // one per worker, 7 units each, moving units from held to used at worst.
     let slack = WORKERS * 7;
-    assert!(used >= acked_used && used <= acked_used + slack, "used {used}, acknowledged {acked_used}");
-    assert!(used + held >= acked_used + acked_held, "used+held {} < acknowledged {}", used + held, acked_used + acked_held);
+    assert!(
+        used >= acked_used && used <= acked_used + slack,
+        "used {used}, acknowledged {acked_used}"
+    );
+    assert!(
+        used + held >= acked_used + acked_held,
+        "used+held {} < acknowledged {}",
+        used + held,
+        acked_used + acked_held
+    );
     assert!(used + held <= acked_used + acked_held + slack);
 
     // Every acknowledged request is there exactly once: retries replay, counting nothing.
     for (event, amount) in ledger.recorded.iter().take(200) {
-        let r = e.record(record("acme", "calls", *amount as i64, event)).await.unwrap().into_inner();
+        let r = e
+            .record(record("acme", "calls", *amount as i64, event))
+            .await
+            .unwrap()
+            .into_inner();
         assert!(r.replayed, "record {event} lost");
     }
     for (key, (id, amount, committed)) in ledger.reserved.iter().take(200) {
-        let r = e.reserve(reserve("acme", "calls", *amount as i64, key)).await.unwrap().into_inner();
+        let r = e
+            .reserve(reserve("acme", "calls", *amount as i64, key))
+            .await
+            .unwrap()
+            .into_inner();
         assert!(r.replayed, "reservation {key} lost");
         assert_eq!(&r.reservation_id, id);
         if let Some(actual) = committed {
-            let c = pb::CommitRequest { tenant: "acme".into(), reservation_id: id.clone(), actual_amount: *actual as i64 };
-            assert!(e.commit(c).await.unwrap().into_inner().replayed, "commit of {key} lost");
+            let c = pb::CommitRequest {
+                tenant: "acme".into(),
+                reservation_id: id.clone(),
+                actual_amount: *actual as i64,
+            };
+            assert!(
+                e.commit(c).await.unwrap().into_inner().replayed,
+                "commit of {key} lost"
+            );
         }
     }
-    assert_eq!(window_usage(&mut e, "acme", "calls", "month").await, (used, held));
+    assert_eq!(
+        window_usage(&mut e, "acme", "calls", "month").await,
+        (used, held)
+    );
 }
 
 #[tokio::test]
 async fn reservations_expire_at_their_ttl() {
-    let node = Node::builder().catalog(CATALOG).arg("--sweep-interval").arg("100ms").start().await;
+    let node = Node::builder()
+        .catalog(CATALOG)
+        .arg("--sweep-interval")
+        .arg("100ms")
+        .start()
+        .await;
     let mut admin = node.admin().await;
     subscribe(&mut admin, "acme", "big").await;
     let mut e = node.enforcer().await;
     let mut req = reserve("acme", "calls", 5, "short");
-    req.ttl = Some(prost_types::Duration { seconds: 0, nanos: 300_000_000 });
+    req.ttl = Some(prost_types::Duration {
+        seconds: 0,
+        nanos: 300_000_000,
+    });
     let r = e.reserve(req).await.unwrap().into_inner();
     assert_eq!(window_usage(&mut e, "acme", "calls", "month").await, (0, 5));
     let mut released = false;
@@ -127,7 +191,11 @@ async fn reservations_expire_at_their_ttl() {
         }
     }
     assert!(released, "the hold was not released after its TTL");
-    let c = pb::CommitRequest { tenant: "acme".into(), reservation_id: r.reservation_id, actual_amount: 5 };
+    let c = pb::CommitRequest {
+        tenant: "acme".into(),
+        reservation_id: r.reservation_id,
+        actual_amount: 5,
+    };
     let err = e.commit(c).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     assert!(err.message().contains("expired"), "{}", err.message());

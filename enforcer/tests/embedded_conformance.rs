@@ -28,7 +28,11 @@ async fn acknowledged_state_survives_reopen() {
             amount: 4,
             reservation_id: "r1".into(),
             idempotency_key: "k1".into(),
-            slots: vec![SlotSpec { key: "m".into(), cap: Some(10), ends_at: None }],
+            slots: vec![SlotSpec {
+                key: "m".into(),
+                cap: Some(10),
+                ends_at: None,
+            }],
             expires_at: now + chrono::Duration::seconds(60),
             context: vec![],
         };

@@ -37,7 +37,11 @@ async fn sixty_four_clients_get_exactly_the_cap() {
         let (granted, denied) = (granted.clone(), denied.clone());
         tasks.push(tokio::spawn(async move {
             for i in 0..20 {
-                let r = e.reserve(reserve("acme", "calls", 1, &format!("c{client}-{i}"))).await.unwrap().into_inner();
+                let r = e
+                    .reserve(reserve("acme", "calls", 1, &format!("c{client}-{i}")))
+                    .await
+                    .unwrap()
+                    .into_inner();
                 match outcome(&r.decision) {
                     pb::Outcome::Deny => {
                         assert_eq!(r.decision.unwrap().reason, "limit_exceeded");
@@ -56,6 +60,12 @@ async fn sixty_four_clients_get_exactly_the_cap() {
     assert_eq!(granted.load(Ordering::Relaxed), 1000);
     assert_eq!(denied.load(Ordering::Relaxed), 64 * 20 - 1000);
     let mut e = node.enforcer().await;
-    assert_eq!(window_usage(&mut e, "acme", "calls", "day").await, (0, 1000));
-    assert_eq!(window_usage(&mut e, "acme", "calls", "month").await, (0, 1000));
+    assert_eq!(
+        window_usage(&mut e, "acme", "calls", "day").await,
+        (0, 1000)
+    );
+    assert_eq!(
+        window_usage(&mut e, "acme", "calls", "month").await,
+        (0, 1000)
+    );
 }

@@ -33,7 +33,11 @@ fn t0() -> DateTime<Utc> {
 }
 
 fn slot(key: &str, cap: Option<u64>) -> SlotSpec {
-    SlotSpec { key: key.into(), cap, ends_at: Some(t0() + Duration::days(30)) }
+    SlotSpec {
+        key: key.into(),
+        cap,
+        ends_at: Some(t0() + Duration::days(30)),
+    }
 }
 
 fn reserve_op(id: &str, key: &str, amount: u64, slots: Vec<SlotSpec>) -> ReserveOp {
@@ -91,32 +95,63 @@ where
 
 /// Units are held and visible as reserved.
 pub async fn reserve_within_cap_holds_units<S: Backend>(s: &S) {
-    let out = s.reserve(reserve_op("r1", "k1", 3, vec![slot("m", Some(10))])).await.unwrap();
+    let out = s
+        .reserve(reserve_op("r1", "k1", 3, vec![slot("m", Some(10))]))
+        .await
+        .unwrap();
     assert!(out.granted && !out.replayed);
     assert_eq!(out.reservation_id, "r1");
     assert_eq!(out.usage, vec![SlotUsage::default()]);
-    assert_eq!(usage_of(s, "m").await, SlotUsage { used: 0, reserved: 3 });
+    assert_eq!(
+        usage_of(s, "m").await,
+        SlotUsage {
+            used: 0,
+            reserved: 3
+        }
+    );
 }
 
 /// One full slot refuses the whole request and changes no slot.
 pub async fn reserve_is_all_or_nothing<S: Backend>(s: &S) {
-    s.reserve(reserve_op("r1", "k1", 5, vec![slot("day", Some(5))])).await.unwrap();
+    s.reserve(reserve_op("r1", "k1", 5, vec![slot("day", Some(5))]))
+        .await
+        .unwrap();
     let out = s
-        .reserve(reserve_op("r2", "k2", 1, vec![slot("month", Some(100)), slot("day", Some(5))]))
+        .reserve(reserve_op(
+            "r2",
+            "k2",
+            1,
+            vec![slot("month", Some(100)), slot("day", Some(5))],
+        ))
         .await
         .unwrap();
     assert!(!out.granted);
-    assert_eq!(out.usage[1], SlotUsage { used: 0, reserved: 5 });
+    assert_eq!(
+        out.usage[1],
+        SlotUsage {
+            used: 0,
+            reserved: 5
+        }
+    );
     assert_eq!(usage_of(s, "month").await, SlotUsage::default());
     assert_eq!(s.reservation("acme", "r2").await.unwrap(), None);
 }
 
 /// A second reserve with the same key returns the first grant and holds nothing more.
 pub async fn reserve_replays_by_idempotency_key<S: Backend>(s: &S) {
-    let first = s.reserve(reserve_op("r1", "k1", 2, vec![slot("m", Some(10))])).await.unwrap();
-    let again = s.reserve(reserve_op("r2", "k1", 2, vec![slot("m", Some(10))])).await.unwrap();
+    let first = s
+        .reserve(reserve_op("r1", "k1", 2, vec![slot("m", Some(10))]))
+        .await
+        .unwrap();
+    let again = s
+        .reserve(reserve_op("r2", "k1", 2, vec![slot("m", Some(10))]))
+        .await
+        .unwrap();
     assert!(again.granted && again.replayed);
-    assert_eq!(s.find_reserve("acme", "k1").await.unwrap(), Some(again.clone()));
+    assert_eq!(
+        s.find_reserve("acme", "k1").await.unwrap(),
+        Some(again.clone())
+    );
     assert_eq!(s.find_reserve("acme", "k2").await.unwrap(), None);
     assert_eq!(s.find_reserve("globex", "k1").await.unwrap(), None);
     assert_eq!(again.reservation_id, first.reservation_id);
@@ -127,17 +162,35 @@ pub async fn reserve_replays_by_idempotency_key<S: Backend>(s: &S) {
 
 /// Commit moves the actual amount to used and returns the rest.
 pub async fn commit_settles_and_refunds<S: Backend>(s: &S) {
-    s.reserve(reserve_op("r1", "k1", 5, vec![slot("a", Some(10)), slot("b", None)])).await.unwrap();
+    s.reserve(reserve_op(
+        "r1",
+        "k1",
+        5,
+        vec![slot("a", Some(10)), slot("b", None)],
+    ))
+    .await
+    .unwrap();
     let out = s.commit("acme", "r1", 3, t0()).await.unwrap();
-    assert_eq!((out.reserved, out.settlement, out.replayed), (5, Settlement::Committed(3), false));
+    assert_eq!(
+        (out.reserved, out.settlement, out.replayed),
+        (5, Settlement::Committed(3), false)
+    );
     for key in ["a", "b"] {
-        assert_eq!(usage_of(s, key).await, SlotUsage { used: 3, reserved: 0 });
+        assert_eq!(
+            usage_of(s, key).await,
+            SlotUsage {
+                used: 3,
+                reserved: 0
+            }
+        );
     }
 }
 
 /// The same commit again replays; a different one conflicts; nothing counts twice.
 pub async fn commit_is_at_most_once<S: Backend>(s: &S) {
-    s.reserve(reserve_op("r1", "k1", 5, vec![slot("a", Some(10))])).await.unwrap();
+    s.reserve(reserve_op("r1", "k1", 5, vec![slot("a", Some(10))]))
+        .await
+        .unwrap();
     s.commit("acme", "r1", 4, t0()).await.unwrap();
     let again = s.commit("acme", "r1", 4, t0()).await.unwrap();
     assert!(again.replayed);
@@ -145,20 +198,39 @@ pub async fn commit_is_at_most_once<S: Backend>(s: &S) {
     assert!(matches!(other, StoreError::Conflict(_)), "{other:?}");
     let release = s.release("acme", "r1", t0()).await.unwrap_err();
     assert!(matches!(release, StoreError::Conflict(_)), "{release:?}");
-    assert_eq!(usage_of(s, "a").await, SlotUsage { used: 4, reserved: 0 });
+    assert_eq!(
+        usage_of(s, "a").await,
+        SlotUsage {
+            used: 4,
+            reserved: 0
+        }
+    );
 }
 
 /// Committing more than was held is invalid and changes nothing.
 pub async fn commit_refuses_more_than_reserved<S: Backend>(s: &S) {
-    s.reserve(reserve_op("r1", "k1", 5, vec![slot("a", Some(10))])).await.unwrap();
+    s.reserve(reserve_op("r1", "k1", 5, vec![slot("a", Some(10))]))
+        .await
+        .unwrap();
     let e = s.commit("acme", "r1", 6, t0()).await.unwrap_err();
-    assert!(matches!(&e, StoreError::Invalid { field, .. } if field == "actual_amount"), "{e:?}");
-    assert_eq!(usage_of(s, "a").await, SlotUsage { used: 0, reserved: 5 });
+    assert!(
+        matches!(&e, StoreError::Invalid { field, .. } if field == "actual_amount"),
+        "{e:?}"
+    );
+    assert_eq!(
+        usage_of(s, "a").await,
+        SlotUsage {
+            used: 0,
+            reserved: 5
+        }
+    );
 }
 
 /// Release returns the held units; a second release replays.
 pub async fn release_returns_units<S: Backend>(s: &S) {
-    s.reserve(reserve_op("r1", "k1", 5, vec![slot("a", Some(10))])).await.unwrap();
+    s.reserve(reserve_op("r1", "k1", 5, vec![slot("a", Some(10))]))
+        .await
+        .unwrap();
     let out = s.release("acme", "r1", t0()).await.unwrap();
     assert_eq!(out.settlement, Settlement::Released);
     assert!(s.release("acme", "r1", t0()).await.unwrap().replayed);
@@ -167,19 +239,37 @@ pub async fn release_returns_units<S: Backend>(s: &S) {
 
 /// Reservations past their TTL are released by `expire_due`, once.
 pub async fn expiry_releases_once<S: Backend>(s: &S) {
-    s.reserve(reserve_op("r1", "k1", 5, vec![slot("a", Some(10))])).await.unwrap();
-    assert!(s.expire_due(t0() + Duration::seconds(59), 100).await.unwrap().is_empty());
-    let expired = s.expire_due(t0() + Duration::seconds(60), 100).await.unwrap();
+    s.reserve(reserve_op("r1", "k1", 5, vec![slot("a", Some(10))]))
+        .await
+        .unwrap();
+    assert!(s
+        .expire_due(t0() + Duration::seconds(59), 100)
+        .await
+        .unwrap()
+        .is_empty());
+    let expired = s
+        .expire_due(t0() + Duration::seconds(60), 100)
+        .await
+        .unwrap();
     assert_eq!(expired.len(), 1);
     assert_eq!(expired[0].settlement, Some(Settlement::Expired));
-    assert!(s.expire_due(t0() + Duration::seconds(120), 100).await.unwrap().is_empty());
+    assert!(s
+        .expire_due(t0() + Duration::seconds(120), 100)
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(usage_of(s, "a").await, SlotUsage::default());
 }
 
 /// A commit after the TTL is refused and the units are released, not counted.
 pub async fn settling_after_expiry_is_refused<S: Backend>(s: &S) {
-    s.reserve(reserve_op("r1", "k1", 5, vec![slot("a", Some(10))])).await.unwrap();
-    let e = s.commit("acme", "r1", 5, t0() + Duration::seconds(61)).await.unwrap_err();
+    s.reserve(reserve_op("r1", "k1", 5, vec![slot("a", Some(10))]))
+        .await
+        .unwrap();
+    let e = s
+        .commit("acme", "r1", 5, t0() + Duration::seconds(61))
+        .await
+        .unwrap_err();
     assert!(matches!(e, StoreError::Conflict(_)), "{e:?}");
     assert_eq!(usage_of(s, "a").await, SlotUsage::default());
 }
@@ -187,16 +277,28 @@ pub async fn settling_after_expiry_is_refused<S: Backend>(s: &S) {
 /// Unknown reservations are NotFound, naming the field.
 pub async fn unknown_reservation_is_not_found<S: Backend>(s: &S) {
     let e = s.commit("acme", "nope", 1, t0()).await.unwrap_err();
-    assert!(matches!(&e, StoreError::NotFound { field, .. } if field == "reservation_id"), "{e:?}");
+    assert!(
+        matches!(&e, StoreError::NotFound { field, .. } if field == "reservation_id"),
+        "{e:?}"
+    );
 }
 
 /// A second record with the same event id counts nothing.
 pub async fn record_dedups_by_event_id<S: Backend>(s: &S) {
-    let first = s.record(record_op("e1", 2, vec![slot("g", Some(10))])).await.unwrap();
+    let first = s
+        .record(record_op("e1", 2, vec![slot("g", Some(10))]))
+        .await
+        .unwrap();
     assert!(first.granted && !first.replayed);
-    let again = s.record(record_op("e1", 2, vec![slot("g", Some(10))])).await.unwrap();
+    let again = s
+        .record(record_op("e1", 2, vec![slot("g", Some(10))]))
+        .await
+        .unwrap();
     assert!(again.granted && again.replayed);
-    assert_eq!(s.find_record("acme", "e1").await.unwrap(), Some(again.clone()));
+    assert_eq!(
+        s.find_record("acme", "e1").await.unwrap(),
+        Some(again.clone())
+    );
     assert_eq!(s.find_record("acme", "e2").await.unwrap(), None);
     assert_eq!(again.context, b"e1".to_vec());
     assert_eq!(usage_of(s, "g").await.used, 2);
@@ -204,30 +306,53 @@ pub async fn record_dedups_by_event_id<S: Backend>(s: &S) {
 
 /// A record that would pass a cap counts nothing.
 pub async fn record_respects_caps<S: Backend>(s: &S) {
-    s.record(record_op("e1", 9, vec![slot("g", Some(10))])).await.unwrap();
-    let out = s.record(record_op("e2", 2, vec![slot("g", Some(10))])).await.unwrap();
+    s.record(record_op("e1", 9, vec![slot("g", Some(10))]))
+        .await
+        .unwrap();
+    let out = s
+        .record(record_op("e2", 2, vec![slot("g", Some(10))]))
+        .await
+        .unwrap();
     assert!(!out.granted);
     assert_eq!(out.usage[0].used, 9);
     assert_eq!(usage_of(s, "g").await.used, 9);
     // A refused event id is not remembered: the same id may be counted later.
-    let ok = s.record(record_op("e2", 1, vec![slot("g", Some(10))])).await.unwrap();
+    let ok = s
+        .record(record_op("e2", 1, vec![slot("g", Some(10))]))
+        .await
+        .unwrap();
     assert!(ok.granted && !ok.replayed);
 }
 
 /// Gauges take negative amounts but never go below zero.
 pub async fn gauge_goes_down_but_not_below_zero<S: Backend>(s: &S) {
-    s.record(record_op("e1", 3, vec![slot("g", Some(5))])).await.unwrap();
-    s.record(record_op("e2", -2, vec![slot("g", Some(5))])).await.unwrap();
+    s.record(record_op("e1", 3, vec![slot("g", Some(5))]))
+        .await
+        .unwrap();
+    s.record(record_op("e2", -2, vec![slot("g", Some(5))]))
+        .await
+        .unwrap();
     assert_eq!(usage_of(s, "g").await.used, 1);
-    let e = s.record(record_op("e3", -2, vec![slot("g", Some(5))])).await.unwrap_err();
-    assert!(matches!(&e, StoreError::Invalid { field, .. } if field == "amount"), "{e:?}");
+    let e = s
+        .record(record_op("e3", -2, vec![slot("g", Some(5))]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Invalid { field, .. } if field == "amount"),
+        "{e:?}"
+    );
     assert_eq!(usage_of(s, "g").await.used, 1);
 }
 
 /// Counters and keys of one tenant are invisible to another.
 pub async fn tenants_are_isolated<S: Backend>(s: &S) {
-    s.reserve(reserve_op("r1", "k1", 5, vec![slot("a", Some(10))])).await.unwrap();
-    assert_eq!(s.usage("globex", &["a".into()]).await.unwrap()[0], SlotUsage::default());
+    s.reserve(reserve_op("r1", "k1", 5, vec![slot("a", Some(10))]))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.usage("globex", &["a".into()]).await.unwrap()[0],
+        SlotUsage::default()
+    );
     let e = s.release("globex", "r1", t0()).await.unwrap_err();
     assert!(matches!(e, StoreError::NotFound { .. }));
 }
@@ -245,7 +370,10 @@ pub async fn control_state_round_trips<S: Backend>(s: &S) {
 
     let sub = Subscription {
         tenant: "acme".into(),
-        plan: PlanRef { code: "free".into(), version: 1 },
+        plan: PlanRef {
+            code: "free".into(),
+            version: 1,
+        },
         plan_since: t0(),
         addons: vec![],
         status: Status::Active,
@@ -265,7 +393,10 @@ pub async fn control_state_round_trips<S: Backend>(s: &S) {
     let o = Override {
         id: "o1".into(),
         tenant: "acme".into(),
-        change: Change::ExtraUnits { metric: "api_calls".into(), amount: 5 },
+        change: Change::ExtraUnits {
+            metric: "api_calls".into(),
+            amount: 5,
+        },
         valid_from: t0(),
         valid_to: Some(t0() + Duration::hours(48)),
         actor: "support@example.com".into(),
@@ -273,7 +404,10 @@ pub async fn control_state_round_trips<S: Backend>(s: &S) {
         created_at: t0(),
     };
     s.add_override(&o).await.unwrap();
-    assert!(matches!(s.add_override(&o).await.unwrap_err(), StoreError::Conflict(_)));
+    assert!(matches!(
+        s.add_override(&o).await.unwrap_err(),
+        StoreError::Conflict(_)
+    ));
     assert_eq!(s.overrides("acme").await.unwrap(), vec![o]);
     assert!(s.overrides("globex").await.unwrap().is_empty());
     assert!(s.remove_override("acme", "o1").await.unwrap());

@@ -93,28 +93,38 @@ impl Override {
             }
         }
         if self.actor.trim().is_empty() {
-            return Err(("actor".into(), "must not be empty: say who made the change".into()));
+            return Err((
+                "actor".into(),
+                "must not be empty: say who made the change".into(),
+            ));
         }
         if self.reason.trim().is_empty() {
             return Err(("reason".into(), "must not be empty: say why".into()));
         }
         let feature = |code: &str| {
-            catalog
-                .features
-                .get(code)
-                .ok_or_else(|| ("change.feature".to_string(), format!("unknown feature {code:?}")))
+            catalog.features.get(code).ok_or_else(|| {
+                (
+                    "change.feature".to_string(),
+                    format!("unknown feature {code:?}"),
+                )
+            })
         };
         let metric = |code: &str| {
-            catalog
-                .metrics
-                .get(code)
-                .ok_or_else(|| ("change.metric".to_string(), format!("unknown metric {code:?}")))
+            catalog.metrics.get(code).ok_or_else(|| {
+                (
+                    "change.metric".to_string(),
+                    format!("unknown metric {code:?}"),
+                )
+            })
         };
         let too_big = |v: u64| v > crate::catalog::MAX_AMOUNT;
         match &self.change {
             Change::EnableFeature { feature: f } => {
                 if feature(f)?.kind == FeatureKind::Config {
-                    return Err(("change.feature".into(), format!("{f} is a config feature; use set_config")));
+                    return Err((
+                        "change.feature".into(),
+                        format!("{f} is a config feature; use set_config"),
+                    ));
                 }
             }
             Change::DisableFeature { feature: f } => {
@@ -122,20 +132,40 @@ impl Override {
             }
             Change::SetConfig { feature: f, value } => {
                 if feature(f)?.kind != FeatureKind::Config {
-                    return Err(("change.feature".into(), format!("{f} is not a config feature")));
+                    return Err((
+                        "change.feature".into(),
+                        format!("{f} is not a config feature"),
+                    ));
                 }
                 if matches!(value, FeatureValue::Bool(_)) {
-                    return Err(("change.value".into(), "a config value is a number, string or list".into()));
+                    return Err((
+                        "change.value".into(),
+                        "a config value is a number, string or list".into(),
+                    ));
                 }
             }
-            Change::SetLimit { metric: m, window, amount: v }
-            | Change::RaiseLimit { metric: m, window, by: v } => {
+            Change::SetLimit {
+                metric: m,
+                window,
+                amount: v,
+            }
+            | Change::RaiseLimit {
+                metric: m,
+                window,
+                by: v,
+            } => {
                 let def = metric(m)?;
                 if (def.kind == MetricKind::Gauge) != (*window == Window::None) {
-                    return Err(("change.window".into(), format!("metric {m} has no {window} limits")));
+                    return Err((
+                        "change.window".into(),
+                        format!("metric {m} has no {window} limits"),
+                    ));
                 }
                 if too_big(*v) {
-                    return Err(("change.amount".into(), "is too large (at most 2^63-1)".into()));
+                    return Err((
+                        "change.amount".into(),
+                        "is too large (at most 2^63-1)".into(),
+                    ));
                 }
             }
             Change::ExtraUnits { metric: m, amount } => {
@@ -144,7 +174,10 @@ impl Override {
                     return Err(("change.amount".into(), "must be at least 1".into()));
                 }
                 if too_big(*amount) {
-                    return Err(("change.amount".into(), "is too large (at most 2^63-1)".into()));
+                    return Err((
+                        "change.amount".into(),
+                        "is too large (at most 2^63-1)".into(),
+                    ));
                 }
             }
         }

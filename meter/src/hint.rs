@@ -43,19 +43,30 @@ pub fn upgrade_options(
     let mut plans: Vec<_> = catalog.plans.iter().collect();
     plans.sort_by_key(|(code, p)| (p.tier, code.as_str()));
     for (code, p) in plans {
-        let Some((version, _)) = p.latest_published() else { continue };
+        let Some((version, _)) = p.latest_published() else {
+            continue;
+        };
         if *code == current.code {
             continue;
         }
         let mut candidate = sub.clone();
-        candidate.plan = PlanRef { code: code.clone(), version };
+        candidate.plan = PlanRef {
+            code: code.clone(),
+            version,
+        };
         candidate.scheduled_change = None;
         candidate.trial_ends_at = None;
         candidate.addons.retain(|a| {
-            catalog.addons.get(&a.code).is_some_and(|d| d.plans.is_empty() || d.plans.contains(code))
+            catalog
+                .addons
+                .get(&a.code)
+                .is_some_and(|d| d.plans.is_empty() || d.plans.contains(code))
         });
         if meets(&resolve(catalog, &candidate, overrides, at), need) {
-            out.push(UpgradeOption::Plan { code: code.clone(), version });
+            out.push(UpgradeOption::Plan {
+                code: code.clone(),
+                version,
+            });
         }
     }
     for (code, a) in &catalog.addons {
@@ -65,7 +76,11 @@ pub fn upgrade_options(
             continue;
         }
         let mut candidate = sub.clone();
-        candidate.addons.push(AddonRef { code: code.clone(), quantity: 1, since: at });
+        candidate.addons.push(AddonRef {
+            code: code.clone(),
+            quantity: 1,
+            since: at,
+        });
         if meets(&resolve(catalog, &candidate, overrides, at), need) {
             out.push(UpgradeOption::Addon { code: code.clone() });
         }
@@ -79,14 +94,24 @@ fn meets(e: &Entitlements, need: &Need<'_>) -> bool {
     }
     match need {
         Need::Feature(f) => e.features.get(*f).is_some_and(|g| g.enabled()),
-        Need::Units { metric, amount, totals } => {
-            let Some(limits) = e.limits.get(*metric) else { return false };
+        Need::Units {
+            metric,
+            amount,
+            totals,
+        } => {
+            let Some(limits) = e.limits.get(*metric) else {
+                return false;
+            };
             limits.iter().all(|l| {
                 if l.window.is_rate() {
                     l.burst.unwrap_or(l.amount) >= *amount
                 } else {
-                    let need = totals.iter().find(|(w, _)| *w == l.window).map_or(*amount, |(_, t)| *t);
-                    l.cap().is_none_or(|c| c >= need) && l.max_per_request.is_none_or(|m| m >= *amount)
+                    let need = totals
+                        .iter()
+                        .find(|(w, _)| *w == l.window)
+                        .map_or(*amount, |(_, t)| *t);
+                    l.cap().is_none_or(|c| c >= need)
+                        && l.max_per_request.is_none_or(|m| m >= *amount)
                 }
             })
         }

@@ -12,9 +12,7 @@ use crate::catalog::Catalog;
 use crate::window::{period_at, Window};
 
 /// Where a subscription is in its life.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// Created, not yet paid or started.
@@ -306,7 +304,10 @@ impl Subscription {
             if !def.plans.is_empty() && !def.plans.contains(&self.plan.code) {
                 return Err((
                     field,
-                    format!("add-on {} is not available on plan {}", a.code, self.plan.code),
+                    format!(
+                        "add-on {} is not available on plan {}",
+                        a.code, self.plan.code
+                    ),
                 ));
             }
         }
@@ -316,7 +317,10 @@ impl Subscription {
         if self.time_zone.parse::<chrono_tz::Tz>().is_err() {
             return Err((
                 "time_zone".into(),
-                format!("{:?} is not an IANA time zone (like Europe/Paris)", self.time_zone),
+                format!(
+                    "{:?} is not an IANA time zone (like Europe/Paris)",
+                    self.time_zone
+                ),
             ));
         }
         Ok(())
@@ -329,7 +333,10 @@ fn check_plan(catalog: &Catalog, field: &str, p: &PlanRef) -> Result<(), (String
         .get(&p.code)
         .ok_or_else(|| (field.to_string(), format!("unknown plan {:?}", p.code)))?;
     match plan.versions.get(&p.version) {
-        None => Err((format!("{field}.version"), format!("plan {} has no version {}", p.code, p.version))),
+        None => Err((
+            format!("{field}.version"),
+            format!("plan {} has no version {}", p.code, p.version),
+        )),
         Some(b) if !b.published => Err((
             format!("{field}.version"),
             format!("plan {p} is a draft; only published versions can be subscribed to"),

@@ -11,9 +11,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::catalog::AccessLevel;
 use crate::catalog::{Catalog, MetricKind};
 use crate::decision::{Decision, Outcome, Reason};
-use crate::catalog::AccessLevel;
 use crate::gcra::Gcra;
 use crate::resolve::{Entitlements, ResolvedLimit};
 use crate::store::{SlotSpec, SlotUsage};
@@ -69,7 +69,10 @@ pub enum RequestError {
 }
 
 fn invalid(field: &str, reason: impl Into<String>) -> RequestError {
-    RequestError::Invalid { field: field.into(), reason: reason.into() }
+    RequestError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 /// A counter slot together with the limit it enforces.
@@ -134,10 +137,13 @@ pub fn plan_request(
     at: DateTime<Utc>,
 ) -> Result<Planned, RequestError> {
     let metric = demand.metric;
-    let def = catalog.metrics.get(metric).ok_or_else(|| RequestError::NotFound {
-        field: "metric".into(),
-        reason: format!("unknown metric {metric:?}"),
-    })?;
+    let def = catalog
+        .metrics
+        .get(metric)
+        .ok_or_else(|| RequestError::NotFound {
+            field: "metric".into(),
+            reason: format!("unknown metric {metric:?}"),
+        })?;
     let gauge = def.kind == MetricKind::Gauge;
     let amount = demand.amount;
     match demand.intent {
@@ -146,16 +152,19 @@ pub fn plan_request(
             return Err(invalid("amount", "must be positive (at least 1)"))
         }
         Intent::Record if amount == 0 => return Err(invalid("amount", "must not be zero")),
-        Intent::Record if amount < 0 && !gauge => {
-            return Err(invalid(
-                "amount",
-                format!("must be positive: {metric} is a counter; only gauges take negative adjustments"),
-            ))
-        }
+        Intent::Record if amount < 0 && !gauge => return Err(invalid(
+            "amount",
+            format!(
+                "must be positive: {metric} is a counter; only gauges take negative adjustments"
+            ),
+        )),
         _ => {}
     }
     if amount.unsigned_abs() > MAX_REQUEST_AMOUNT {
-        return Err(invalid("amount", format!("is too large (at most {MAX_REQUEST_AMOUNT} per request)")));
+        return Err(invalid(
+            "amount",
+            format!("is too large (at most {MAX_REQUEST_AMOUNT} per request)"),
+        ));
     }
 
     let consumes = amount > 0 && demand.intent != Intent::Check;
@@ -203,7 +212,13 @@ pub fn plan_request(
             slots.push(quota_slot(metric, l, ent, at));
         }
     }
-    Ok(Planned::Plan(RequestPlan { metric: metric.to_string(), amount, gauge, slots, rates }))
+    Ok(Planned::Plan(RequestPlan {
+        metric: metric.to_string(),
+        amount,
+        gauge,
+        slots,
+        rates,
+    }))
 }
 
 fn quota_slot(metric: &str, l: &ResolvedLimit, ent: &Entitlements, at: DateTime<Utc>) -> QuotaSlot {
@@ -235,21 +250,34 @@ fn rate_slot(
         Some(dim) => {
             let field = format!("dimensions.{dim}");
             let value = dimensions.get(dim).ok_or_else(|| {
-                invalid(&field, format!("required: {metric} has a per-{dim} rate limit"))
+                invalid(
+                    &field,
+                    format!("required: {metric} has a per-{dim} rate limit"),
+                )
             })?;
             crate::keys::check_key(value).map_err(|r| invalid(&field, r))?;
             format!("{metric}|{}|{dim}={value}", l.window)
         }
     };
-    Ok(RateSlot { window: l.window, bucket, gcra })
+    Ok(RateSlot {
+        window: l.window,
+        bucket,
+        gcra,
+    })
 }
 
 /// Builds the decision for `plan` from the usage the store saw (one entry per slot, in
 /// order, before this request) and whether the store admitted it.
 pub fn decide(plan: &RequestPlan, usage: &[SlotUsage], admitted: bool) -> Decision {
     let amount = plan.amount.max(0) as u64;
-    const ZERO: SlotUsage = SlotUsage { used: 0, reserved: 0 };
-    let rows = plan.slots.iter().zip(usage.iter().chain(std::iter::repeat(&ZERO)));
+    const ZERO: SlotUsage = SlotUsage {
+        used: 0,
+        reserved: 0,
+    };
+    let rows = plan
+        .slots
+        .iter()
+        .zip(usage.iter().chain(std::iter::repeat(&ZERO)));
     if !admitted {
         for (slot, u) in rows {
             let Some(cap) = slot.spec.cap else { continue };
@@ -289,17 +317,28 @@ pub fn decide(plan: &RequestPlan, usage: &[SlotUsage], admitted: bool) -> Decisi
     let mut best_fill: u128 = 0;
     for (slot, u) in rows {
         let after = if plan.amount < 0 {
-            u.used.saturating_add(u.reserved).saturating_sub(plan.amount.unsigned_abs())
+            u.used
+                .saturating_add(u.reserved)
+                .saturating_sub(plan.amount.unsigned_abs())
         } else {
             u.used.saturating_add(u.reserved).saturating_add(amount)
         };
         let mut d = Decision::allow();
-        fill(&mut d, slot, u, slot.spec.cap.map_or(u64::MAX, |c| c.saturating_sub(after)));
+        fill(
+            &mut d,
+            slot,
+            u,
+            slot.spec.cap.map_or(u64::MAX, |c| c.saturating_sub(after)),
+        );
         if slot.spec.cap.is_none() || slot.soft {
             d.remaining = Some(slot.limit.saturating_sub(after));
         }
         let percent = if slot.limit == 0 {
-            if after > 0 { u128::MAX } else { 0 }
+            if after > 0 {
+                u128::MAX
+            } else {
+                0
+            }
         } else {
             u128::from(after) * 100 / u128::from(slot.limit)
         };
@@ -312,7 +351,12 @@ pub fn decide(plan: &RequestPlan, usage: &[SlotUsage], admitted: bool) -> Decisi
                 slot.limit, plan.metric, slot.window
             );
         }
-        if let Some(t) = slot.warn_at.iter().rev().find(|t| u128::from(**t) <= percent) {
+        if let Some(t) = slot
+            .warn_at
+            .iter()
+            .rev()
+            .find(|t| u128::from(**t) <= percent)
+        {
             d.warning_percent = Some(*t);
             if d.outcome == Outcome::Allow {
                 d.outcome = Outcome::AllowWithWarning;
@@ -345,15 +389,26 @@ fn fill(d: &mut Decision, slot: &QuotaSlot, u: &SlotUsage, remaining: u64) {
 }
 
 /// The decision for a request stopped by a token bucket.
-pub fn rate_limited(slot: &RateSlot, retry_after: Option<std::time::Duration>, amount: u64) -> Decision {
+pub fn rate_limited(
+    slot: &RateSlot,
+    retry_after: Option<std::time::Duration>,
+    amount: u64,
+) -> Decision {
     let (reason, message) = match retry_after {
         Some(_) => (
             Reason::RateLimited,
-            format!("rate limit of {} per {} reached", slot.gcra.rate(), slot.window),
+            format!(
+                "rate limit of {} per {} reached",
+                slot.gcra.rate(),
+                slot.window
+            ),
         ),
         None => (
             Reason::ExceedsBurst,
-            format!("{amount} at once is more than the burst of {}", slot.gcra.burst()),
+            format!(
+                "{amount} at once is more than the burst of {}",
+                slot.gcra.burst()
+            ),
         ),
     };
     let mut d = Decision::deny(reason, message);

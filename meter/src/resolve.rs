@@ -202,7 +202,9 @@ pub fn resolve(
     {
         contributions.push(Contribution {
             prov: Provenance {
-                source: Source::Plan { plan: state.plan.to_string() },
+                source: Source::Plan {
+                    plan: state.plan.to_string(),
+                },
                 since: state.plan_since,
             },
             priority: i64::MIN,
@@ -217,7 +219,10 @@ pub fn resolve(
         if let Some(def) = catalog.addons.get(&a.code) {
             contributions.push(Contribution {
                 prov: Provenance {
-                    source: Source::Addon { code: a.code.clone(), quantity: a.quantity },
+                    source: Source::Addon {
+                        code: a.code.clone(),
+                        quantity: a.quantity,
+                    },
                     since: a.since,
                 },
                 priority: i64::from(def.priority),
@@ -300,7 +305,9 @@ fn merge_features(
                     .collect();
                 let metered_on = def.kind == FeatureKind::Metered
                     && def.metric.as_ref().is_some_and(|m| {
-                        contributions.iter().any(|c| c.limits.get(m).is_some_and(|l| !l.is_empty()))
+                        contributions
+                            .iter()
+                            .any(|c| c.limits.get(m).is_some_and(|l| !l.is_empty()))
                     });
                 let mut sources = on;
                 if metered_on {
@@ -317,7 +324,9 @@ fn merge_features(
                     sources,
                 }
             }
-            FeatureKind::Config => merge_config(def.merge.unwrap_or(MergeRule::Precedence), &grants),
+            FeatureKind::Config => {
+                merge_config(def.merge.unwrap_or(MergeRule::Precedence), &grants)
+            }
         };
         for o in overrides {
             match &o.change {
@@ -338,9 +347,11 @@ fn merge_features(
         }
         // Disabling wins over every grant, enabling overrides included: it is the safer
         // reading of two contradicting overrides.
-        if let Some(o) = overrides.iter().rev().find(
-            |o| matches!(&o.change, Change::DisableFeature { feature } if feature == code),
-        ) {
+        if let Some(o) = overrides
+            .iter()
+            .rev()
+            .find(|o| matches!(&o.change, Change::DisableFeature { feature } if feature == code))
+        {
             grant = FeatureGrant {
                 value: FeatureValue::Bool(false),
                 sources: vec![prov_of(o)],
@@ -361,7 +372,12 @@ fn merge_config(rule: MergeRule, grants: &[(&Contribution<'_>, &FeatureValue)]) 
     if grants.is_empty() {
         return none;
     }
-    let all_sources = || grants.iter().map(|(c, _)| c.prov.clone()).collect::<Vec<_>>();
+    let all_sources = || {
+        grants
+            .iter()
+            .map(|(c, _)| c.prov.clone())
+            .collect::<Vec<_>>()
+    };
     match rule {
         MergeRule::Max | MergeRule::Min => {
             let ints = grants.iter().filter_map(|(c, v)| match v {
@@ -393,7 +409,11 @@ fn merge_config(rule: MergeRule, grants: &[(&Contribution<'_>, &FeatureValue)]) 
             items.sort();
             items.dedup();
             let sources = all_sources();
-            FeatureGrant { value: FeatureValue::List(items), since: since_last(&sources), sources }
+            FeatureGrant {
+                value: FeatureValue::List(items),
+                since: since_last(&sources),
+                sources,
+            }
         }
         MergeRule::Precedence | MergeRule::Sum => {
             // Highest priority wins; among equal priorities the smallest source sorts first
@@ -401,10 +421,16 @@ fn merge_config(rule: MergeRule, grants: &[(&Contribution<'_>, &FeatureValue)]) 
             let (c, v) = grants
                 .iter()
                 .max_by(|(a, _), (b, _)| {
-                    a.priority.cmp(&b.priority).then_with(|| b.prov.source.cmp(&a.prov.source))
+                    a.priority
+                        .cmp(&b.priority)
+                        .then_with(|| b.prov.source.cmp(&a.prov.source))
                 })
                 .expect("not empty");
-            FeatureGrant { value: (*v).clone(), sources: vec![c.prov.clone()], since: c.prov.since }
+            FeatureGrant {
+                value: (*v).clone(),
+                sources: vec![c.prov.clone()],
+                since: c.prov.since,
+            }
         }
     }
 }
@@ -425,13 +451,18 @@ fn merge_limits(
         let mut by_slot: BTreeMap<(Window, Option<String>), ResolvedLimit> = BTreeMap::new();
         let mut granted = false;
         for c in contributions {
-            let Some(list) = c.limits.get(metric) else { continue };
+            let Some(list) = c.limits.get(metric) else {
+                continue;
+            };
             granted = true;
             for l in list {
                 let amount = if l.window.is_rate() {
                     l.rate.unwrap_or(0)
                 } else {
-                    l.amount.unwrap_or(0).saturating_mul(c.times).min(MAX_AMOUNT)
+                    l.amount
+                        .unwrap_or(0)
+                        .saturating_mul(c.times)
+                        .min(MAX_AMOUNT)
                 };
                 let burst = l.window.is_rate().then(|| l.burst.or(l.rate).unwrap_or(0));
                 let key = (l.window, l.per.clone());
@@ -455,7 +486,11 @@ fn merge_limits(
                         );
                     }
                     Some(r) => {
-                        let rule = if l.window.is_rate() { MergeRule::Max } else { quota_rule };
+                        let rule = if l.window.is_rate() {
+                            MergeRule::Max
+                        } else {
+                            quota_rule
+                        };
                         r.amount = combine(rule, r.amount, amount);
                         r.burst = match (r.burst, burst) {
                             (Some(a), Some(b)) => Some(a.max(b)),
@@ -484,7 +519,11 @@ fn merge_limits(
         }
         for o in overrides {
             match &o.change {
-                Change::SetLimit { metric: m, window, amount } if m == metric => {
+                Change::SetLimit {
+                    metric: m,
+                    window,
+                    amount,
+                } if m == metric => {
                     let mut hit = false;
                     for r in by_slot.values_mut().filter(|r| r.window == *window) {
                         r.amount = *amount;
@@ -497,7 +536,11 @@ fn merge_limits(
                     }
                     granted = true;
                 }
-                Change::RaiseLimit { metric: m, window, by } if m == metric => {
+                Change::RaiseLimit {
+                    metric: m,
+                    window,
+                    by,
+                } if m == metric => {
                     for r in by_slot.values_mut().filter(|r| r.window == *window) {
                         r.amount = r.amount.saturating_add(*by).min(MAX_AMOUNT);
                         r.burst = r.burst.map(|b| b.max(r.amount));
@@ -514,7 +557,10 @@ fn merge_limits(
             }
         }
         if let Some((code, _)) = feature {
-            if features.get(code).is_some_and(|g| !g.enabled() && g.sources.iter().any(is_override)) {
+            if features
+                .get(code)
+                .is_some_and(|g| !g.enabled() && g.sources.iter().any(is_override))
+            {
                 // Disabled by an override: the metric is not granted at all.
                 granted = false;
             }
@@ -560,7 +606,10 @@ fn new_limit(window: Window, amount: u64, o: &Override) -> ResolvedLimit {
 }
 
 fn prov_of(o: &Override) -> Provenance {
-    Provenance { source: Source::Override { id: o.id.clone() }, since: o.valid_from }
+    Provenance {
+        source: Source::Override { id: o.id.clone() },
+        since: o.valid_from,
+    }
 }
 
 fn sorted(mut v: Vec<u8>) -> Vec<u8> {
@@ -570,9 +619,17 @@ fn sorted(mut v: Vec<u8>) -> Vec<u8> {
 }
 
 fn since_first(sources: &[Provenance]) -> DateTime<Utc> {
-    sources.iter().map(|p| p.since).min().unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
+    sources
+        .iter()
+        .map(|p| p.since)
+        .min()
+        .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
 }
 
 fn since_last(sources: &[Provenance]) -> DateTime<Utc> {
-    sources.iter().map(|p| p.since).max().unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
+    sources
+        .iter()
+        .map(|p| p.since)
+        .max()
+        .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
 }

@@ -6,17 +6,23 @@ fn err(yaml: &str) -> String {
     parse(yaml, "cat.yaml").map(|_| ()).unwrap_err().to_string()
 }
 
-const HEAD: &str = "version: 1\nmetrics:\n  api_calls: {unit: call}\n  seats: {unit: seat, kind: gauge}\n";
+const HEAD: &str =
+    "version: 1\nmetrics:\n  api_calls: {unit: call}\n  seats: {unit: seat, kind: gauge}\n";
 
 #[test]
 fn unknown_metric_names_path() {
     let e = err(&format!("{HEAD}plans:\n  free:\n    versions:\n      1:\n        limits:\n          calls: [{{window: month, amount: 5}}]\n"));
-    assert!(e.contains("cat.yaml: plans.free.versions.1.limits.calls: unknown metric \"calls\""), "{e}");
+    assert!(
+        e.contains("cat.yaml: plans.free.versions.1.limits.calls: unknown metric \"calls\""),
+        "{e}"
+    );
 }
 
 #[test]
 fn duplicate_keys_are_refused() {
-    let e = err(&format!("{HEAD}plans:\n  free: {{versions: {{1: {{}}}}}}\n  free: {{versions: {{1: {{}}}}}}\n"));
+    let e = err(&format!(
+        "{HEAD}plans:\n  free: {{versions: {{1: {{}}}}}}\n  free: {{versions: {{1: {{}}}}}}\n"
+    ));
     assert!(e.contains("duplicate key \"free\""), "{e}");
     assert!(e.starts_with("cat.yaml: plans"), "{e}");
 }
@@ -24,7 +30,10 @@ fn duplicate_keys_are_refused() {
 #[test]
 fn negative_and_overflowing_amounts_are_refused() {
     let e = err(&format!("{HEAD}plans:\n  free: {{versions: {{1: {{limits: {{api_calls: [{{window: month, amount: -5}}]}}}}}}}}\n"));
-    assert!(e.contains("plans.free.versions.1.limits.api_calls[0].amount: must not be negative"), "{e}");
+    assert!(
+        e.contains("plans.free.versions.1.limits.api_calls[0].amount: must not be negative"),
+        "{e}"
+    );
     let e = err(&format!("{HEAD}plans:\n  free: {{versions: {{1: {{limits: {{api_calls: [{{window: month, amount: 99999999999999999999999}}]}}}}}}}}\n"));
     assert!(e.contains("api_calls[0].amount: is too large"), "{e}");
     let e = err(&format!("{HEAD}plans:\n  free: {{versions: {{1: {{limits: {{api_calls: [{{window: month, amount: 9223372036854775808}}]}}}}}}}}\n"));
@@ -34,9 +43,18 @@ fn negative_and_overflowing_amounts_are_refused() {
 #[test]
 fn windows_must_fit_the_limit_kind() {
     let e = err(&format!("{HEAD}plans:\n  free: {{versions: {{1: {{limits: {{api_calls: [{{window: second, amount: 5}}], seats: [{{window: month, amount: 3}}]}}}}}}}}\n"));
-    assert!(e.contains("api_calls[0].rate: a second or minute window needs a rate"), "{e}");
-    assert!(e.contains("api_calls[0].amount: rate windows take rate and burst"), "{e}");
-    assert!(e.contains("seats[0].window: a gauge metric takes window none"), "{e}");
+    assert!(
+        e.contains("api_calls[0].rate: a second or minute window needs a rate"),
+        "{e}"
+    );
+    assert!(
+        e.contains("api_calls[0].amount: rate windows take rate and burst"),
+        "{e}"
+    );
+    assert!(
+        e.contains("seats[0].window: a gauge metric takes window none"),
+        "{e}"
+    );
     let e = err(&format!("{HEAD}plans:\n  free: {{versions: {{1: {{limits: {{api_calls: [{{window: none, amount: 5}}]}}}}}}}}\n"));
     assert!(e.contains("window none is for gauge metrics"), "{e}");
     let e = err(&format!("{HEAD}plans:\n  free: {{versions: {{1: {{limits: {{api_calls: [{{window: fortnight, amount: 5}}]}}}}}}}}\n"));
@@ -45,10 +63,15 @@ fn windows_must_fit_the_limit_kind() {
 
 #[test]
 fn unknown_fields_and_empty_files_are_refused() {
-    let e = err(&format!("{HEAD}plans:\n  free: {{versions: {{1: {{limts: {{}}}}}}}}\n"));
+    let e = err(&format!(
+        "{HEAD}plans:\n  free: {{versions: {{1: {{limts: {{}}}}}}}}\n"
+    ));
     assert!(e.contains("unknown field `limts`"), "{e}");
     assert!(err("").contains("the catalog is empty"));
-    assert!(err("version: 2\nmetrics: {a: {unit: x}}\nplans: {p: {versions: {1: {}}}}\n").contains("version: unsupported catalog version 2"));
+    assert!(
+        err("version: 2\nmetrics: {a: {unit: x}}\nplans: {p: {versions: {1: {}}}}\n")
+            .contains("version: unsupported catalog version 2")
+    );
 }
 
 #[test]

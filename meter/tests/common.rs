@@ -12,7 +12,11 @@ pub fn t0() -> DateTime<Utc> {
 
 /// The shipped example catalog.
 pub fn example() -> Catalog {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/catalog.yaml")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/catalog.yaml"
+    ))
+    .unwrap();
     parse(&text, "examples/catalog.yaml").unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -20,7 +24,10 @@ pub fn example() -> Catalog {
 pub fn sub(tenant: &str, plan: &str) -> Subscription {
     Subscription {
         tenant: tenant.into(),
-        plan: PlanRef { code: plan.into(), version: 1 },
+        plan: PlanRef {
+            code: plan.into(),
+            version: 1,
+        },
         plan_since: t0(),
         addons: vec![],
         status: Status::Active,

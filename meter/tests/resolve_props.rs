@@ -92,22 +92,54 @@ proptest! {
 fn config_precedence_prefers_override_then_priority_then_plan() {
     let c = stacking_catalog(&[1, 2], &[1, 2], &[5, 1]);
     let mut s = sub("acme", "base");
-    assert_eq!(resolve(&c, &s, &[], t0()).features["tier_name"].value, FeatureValue::Str("base".into()));
+    assert_eq!(
+        resolve(&c, &s, &[], t0()).features["tier_name"].value,
+        FeatureValue::Str("base".into())
+    );
     s.addons = vec![
-        AddonRef { code: "ad1".into(), quantity: 1, since: t0() },
-        AddonRef { code: "ad0".into(), quantity: 1, since: t0() },
+        AddonRef {
+            code: "ad1".into(),
+            quantity: 1,
+            since: t0(),
+        },
+        AddonRef {
+            code: "ad0".into(),
+            quantity: 1,
+            since: t0(),
+        },
     ];
     let e = resolve(&c, &s, &[], t0());
-    assert_eq!(e.features["tier_name"].value, FeatureValue::Str("name0".into()));
-    assert_eq!(e.features["tier_name"].sources[0].source, Source::Addon { code: "ad0".into(), quantity: 1 });
+    assert_eq!(
+        e.features["tier_name"].value,
+        FeatureValue::Str("name0".into())
+    );
+    assert_eq!(
+        e.features["tier_name"].sources[0].source,
+        Source::Addon {
+            code: "ad0".into(),
+            quantity: 1
+        }
+    );
 }
 
 #[test]
 fn provenance_and_since_are_reported() {
     let c = example();
     let mut s = sub("acme", "pro");
-    s.addons = vec![AddonRef { code: "extra_seats_10".into(), quantity: 2, since: t0() + Duration::days(3) }];
-    let o = grant("g1", Change::ExtraUnits { metric: "api_calls".into(), amount: 10_000 }, 24, Some(72));
+    s.addons = vec![AddonRef {
+        code: "extra_seats_10".into(),
+        quantity: 2,
+        since: t0() + Duration::days(3),
+    }];
+    let o = grant(
+        "g1",
+        Change::ExtraUnits {
+            metric: "api_calls".into(),
+            amount: 10_000,
+        },
+        24,
+        Some(72),
+    );
     let e = resolve(&c, &s, std::slice::from_ref(&o), t0() + Duration::days(2));
     let seats = e.limit("seats", Window::None).unwrap();
     assert_eq!(seats.amount, 25 + 20);
@@ -115,12 +147,23 @@ fn provenance_and_since_are_reported() {
     assert_eq!(seats.sources.len(), 2);
     let month = e.limit("api_calls", Window::Month).unwrap();
     assert_eq!(month.amount, 1_010_000);
-    assert_eq!(month.sources.last().unwrap().source, Source::Override { id: "g1".into() });
+    assert_eq!(
+        month.sources.last().unwrap().source,
+        Source::Override { id: "g1".into() }
+    );
     assert_eq!(e.valid_until, Some(t0() + Duration::hours(72)));
     // After the grant expires, the limit is back by itself.
     let later = resolve(&c, &s, &[o], t0() + Duration::hours(72));
-    assert_eq!(later.limit("api_calls", Window::Month).unwrap().amount, 1_000_000);
-    assert_eq!(later.features["advanced_analytics"].sources[0].source, Source::Plan { plan: "pro@1".into() });
+    assert_eq!(
+        later.limit("api_calls", Window::Month).unwrap().amount,
+        1_000_000
+    );
+    assert_eq!(
+        later.features["advanced_analytics"].sources[0].source,
+        Source::Plan {
+            plan: "pro@1".into()
+        }
+    );
 }
 
 #[test]
@@ -130,18 +173,30 @@ fn trial_end_switches_to_post_trial_plan_or_cancels() {
     let mut s = sub("acme", "enterprise");
     s.status = Status::Trialing;
     s.trial_ends_at = Some(end);
-    s.post_trial_plan = Some(PlanRef { code: "free".into(), version: 1 });
+    s.post_trial_plan = Some(PlanRef {
+        code: "free".into(),
+        version: 1,
+    });
     let before = resolve(&c, &s, &[], end - Duration::seconds(1));
-    assert_eq!((before.plan.code.as_str(), before.status), ("enterprise", Status::Trialing));
+    assert_eq!(
+        (before.plan.code.as_str(), before.status),
+        ("enterprise", Status::Trialing)
+    );
     assert_eq!(before.valid_until, Some(end));
     assert_eq!(before.features["sso"].value, FeatureValue::Bool(true));
     let after = resolve(&c, &s, &[], end);
-    assert_eq!((after.plan.code.as_str(), after.status), ("free", Status::Active));
+    assert_eq!(
+        (after.plan.code.as_str(), after.status),
+        ("free", Status::Active)
+    );
     assert_eq!((after.plan_since, after.status_since), (end, end));
     assert_eq!(after.features["sso"].value, FeatureValue::Bool(false));
     s.post_trial_plan = None;
     let lapsed = resolve(&c, &s, &[], end);
-    assert_eq!((lapsed.status, lapsed.access), (Status::Canceled, AccessLevel::None));
+    assert_eq!(
+        (lapsed.status, lapsed.access),
+        (Status::Canceled, AccessLevel::None)
+    );
 }
 
 #[test]
@@ -149,17 +204,40 @@ fn downgrade_waits_for_period_end_and_upgrade_is_immediate() {
     let c = example();
     let mut s = sub("acme", "pro");
     let now = t0() + Duration::days(10);
-    s.change_plan(PlanRef { code: "free".into(), version: 1 }, ChangeTiming::PeriodEnd, now);
+    s.change_plan(
+        PlanRef {
+            code: "free".into(),
+            version: 1,
+        },
+        ChangeTiming::PeriodEnd,
+        now,
+    );
     let end = t0() + Duration::days(31); // anchored 2026-03-01 → next period 2026-04-01
     assert_eq!(s.scheduled_change.as_ref().unwrap().at, end);
-    assert_eq!(resolve(&c, &s, &[], end - Duration::seconds(1)).plan.code, "pro");
-    assert_eq!(resolve(&c, &s, &[], end - Duration::seconds(1)).valid_until, Some(end));
+    assert_eq!(
+        resolve(&c, &s, &[], end - Duration::seconds(1)).plan.code,
+        "pro"
+    );
+    assert_eq!(
+        resolve(&c, &s, &[], end - Duration::seconds(1)).valid_until,
+        Some(end)
+    );
     let after = resolve(&c, &s, &[], end);
     assert_eq!((after.plan.code.as_str(), after.plan_since), ("free", end));
     // An upgrade now replaces the pending downgrade.
-    s.change_plan(PlanRef { code: "enterprise".into(), version: 1 }, ChangeTiming::Immediately, now);
+    s.change_plan(
+        PlanRef {
+            code: "enterprise".into(),
+            version: 1,
+        },
+        ChangeTiming::Immediately,
+        now,
+    );
     assert!(s.scheduled_change.is_none());
-    assert_eq!(resolve(&c, &s, &[], end + Duration::days(1)).plan.code, "enterprise");
+    assert_eq!(
+        resolve(&c, &s, &[], end + Duration::days(1)).plan.code,
+        "enterprise"
+    );
 }
 
 #[test]
@@ -168,16 +246,29 @@ fn cancel_at_period_end_keeps_access_until_then() {
     let mut s = sub("acme", "pro");
     s.cancel(ChangeTiming::PeriodEnd, t0() + Duration::days(1));
     let end = t0() + Duration::days(31);
-    assert_eq!(resolve(&c, &s, &[], end - Duration::seconds(1)).access, AccessLevel::Full);
+    assert_eq!(
+        resolve(&c, &s, &[], end - Duration::seconds(1)).access,
+        AccessLevel::Full
+    );
     let after = resolve(&c, &s, &[], end);
-    assert_eq!((after.status, after.access), (Status::Canceled, AccessLevel::None));
+    assert_eq!(
+        (after.status, after.access),
+        (Status::Canceled, AccessLevel::None)
+    );
 }
 
 #[test]
 fn disable_override_removes_a_metered_feature() {
     let c = example();
     let s = sub("acme", "pro");
-    let o = grant("off", Change::DisableFeature { feature: "api".into() }, -1, None);
+    let o = grant(
+        "off",
+        Change::DisableFeature {
+            feature: "api".into(),
+        },
+        -1,
+        None,
+    );
     let e = resolve(&c, &s, &[o], t0());
     assert!(!e.features["api"].enabled());
     assert!(!e.limits.contains_key("api_calls"));
@@ -191,16 +282,57 @@ fn upgrade_hints_name_plans_and_addons_that_would_allow() {
     assert_eq!(
         opts,
         vec![
-            UpgradeOption::Plan { code: "pro".into(), version: 1 },
-            UpgradeOption::Plan { code: "enterprise".into(), version: 1 }
+            UpgradeOption::Plan {
+                code: "pro".into(),
+                version: 1
+            },
+            UpgradeOption::Plan {
+                code: "enterprise".into(),
+                version: 1
+            }
         ]
     );
     let totals = [(Window::None, 8)];
-    let opts = upgrade_options(&c, &s, &[], t0(), &Need::Units { metric: "seats", amount: 1, totals: &totals });
-    assert!(opts.contains(&UpgradeOption::Addon { code: "extra_seats_10".into() }), "{opts:?}");
-    assert!(opts.contains(&UpgradeOption::Plan { code: "pro".into(), version: 1 }), "{opts:?}");
-    assert!(!opts.iter().any(|o| matches!(o, UpgradeOption::Plan { code, .. } if code.starts_with("travel"))), "{opts:?}");
+    let opts = upgrade_options(
+        &c,
+        &s,
+        &[],
+        t0(),
+        &Need::Units {
+            metric: "seats",
+            amount: 1,
+            totals: &totals,
+        },
+    );
+    assert!(
+        opts.contains(&UpgradeOption::Addon {
+            code: "extra_seats_10".into()
+        }),
+        "{opts:?}"
+    );
+    assert!(
+        opts.contains(&UpgradeOption::Plan {
+            code: "pro".into(),
+            version: 1
+        }),
+        "{opts:?}"
+    );
+    assert!(
+        !opts
+            .iter()
+            .any(|o| matches!(o, UpgradeOption::Plan { code, .. } if code.starts_with("travel"))),
+        "{opts:?}"
+    );
     let pro = sub("acme", "pro");
     let sso = upgrade_options(&c, &pro, &[], t0(), &Need::Feature("sso"));
-    assert_eq!(sso, vec![UpgradeOption::Plan { code: "enterprise".into(), version: 1 }, UpgradeOption::Addon { code: "sso".into() }]);
+    assert_eq!(
+        sso,
+        vec![
+            UpgradeOption::Plan {
+                code: "enterprise".into(),
+                version: 1
+            },
+            UpgradeOption::Addon { code: "sso".into() }
+        ]
+    );
 }

@@ -21,8 +21,8 @@ use meter::catalog::Catalog;
 use meter::grant::Override;
 use meter::lifecycle::Subscription;
 use meter::store::{
-    ControlStore, RecordOp, RecordOutcome, Reservation, ReserveOp, ReserveOutcome, Settlement,
-    SettleOutcome, SlotUsage, StoreError, UsageStore,
+    ControlStore, RecordOp, RecordOutcome, Reservation, ReserveOp, ReserveOutcome, SettleOutcome,
+    Settlement, SlotUsage, StoreError, UsageStore,
 };
 use redb::{Database, ReadableTable};
 use tokio::sync::oneshot;
@@ -59,12 +59,14 @@ impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`, rebuilding the state from disk.
     pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| {
-            StoreError::Unavailable(format!("cannot create data directory {}: {e}", dir.display()))
+            StoreError::Unavailable(format!(
+                "cannot create data directory {}: {e}",
+                dir.display()
+            ))
         })?;
         let path = dir.join("allot.redb");
-        let db = Database::create(&path).map_err(|e| {
-            StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))
-        })?;
+        let db = Database::create(&path)
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
         let mut state = State::default();
         load(&db, &mut state)?;
         let db = Arc::new(db);
@@ -131,8 +133,18 @@ impl EmbeddedStore {
     }
 
     /// Forgets what no request can need any more (see [`State::compact`]).
-    pub async fn compact(&self, now: DateTime<Utc>, retention: chrono::Duration) -> Result<(), StoreError> {
-        self.apply(|s| Ok(Applied { answer: (), writes: s.compact(now, retention) })).await
+    pub async fn compact(
+        &self,
+        now: DateTime<Utc>,
+        retention: chrono::Duration,
+    ) -> Result<(), StoreError> {
+        self.apply(|s| {
+            Ok(Applied {
+                answer: (),
+                writes: s.compact(now, retention),
+            })
+        })
+        .await
     }
 
     async fn settle(
@@ -186,7 +198,8 @@ impl UsageStore for EmbeddedStore {
         actual: u64,
         now: DateTime<Utc>,
     ) -> Result<SettleOutcome, StoreError> {
-        self.settle(tenant, reservation_id, Settlement::Committed(actual), now).await
+        self.settle(tenant, reservation_id, Settlement::Committed(actual), now)
+            .await
     }
 
     async fn release(
@@ -195,7 +208,8 @@ impl UsageStore for EmbeddedStore {
         reservation_id: &str,
         now: DateTime<Utc>,
     ) -> Result<SettleOutcome, StoreError> {
-        self.settle(tenant, reservation_id, Settlement::Released, now).await
+        self.settle(tenant, reservation_id, Settlement::Released, now)
+            .await
     }
 
     async fn record(&self, op: RecordOp) -> Result<RecordOutcome, StoreError> {
@@ -208,7 +222,13 @@ impl UsageStore for EmbeddedStore {
         idempotency_key: &str,
     ) -> Result<Option<ReserveOutcome>, StoreError> {
         // Waits like any replay: the first grant may still be on its way to disk.
-        self.apply(|s| Ok(Applied { answer: s.find_reserve(tenant, idempotency_key), writes: vec![] })).await
+        self.apply(|s| {
+            Ok(Applied {
+                answer: s.find_reserve(tenant, idempotency_key),
+                writes: vec![],
+            })
+        })
+        .await
     }
 
     async fn find_record(
@@ -216,14 +236,26 @@ impl UsageStore for EmbeddedStore {
         tenant: &str,
         event_id: &str,
     ) -> Result<Option<RecordOutcome>, StoreError> {
-        self.apply(|s| Ok(Applied { answer: s.find_record(tenant, event_id), writes: vec![] })).await
+        self.apply(|s| {
+            Ok(Applied {
+                answer: s.find_record(tenant, event_id),
+                writes: vec![],
+            })
+        })
+        .await
     }
 
     async fn usage(&self, tenant: &str, keys: &[String]) -> Result<Vec<SlotUsage>, StoreError> {
         let state = self.lock();
         Ok(keys
             .iter()
-            .map(|k| state.counters.get(&row_key(tenant, k)).map(|c| c.usage).unwrap_or_default())
+            .map(|k| {
+                state
+                    .counters
+                    .get(&row_key(tenant, k))
+                    .map(|c| c.usage)
+                    .unwrap_or_default()
+            })
             .collect())
     }
 
@@ -233,7 +265,10 @@ impl UsageStore for EmbeddedStore {
         reservation_id: &str,
     ) -> Result<Option<Reservation>, StoreError> {
         let state = self.lock();
-        Ok(state.reservations.get(&row_key(tenant, reservation_id)).map(|r| r.reservation.clone()))
+        Ok(state
+            .reservations
+            .get(&row_key(tenant, reservation_id))
+            .map(|r| r.reservation.clone()))
     }
 
     async fn expire_due(
@@ -289,8 +324,14 @@ impl ControlStore for EmbeddedStore {
     async fn remove_override(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
         self.apply(|s| {
             Ok(match s.remove_override(tenant, id) {
-                Some(writes) => Applied { answer: true, writes },
-                None => Applied { answer: false, writes: Vec::new() },
+                Some(writes) => Applied {
+                    answer: true,
+                    writes,
+                },
+                None => Applied {
+                    answer: false,
+                    writes: Vec::new(),
+                },
             })
         })
         .await

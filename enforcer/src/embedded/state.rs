@@ -12,7 +12,7 @@ use meter::catalog::Catalog;
 use meter::grant::Override;
 use meter::lifecycle::Subscription;
 use meter::store::{
-    RecordOp, RecordOutcome, Reservation, ReserveOp, ReserveOutcome, Settlement, SettleOutcome,
+    RecordOp, RecordOutcome, Reservation, ReserveOp, ReserveOutcome, SettleOutcome, Settlement,
     SlotUsage, StoreError,
 };
 use serde::{Deserialize, Serialize};
@@ -136,13 +136,19 @@ pub struct Applied<T> {
 
 impl<T> Applied<T> {
     fn read_only(answer: T) -> Self {
-        Applied { answer, writes: Vec::new() }
+        Applied {
+            answer,
+            writes: Vec::new(),
+        }
     }
 }
 
 impl State {
     fn usage_of(&self, tenant: &str, key: &str) -> SlotUsage {
-        self.counters.get(&row_key(tenant, key)).map(|c| c.usage).unwrap_or_default()
+        self.counters
+            .get(&row_key(tenant, key))
+            .map(|c| c.usage)
+            .unwrap_or_default()
     }
 
     fn put_counter(&mut self, writes: &mut Vec<Write>, key: String, counter: Counter) {
@@ -189,8 +195,11 @@ impl State {
             return Applied::read_only(first);
         }
         let idem_key = row_key(&op.tenant, &op.idempotency_key);
-        let usage: Vec<SlotUsage> =
-            op.slots.iter().map(|s| self.usage_of(&op.tenant, &s.key)).collect();
+        let usage: Vec<SlotUsage> = op
+            .slots
+            .iter()
+            .map(|s| self.usage_of(&op.tenant, &s.key))
+            .collect();
         let fits = op.slots.iter().zip(&usage).all(|(s, u)| {
             s.cap.is_none_or(|cap| {
                 u.used.saturating_add(u.reserved).saturating_add(op.amount) <= cap
@@ -210,14 +219,22 @@ impl State {
         let mut writes = Vec::new();
         for (s, u) in op.slots.iter().zip(&usage) {
             let counter = Counter {
-                usage: SlotUsage { used: u.used, reserved: u.reserved.saturating_add(op.amount) },
+                usage: SlotUsage {
+                    used: u.used,
+                    reserved: u.reserved.saturating_add(op.amount),
+                },
                 ends_at: s.ends_at,
             };
             self.put_counter(&mut writes, row_key(&op.tenant, &s.key), counter);
         }
-        writes.push(Write::Put(Table::Idempotency, idem_key.clone(), op.reservation_id.clone().into_bytes()));
+        writes.push(Write::Put(
+            Table::Idempotency,
+            idem_key.clone(),
+            op.reservation_id.clone().into_bytes(),
+        ));
         self.idempotency.insert(idem_key, op.reservation_id.clone());
-        self.expiry.insert((op.expires_at, row_key(&op.tenant, &op.reservation_id)));
+        self.expiry
+            .insert((op.expires_at, row_key(&op.tenant, &op.reservation_id)));
         outcome.reservation_id = op.reservation_id.clone();
         outcome.context = op.context.clone();
         self.put_reservation(
@@ -237,7 +254,10 @@ impl State {
                 context: op.context,
             },
         );
-        Applied { answer: outcome, writes }
+        Applied {
+            answer: outcome,
+            writes,
+        }
     }
 
     /// Commit, release, or expire a reservation.
@@ -249,10 +269,13 @@ impl State {
         now: DateTime<Utc>,
     ) -> Result<Applied<SettleOutcome>, StoreError> {
         let key = row_key(tenant, id);
-        let row = self.reservations.get(&key).ok_or_else(|| StoreError::NotFound {
-            field: "reservation_id".into(),
-            reason: format!("no reservation {id:?} for tenant {tenant:?}"),
-        })?;
+        let row = self
+            .reservations
+            .get(&key)
+            .ok_or_else(|| StoreError::NotFound {
+                field: "reservation_id".into(),
+                reason: format!("no reservation {id:?} for tenant {tenant:?}"),
+            })?;
         let r = &row.reservation;
         let answer = |settlement, replayed| SettleOutcome {
             reserved: r.amount,
@@ -300,7 +323,11 @@ impl State {
             c.usage.used = c.usage.used.saturating_add(used_add);
             self.put_counter(&mut writes, ckey, c);
         }
-        let mut row = self.reservations.get(&key).cloned().expect("looked up above");
+        let mut row = self
+            .reservations
+            .get(&key)
+            .cloned()
+            .expect("looked up above");
         row.reservation.settlement = Some(effective);
         self.expiry.remove(&(expires_at, key));
         let outcome = SettleOutcome {
@@ -310,7 +337,10 @@ impl State {
             metric: row.reservation.metric.clone(),
         };
         self.put_reservation(&mut writes, row);
-        Ok(Applied { answer: outcome, writes })
+        Ok(Applied {
+            answer: outcome,
+            writes,
+        })
     }
 
     /// Count units at once.
@@ -319,8 +349,11 @@ impl State {
             return Ok(Applied::read_only(first));
         }
         let ekey = row_key(&op.tenant, &op.event_id);
-        let usage: Vec<SlotUsage> =
-            op.slots.iter().map(|s| self.usage_of(&op.tenant, &s.key)).collect();
+        let usage: Vec<SlotUsage> = op
+            .slots
+            .iter()
+            .map(|s| self.usage_of(&op.tenant, &s.key))
+            .collect();
         let delta = op.amount.unsigned_abs();
         if op.amount < 0 {
             if let Some(u) = usage.iter().find(|u| u.used < delta) {
@@ -334,7 +367,9 @@ impl State {
             }
         } else {
             let fits = op.slots.iter().zip(&usage).all(|(s, u)| {
-                s.cap.is_none_or(|cap| u.used.saturating_add(u.reserved).saturating_add(delta) <= cap)
+                s.cap.is_none_or(|cap| {
+                    u.used.saturating_add(u.reserved).saturating_add(delta) <= cap
+                })
             });
             if !fits {
                 return Ok(Applied::read_only(RecordOutcome {
@@ -347,15 +382,34 @@ impl State {
         }
         let mut writes = Vec::new();
         for (s, u) in op.slots.iter().zip(&usage) {
-            let used = if op.amount < 0 { u.used - delta } else { u.used.saturating_add(delta) };
-            let counter = Counter { usage: SlotUsage { used, reserved: u.reserved }, ends_at: s.ends_at };
+            let used = if op.amount < 0 {
+                u.used - delta
+            } else {
+                u.used.saturating_add(delta)
+            };
+            let counter = Counter {
+                usage: SlotUsage {
+                    used,
+                    reserved: u.reserved,
+                },
+                ends_at: s.ends_at,
+            };
             self.put_counter(&mut writes, row_key(&op.tenant, &s.key), counter);
         }
-        let row = EventRow { at: op.at, usage: usage.clone(), context: op.context.clone() };
+        let row = EventRow {
+            at: op.at,
+            usage: usage.clone(),
+            context: op.context.clone(),
+        };
         writes.push(Write::Put(Table::Events, ekey.clone(), json(&row)));
         self.events.insert(ekey, row);
         Ok(Applied {
-            answer: RecordOutcome { granted: true, usage, replayed: false, context: op.context },
+            answer: RecordOutcome {
+                granted: true,
+                usage,
+                replayed: false,
+                context: op.context,
+            },
             writes,
         })
     }
@@ -371,7 +425,9 @@ impl State {
             .collect();
         let mut all = Applied::read_only(Vec::new());
         for key in due {
-            let Some((tenant, id)) = key.split_once('\u{1f}') else { continue };
+            let Some((tenant, id)) = key.split_once('\u{1f}') else {
+                continue;
+            };
             let (tenant, id) = (tenant.to_string(), id.to_string());
             if let Ok(applied) = self.settle(&tenant, &id, Settlement::Expired, now) {
                 all.writes.extend(applied.writes);
@@ -435,7 +491,10 @@ impl State {
     pub fn add_override(&mut self, o: &Override) -> Result<Vec<Write>, StoreError> {
         let key = row_key(&o.tenant, &o.id);
         if self.overrides.contains_key(&key) {
-            return Err(StoreError::Conflict(format!("override {} already exists", o.id)));
+            return Err(StoreError::Conflict(format!(
+                "override {} already exists",
+                o.id
+            )));
         }
         self.overrides.insert(key.clone(), o.clone());
         Ok(vec![Write::Put(Table::Overrides, key, json(o))])
@@ -450,15 +509,19 @@ impl State {
 
     /// Rebuilds the state from the rows of one table.
     pub fn load_row(&mut self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        let bad = |e: serde_json::Error| StoreError::Corrupt(format!("{} row {key:?}: {e}", table.name()));
+        let bad = |e: serde_json::Error| {
+            StoreError::Corrupt(format!("{} row {key:?}: {e}", table.name()))
+        };
         match table {
             Table::Counters => {
-                self.counters.insert(key.into(), serde_json::from_slice(value).map_err(bad)?);
+                self.counters
+                    .insert(key.into(), serde_json::from_slice(value).map_err(bad)?);
             }
             Table::Reservations => {
                 let row: ReservationRow = serde_json::from_slice(value).map_err(bad)?;
                 if row.reservation.settlement.is_none() {
-                    self.expiry.insert((row.reservation.expires_at, key.to_string()));
+                    self.expiry
+                        .insert((row.reservation.expires_at, key.to_string()));
                 }
                 self.reservations.insert(key.into(), row);
             }
@@ -468,7 +531,8 @@ impl State {
                 self.idempotency.insert(key.into(), id);
             }
             Table::Events => {
-                self.events.insert(key.into(), serde_json::from_slice(value).map_err(bad)?);
+                self.events
+                    .insert(key.into(), serde_json::from_slice(value).map_err(bad)?);
             }
             Table::Control => {
                 if key == "catalog" {
@@ -476,10 +540,12 @@ impl State {
                 }
             }
             Table::Subscriptions => {
-                self.subscriptions.insert(key.into(), serde_json::from_slice(value).map_err(bad)?);
+                self.subscriptions
+                    .insert(key.into(), serde_json::from_slice(value).map_err(bad)?);
             }
             Table::Overrides => {
-                self.overrides.insert(key.into(), serde_json::from_slice(value).map_err(bad)?);
+                self.overrides
+                    .insert(key.into(), serde_json::from_slice(value).map_err(bad)?);
             }
         }
         Ok(())

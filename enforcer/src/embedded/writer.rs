@@ -56,31 +56,38 @@ pub fn run(db: Arc<Database>, jobs: Receiver<Job>) {
     }
 }
 
-fn write_batch(db: &Database, batch: &[Job]) -> Result<(), redb::Error> {
+fn write_batch(db: &Database, batch: &[Job]) -> Result<(), Box<redb::Error>> {
     if batch.iter().all(|j| j.writes.is_empty()) {
         return Ok(());
     }
-    let txn = db.begin_write()?;
+    let txn = db.begin_write().map_err(|e| Box::new(e.into()))?;
     {
         let mut tables = Vec::new();
         for t in Table::ALL {
-            tables.push(txn.open_table(definition(t))?);
+            tables.push(
+                txn.open_table(definition(t))
+                    .map_err(|e| Box::new(e.into()))?,
+            );
         }
         let index = |t: Table| Table::ALL.iter().position(|x| *x == t).expect("listed");
         for job in batch {
             for w in &job.writes {
                 match w {
                     Write::Put(t, k, v) => {
-                        tables[index(*t)].insert(k.as_str(), v.as_slice())?;
+                        tables[index(*t)]
+                            .insert(k.as_str(), v.as_slice())
+                            .map_err(|e| Box::new(e.into()))?;
                     }
                     Write::Delete(t, k) => {
-                        tables[index(*t)].remove(k.as_str())?;
+                        tables[index(*t)]
+                            .remove(k.as_str())
+                            .map_err(|e| Box::new(e.into()))?;
                     }
                 }
             }
         }
     }
-    txn.commit()?;
+    txn.commit().map_err(|e| Box::new(e.into()))?;
     Ok(())
 }
 

@@ -68,51 +68,95 @@ pub struct TenantView {
     pub overrides: Vec<Override>,
 }
 
-fn plan_ref(c: &Catalog, field: &str, code: &str, version: Option<u32>) -> Result<PlanRef, EngineError> {
-    let p = c.plans.get(code).ok_or_else(|| EngineError::not_found(field, format!("unknown plan {code:?}")))?;
+fn plan_ref(
+    c: &Catalog,
+    field: &str,
+    code: &str,
+    version: Option<u32>,
+) -> Result<PlanRef, EngineError> {
+    let p = c
+        .plans
+        .get(code)
+        .ok_or_else(|| EngineError::not_found(field, format!("unknown plan {code:?}")))?;
     let version = match version {
         Some(v) => v,
-        None => p
-            .latest_published()
-            .ok_or_else(|| EngineError::invalid(field, format!("plan {code} has no published version")))?
-            .0,
+        None => {
+            p.latest_published()
+                .ok_or_else(|| {
+                    EngineError::invalid(field, format!("plan {code} has no published version"))
+                })?
+                .0
+        }
     };
-    Ok(PlanRef { code: code.to_string(), version })
+    Ok(PlanRef {
+        code: code.to_string(),
+        version,
+    })
 }
 
 fn parse_status(s: &str) -> Result<Status, EngineError> {
     Status::parse(s).ok_or_else(|| {
         let all: Vec<_> = Status::ALL.iter().map(|s| s.as_str()).collect();
-        EngineError::invalid("status", format!("unknown status {s:?}; one of {}", all.join(", ")))
+        EngineError::invalid(
+            "status",
+            format!("unknown status {s:?}; one of {}", all.join(", ")),
+        )
     })
 }
 
 fn addon_refs(list: &[(String, u32)], since: DateTime<Utc>) -> Vec<AddonRef> {
-    list.iter().map(|(code, q)| AddonRef { code: code.clone(), quantity: (*q).max(1), since }).collect()
+    list.iter()
+        .map(|(code, q)| AddonRef {
+            code: code.clone(),
+            quantity: (*q).max(1),
+            since,
+        })
+        .collect()
 }
 
 fn checked(sub: &Subscription, c: &Catalog) -> Result<(), EngineError> {
-    sub.check_against(c).map_err(|(field, reason)| EngineError::Invalid { field, reason })
+    sub.check_against(c)
+        .map_err(|(field, reason)| EngineError::Invalid { field, reason })
 }
 
 impl Engine {
     /// Validates `yaml` and, unless `dry_run`, installs it.
-    pub async fn apply_catalog(&self, yaml: &str, source: &str, dry_run: bool) -> Result<Applied, EngineError> {
+    pub async fn apply_catalog(
+        &self,
+        yaml: &str,
+        source: &str,
+        dry_run: bool,
+    ) -> Result<Applied, EngineError> {
         let source = if source.is_empty() { "catalog" } else { source };
         let new = catalog::parse(yaml, source).map_err(|e| {
             let first = &e.problems[0];
             let more = e.problems.len() - 1;
             let mut reason = format!("{}: {}: {}", e.source_name, first.path, first.reason);
             if more > 0 {
-                reason.push_str(&format!(" (and {more} more: {})", e.problems[1..].iter().map(|p| format!("{}: {}", p.path, p.reason)).collect::<Vec<_>>().join("; ")));
+                reason.push_str(&format!(
+                    " (and {more} more: {})",
+                    e.problems[1..]
+                        .iter()
+                        .map(|p| format!("{}: {}", p.path, p.reason))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ));
             }
             EngineError::invalid("yaml", reason)
         })?;
-        let old = self.catalog.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let old = self
+            .catalog
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         if let Some((_, old)) = &old {
             catalog::validate_successor(old, &new).map_err(|problems| {
                 EngineError::FailedPrecondition(
-                    problems.iter().map(|p| format!("{source}: {}: {}", p.path, p.reason)).collect::<Vec<_>>().join("; "),
+                    problems
+                        .iter()
+                        .map(|p| format!("{source}: {}: {}", p.path, p.reason))
+                        .collect::<Vec<_>>()
+                        .join("; "),
                 )
             })?;
         }
@@ -120,20 +164,42 @@ impl Engine {
         let plans = new
             .plans
             .iter()
-            .map(|(code, p)| format!("{code}@{}", p.versions.keys().map(|v| v.to_string()).collect::<Vec<_>>().join(",")))
+            .map(|(code, p)| {
+                format!(
+                    "{code}@{}",
+                    p.versions
+                        .keys()
+                        .map(|v| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+            })
             .collect();
         if dry_run || !changed {
-            return Ok(Applied { changed, applied: false, plans });
+            return Ok(Applied {
+                changed,
+                applied: false,
+                plans,
+            });
         }
         self.control.save_catalog(&new).await?;
         tracing::info!(source, "catalog applied");
         self.set_catalog(new);
-        Ok(Applied { changed, applied: true, plans })
+        Ok(Applied {
+            changed,
+            applied: true,
+            plans,
+        })
     }
 
     /// The catalog in force, as YAML.
     pub fn catalog_yaml(&self) -> Result<Option<String>, EngineError> {
-        match self.catalog.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        match self
+            .catalog
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             None => Ok(None),
             Some((_, c)) => serde_yaml_ng::to_string(c.as_ref())
                 .map(Some)
@@ -142,7 +208,10 @@ impl Engine {
     }
 
     /// Creates or replaces a subscription.
-    pub async fn put_subscription(&self, req: NewSubscription) -> Result<Subscription, EngineError> {
+    pub async fn put_subscription(
+        &self,
+        req: NewSubscription,
+    ) -> Result<Subscription, EngineError> {
         check_tenant(&req.tenant)?;
         let (_, c) = self.catalog()?;
         let now = self.now();
@@ -157,10 +226,16 @@ impl Engine {
             None => Status::Active,
         };
         if status == Status::Trialing && req.trial_ends_at.is_none() {
-            return Err(EngineError::invalid("trial_ends_at", "required when status is trialing"));
+            return Err(EngineError::invalid(
+                "trial_ends_at",
+                "required when status is trialing",
+            ));
         }
         if req.trial_ends_at.is_some() && status != Status::Trialing {
-            return Err(EngineError::invalid("trial_ends_at", "only a trialing subscription has a trial end"));
+            return Err(EngineError::invalid(
+                "trial_ends_at",
+                "only a trialing subscription has a trial end",
+            ));
         }
         let mut addons = addon_refs(&req.addons, now);
         addons.sort_by(|a, b| a.code.cmp(&b.code));
@@ -186,14 +261,20 @@ impl Engine {
 
     async fn existing(&self, tenant: &str) -> Result<Subscription, EngineError> {
         check_tenant(tenant)?;
-        self.control
-            .subscription(tenant)
-            .await?
-            .ok_or_else(|| EngineError::not_found("tenant", format!("unknown tenant {tenant:?}: it has no subscription")))
+        self.control.subscription(tenant).await?.ok_or_else(|| {
+            EngineError::not_found(
+                "tenant",
+                format!("unknown tenant {tenant:?}: it has no subscription"),
+            )
+        })
     }
 
     /// Changes plan, add-ons or status.
-    pub async fn change_subscription(&self, tenant: &str, change: SubscriptionChange) -> Result<Subscription, EngineError> {
+    pub async fn change_subscription(
+        &self,
+        tenant: &str,
+        change: SubscriptionChange,
+    ) -> Result<Subscription, EngineError> {
         let (_, c) = self.catalog()?;
         let mut sub = self.existing(tenant).await?;
         let now = self.now();
@@ -202,7 +283,11 @@ impl Engine {
             let plan = plan_ref(&c, "plan", code, *version)?;
             let timing = change.timing.unwrap_or_else(|| {
                 let tier = |p: &PlanRef| c.plans.get(&p.code).map_or(0, |d| d.tier);
-                if tier(&plan) >= tier(&sub.plan) { ChangeTiming::Immediately } else { ChangeTiming::PeriodEnd }
+                if tier(&plan) >= tier(&sub.plan) {
+                    ChangeTiming::Immediately
+                } else {
+                    ChangeTiming::PeriodEnd
+                }
             });
             sub.change_plan(plan, timing, now);
         }
@@ -210,7 +295,10 @@ impl Engine {
             let before = sub.addons.len();
             sub.addons.retain(|a| &a.code != code);
             if before == sub.addons.len() {
-                return Err(EngineError::not_found("remove_addons", format!("the subscription has no add-on {code:?}")));
+                return Err(EngineError::not_found(
+                    "remove_addons",
+                    format!("the subscription has no add-on {code:?}"),
+                ));
             }
         }
         for a in addon_refs(&change.add_addons, now) {
@@ -234,9 +322,17 @@ impl Engine {
     }
 
     /// Cancels now or at period end.
-    pub async fn cancel_subscription(&self, tenant: &str, at_period_end: bool) -> Result<Subscription, EngineError> {
+    pub async fn cancel_subscription(
+        &self,
+        tenant: &str,
+        at_period_end: bool,
+    ) -> Result<Subscription, EngineError> {
         let mut sub = self.existing(tenant).await?;
-        let timing = if at_period_end { ChangeTiming::PeriodEnd } else { ChangeTiming::Immediately };
+        let timing = if at_period_end {
+            ChangeTiming::PeriodEnd
+        } else {
+            ChangeTiming::Immediately
+        };
         sub.cancel(timing, self.now());
         self.control.save_subscription(&sub).await?;
         self.cache.invalidate(tenant);
@@ -248,7 +344,8 @@ impl Engine {
         let (_, c) = self.catalog()?;
         self.existing(&o.tenant).await?;
         meter::keys::check_key(&o.id).map_err(|r| EngineError::invalid("id", r))?;
-        o.check_against(&c).map_err(|(field, reason)| EngineError::Invalid { field, reason })?;
+        o.check_against(&c)
+            .map_err(|(field, reason)| EngineError::Invalid { field, reason })?;
         self.control.add_override(&o).await.map_err(|e| match e {
             meter::store::StoreError::Conflict(m) => EngineError::AlreadyExists(m),
             e => e.into(),
@@ -259,11 +356,20 @@ impl Engine {
     }
 
     /// Removes an override; false if it was not there.
-    pub async fn revoke(&self, tenant: &str, id: &str, actor: &str, reason: &str) -> Result<bool, EngineError> {
+    pub async fn revoke(
+        &self,
+        tenant: &str,
+        id: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<bool, EngineError> {
         check_tenant(tenant)?;
         meter::keys::check_key(id).map_err(|r| EngineError::invalid("id", r))?;
         if actor.trim().is_empty() {
-            return Err(EngineError::invalid("actor", "must not be empty: say who revokes it"));
+            return Err(EngineError::invalid(
+                "actor",
+                "must not be empty: say who revokes it",
+            ));
         }
         let removed = self.control.remove_override(tenant, id).await?;
         tracing::info!(tenant, id, actor, reason, removed, "override revoked");
@@ -273,11 +379,19 @@ impl Engine {
 
     /// The tenant's subscription, overrides and effective entitlements at `at` (default
     /// now). Bypasses the cache: support wants the truth, not the node's view.
-    pub async fn tenant_view(&self, tenant: &str, at: Option<DateTime<Utc>>) -> Result<TenantView, EngineError> {
+    pub async fn tenant_view(
+        &self,
+        tenant: &str,
+        at: Option<DateTime<Utc>>,
+    ) -> Result<TenantView, EngineError> {
         let (_, c) = self.catalog()?;
         let sub = self.existing(tenant).await?;
         let overrides = self.control.overrides(tenant).await?;
         let entitlements = resolve(&c, &sub, &overrides, at.unwrap_or_else(|| self.now()));
-        Ok(TenantView { subscription: sub, entitlements, overrides })
+        Ok(TenantView {
+            subscription: sub,
+            entitlements,
+            overrides,
+        })
     }
 }

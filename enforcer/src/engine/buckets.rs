@@ -45,9 +45,17 @@ impl Buckets {
             match slot.gcra.peek(&state, now_ns, n) {
                 GcraOutcome::Allowed { .. } => {}
                 GcraOutcome::Denied { retry_after, .. } => {
-                    return Err(Refusal { slot, retry_after: Some(retry_after) })
+                    return Err(Refusal {
+                        slot,
+                        retry_after: Some(retry_after),
+                    })
                 }
-                GcraOutcome::TooLarge => return Err(Refusal { slot, retry_after: None }),
+                GcraOutcome::TooLarge => {
+                    return Err(Refusal {
+                        slot,
+                        retry_after: None,
+                    })
+                }
             }
         }
         if !peek {
@@ -87,7 +95,10 @@ impl Buckets {
     pub fn prune(&self, now_ns: u64) {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         states.retain(|_, (gcra, state)| {
-            !matches!(gcra.peek(state, now_ns, gcra.burst()), GcraOutcome::Allowed { .. })
+            !matches!(
+                gcra.peek(state, now_ns, gcra.burst()),
+                GcraOutcome::Allowed { .. }
+            )
         });
     }
 }

@@ -28,7 +28,10 @@ pub struct EntitlementCache {
 impl EntitlementCache {
     /// A cache whose entries live at most `ttl`.
     pub fn new(ttl: Duration) -> Self {
-        EntitlementCache { ttl, entries: RwLock::new(HashMap::new()) }
+        EntitlementCache {
+            ttl,
+            entries: RwLock::new(HashMap::new()),
+        }
     }
 
     /// The tenant's context, if cached and still valid at `at`.
@@ -60,16 +63,25 @@ impl EntitlementCache {
                 entitlements: Arc::clone(&ctx.entitlements),
             },
         };
-        self.entries.write().unwrap_or_else(|p| p.into_inner()).insert(tenant.to_string(), entry);
+        self.entries
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.to_string(), entry);
     }
 
     /// Drops one tenant.
     pub fn invalidate(&self, tenant: &str) {
-        self.entries.write().unwrap_or_else(|p| p.into_inner()).remove(tenant);
+        self.entries
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tenant);
     }
 
     /// Drops everything (a new catalog).
     pub fn clear(&self) {
-        self.entries.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.entries
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 }

@@ -17,7 +17,9 @@ pub struct SystemClock {
 
 impl Default for SystemClock {
     fn default() -> Self {
-        SystemClock { start: std::time::Instant::now() }
+        SystemClock {
+            start: std::time::Instant::now(),
+        }
     }
 }
 
@@ -28,6 +30,8 @@ impl Clock for SystemClock {
 
     fn monotonic_ns(&self) -> u64 {
         // Offset by one second so that the first takes see a non-zero clock.
-        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX).saturating_add(1_000_000_000)
+        u64::try_from(self.start.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1_000_000_000)
     }
 }

@@ -93,17 +93,27 @@ impl Replay {
     fn decide(bytes: &[u8], usage: &[SlotUsage]) -> Result<Decision, EngineError> {
         let r: Replay = serde_json::from_slice(bytes)
             .map_err(|e| EngineError::Internal(format!("stored replay context unreadable: {e}")))?;
-        let plan = RequestPlan { metric: r.metric, amount: r.amount, gauge: r.gauge, slots: r.slots, rates: vec![] };
+        let plan = RequestPlan {
+            metric: r.metric,
+            amount: r.amount,
+            gauge: r.gauge,
+            slots: r.slots,
+            rates: vec![],
+        };
         Ok(quota::decide(&plan, usage, true))
     }
 }
 
 fn check_dimensions(dims: &BTreeMap<String, String>) -> Result<(), EngineError> {
     if dims.len() > MAX_DIMENSIONS {
-        return Err(EngineError::invalid("dimensions", format!("at most {MAX_DIMENSIONS} are allowed")));
+        return Err(EngineError::invalid(
+            "dimensions",
+            format!("at most {MAX_DIMENSIONS} are allowed"),
+        ));
     }
     for (k, v) in dims {
-        keys::check_code(k).map_err(|r| EngineError::invalid(format!("dimensions[{k:?}]"), format!("name {r}")))?;
+        keys::check_code(k)
+            .map_err(|r| EngineError::invalid(format!("dimensions[{k:?}]"), format!("name {r}")))?;
         keys::check_key(v).map_err(|r| EngineError::invalid(format!("dimensions.{k}"), r))?;
     }
     Ok(())
@@ -115,7 +125,11 @@ fn check_metric_code(metric: &str) -> Result<(), EngineError> {
 
 impl Engine {
     /// Whether a feature is on for the tenant, and its value.
-    pub async fn check_feature(&self, tenant: &str, feature: &str) -> Result<FeatureCheck, EngineError> {
+    pub async fn check_feature(
+        &self,
+        tenant: &str,
+        feature: &str,
+    ) -> Result<FeatureCheck, EngineError> {
         keys::check_code(feature).map_err(|r| EngineError::invalid("feature", r))?;
         let now = self.now();
         let ctx = self.context(tenant, now).await?;
@@ -123,7 +137,11 @@ impl Engine {
             EngineError::not_found("feature", format!("unknown feature {feature:?}"))
         })?;
         let ent = &ctx.entitlements;
-        let grant = ent.features.get(feature).cloned().expect("every catalog feature is resolved");
+        let grant = ent
+            .features
+            .get(feature)
+            .cloned()
+            .expect("every catalog feature is resolved");
         let decision = match ent.access {
             meter::catalog::AccessLevel::None => Decision::deny(
                 Reason::SubscriptionInactive,
@@ -135,11 +153,21 @@ impl Engine {
                     Reason::FeatureNotInPlan,
                     format!("{feature} is not included in plan {}", ent.plan),
                 );
-                d.upgrade = upgrade_options(&ctx.catalog, &ctx.subscription, &ctx.overrides, now, &Need::Feature(feature));
+                d.upgrade = upgrade_options(
+                    &ctx.catalog,
+                    &ctx.subscription,
+                    &ctx.overrides,
+                    now,
+                    &Need::Feature(feature),
+                );
                 d
             }
         };
-        Ok(FeatureCheck { decision, grant, version: ent.version })
+        Ok(FeatureCheck {
+            decision,
+            grant,
+            version: ent.version,
+        })
     }
 
     /// Whether `amount` more units of `metric` would fit now. Consumes nothing.
@@ -154,23 +182,44 @@ impl Engine {
         check_dimensions(dims)?;
         let now = self.now();
         let ctx = self.context(tenant, now).await?;
-        let demand = Demand { metric, amount, dimensions: dims, intent: Intent::Check };
+        let demand = Demand {
+            metric,
+            amount,
+            dimensions: dims,
+            intent: Intent::Check,
+        };
         let plan = match quota::plan_request(&ctx.catalog, &ctx.entitlements, &demand, now)? {
-            Planned::Decided(d) => return Ok((self.with_hint(&ctx, d, metric, amount, &[], now), ctx.entitlements.version)),
+            Planned::Decided(d) => {
+                return Ok((
+                    self.with_hint(&ctx, d, metric, amount, &[], now),
+                    ctx.entitlements.version,
+                ))
+            }
             Planned::Plan(p) => p,
         };
         let n = amount.max(0) as u64;
-        if let Err(r) = self.buckets.take(tenant, &plan.rates, self.clock.monotonic_ns(), n, true) {
+        if let Err(r) = self
+            .buckets
+            .take(tenant, &plan.rates, self.clock.monotonic_ns(), n, true)
+        {
             let d = quota::rate_limited(r.slot, r.retry_after, n);
-            return Ok((self.with_hint(&ctx, d, metric, amount, &[], now), ctx.entitlements.version));
+            return Ok((
+                self.with_hint(&ctx, d, metric, amount, &[], now),
+                ctx.entitlements.version,
+            ));
         }
         let keys: Vec<String> = plan.slots.iter().map(|s| s.spec.key.clone()).collect();
         let usage = self.usage.usage(tenant, &keys).await?;
         let fits = plan.slots.iter().zip(&usage).all(|(s, u)| {
-            s.spec.cap.is_none_or(|cap| u.used.saturating_add(u.reserved).saturating_add(n) <= cap)
+            s.spec
+                .cap
+                .is_none_or(|cap| u.used.saturating_add(u.reserved).saturating_add(n) <= cap)
         });
         let d = quota::decide(&plan, &usage, fits);
-        Ok((self.with_hint(&ctx, d, metric, amount, &usage_totals(&plan, &usage), now), ctx.entitlements.version))
+        Ok((
+            self.with_hint(&ctx, d, metric, amount, &usage_totals(&plan, &usage), now),
+            ctx.entitlements.version,
+        ))
     }
 
     /// Holds units in every window, or in none.
@@ -190,11 +239,22 @@ impl Engine {
         check_dimensions(dims)?;
         let ttl = ttl.unwrap_or(DEFAULT_TTL);
         if ttl.is_zero() || ttl > MAX_TTL {
-            return Err(EngineError::invalid("ttl", format!("must be more than 0 and at most {}", humantime::format_duration(MAX_TTL))));
+            return Err(EngineError::invalid(
+                "ttl",
+                format!(
+                    "must be more than 0 and at most {}",
+                    humantime::format_duration(MAX_TTL)
+                ),
+            ));
         }
         let now = self.now();
         let ctx = self.context(tenant, now).await?;
-        let demand = Demand { metric, amount, dimensions: dims, intent: Intent::Reserve };
+        let demand = Demand {
+            metric,
+            amount,
+            dimensions: dims,
+            intent: Intent::Reserve,
+        };
         let plan = match quota::plan_request(&ctx.catalog, &ctx.entitlements, &demand, now)? {
             Planned::Decided(d) => {
                 let d = self.with_hint(&ctx, d, metric, amount, &[], now);
@@ -240,26 +300,56 @@ impl Engine {
         }
         let d = quota::decide(&plan, &out.usage, out.granted);
         if !out.granted {
-            return Ok(denied(self.with_hint(&ctx, d, metric, amount, &usage_totals(&plan, &out.usage), now)));
+            return Ok(denied(self.with_hint(
+                &ctx,
+                d,
+                metric,
+                amount,
+                &usage_totals(&plan, &out.usage),
+                now,
+            )));
         }
-        Ok(Reserved { decision: d, reservation_id: Some(out.reservation_id), expires_at: Some(out.expires_at), replayed: false })
+        Ok(Reserved {
+            decision: d,
+            reservation_id: Some(out.reservation_id),
+            expires_at: Some(out.expires_at),
+            replayed: false,
+        })
     }
 
     /// Settles a reservation with the amount actually used.
-    pub async fn commit(&self, tenant: &str, reservation_id: &str, actual: i64) -> Result<SettleOutcome, EngineError> {
+    pub async fn commit(
+        &self,
+        tenant: &str,
+        reservation_id: &str,
+        actual: i64,
+    ) -> Result<SettleOutcome, EngineError> {
         super::check_tenant(tenant)?;
         keys::check_key(reservation_id).map_err(|r| EngineError::invalid("reservation_id", r))?;
         if actual < 0 {
-            return Err(EngineError::invalid("actual_amount", "must not be negative"));
+            return Err(EngineError::invalid(
+                "actual_amount",
+                "must not be negative",
+            ));
         }
-        Ok(self.usage.commit(tenant, reservation_id, actual as u64, self.now()).await?)
+        Ok(self
+            .usage
+            .commit(tenant, reservation_id, actual as u64, self.now())
+            .await?)
     }
 
     /// Returns a reservation's units.
-    pub async fn release(&self, tenant: &str, reservation_id: &str) -> Result<SettleOutcome, EngineError> {
+    pub async fn release(
+        &self,
+        tenant: &str,
+        reservation_id: &str,
+    ) -> Result<SettleOutcome, EngineError> {
         super::check_tenant(tenant)?;
         keys::check_key(reservation_id).map_err(|r| EngineError::invalid("reservation_id", r))?;
-        Ok(self.usage.release(tenant, reservation_id, self.now()).await?)
+        Ok(self
+            .usage
+            .release(tenant, reservation_id, self.now())
+            .await?)
     }
 
     /// Counts units at once, deduplicated by event id.
@@ -276,7 +366,12 @@ impl Engine {
         check_dimensions(dims)?;
         let now = self.now();
         let ctx = self.context(tenant, now).await?;
-        let demand = Demand { metric, amount, dimensions: dims, intent: Intent::Record };
+        let demand = Demand {
+            metric,
+            amount,
+            dimensions: dims,
+            intent: Intent::Record,
+        };
         let plan = match quota::plan_request(&ctx.catalog, &ctx.entitlements, &demand, now)? {
             Planned::Decided(d) => {
                 let d = self.with_hint(&ctx, d, metric, amount, &[], now);
@@ -311,24 +406,55 @@ impl Engine {
             self.buckets.refund(tenant, &plan.rates, mono, n);
         }
         if out.replayed {
-            return Ok(Recorded { decision: Replay::decide(&out.context, &out.usage)?, recorded: true, replayed: true });
+            return Ok(Recorded {
+                decision: Replay::decide(&out.context, &out.usage)?,
+                recorded: true,
+                replayed: true,
+            });
         }
         let d = quota::decide(&plan, &out.usage, out.granted);
-        let d = if out.granted { d } else { self.with_hint(&ctx, d, metric, amount, &usage_totals(&plan, &out.usage), now) };
-        Ok(Recorded { decision: d, recorded: out.granted, replayed: false })
+        let d = if out.granted {
+            d
+        } else {
+            self.with_hint(
+                &ctx,
+                d,
+                metric,
+                amount,
+                &usage_totals(&plan, &out.usage),
+                now,
+            )
+        };
+        Ok(Recorded {
+            decision: d,
+            recorded: out.granted,
+            replayed: false,
+        })
     }
 
     /// Every window of a tenant's metric. `None` when the metric is not granted.
-    pub async fn usage(&self, tenant: &str, metric: &str) -> Result<Option<Vec<WindowReport>>, EngineError> {
+    pub async fn usage(
+        &self,
+        tenant: &str,
+        metric: &str,
+    ) -> Result<Option<Vec<WindowReport>>, EngineError> {
         check_metric_code(metric)?;
         let now = self.now();
         let ctx = self.context(tenant, now).await?;
         if !ctx.catalog.metrics.contains_key(metric) {
-            return Err(EngineError::not_found("metric", format!("unknown metric {metric:?}")));
+            return Err(EngineError::not_found(
+                "metric",
+                format!("unknown metric {metric:?}"),
+            ));
         }
-        let Some(limits) = ctx.entitlements.limits.get(metric) else { return Ok(None) };
+        let Some(limits) = ctx.entitlements.limits.get(metric) else {
+            return Ok(None);
+        };
         let ent = &ctx.entitlements;
-        let periods: Vec<_> = limits.iter().map(|l| period_at(l.window, now, ent.time_zone, ent.billing_anchor)).collect();
+        let periods: Vec<_> = limits
+            .iter()
+            .map(|l| period_at(l.window, now, ent.time_zone, ent.billing_anchor))
+            .collect();
         let keys: Vec<String> = limits
             .iter()
             .zip(&periods)
@@ -342,7 +468,11 @@ impl Engine {
                 .zip(usage)
                 .map(|((l, p), u)| WindowReport {
                     limit: l.clone(),
-                    usage: if l.window.is_rate() { SlotUsage::default() } else { u },
+                    usage: if l.window.is_rate() {
+                        SlotUsage::default()
+                    } else {
+                        u
+                    },
                     period_start: p.start,
                     resets_at: p.end,
                 })
@@ -352,7 +482,12 @@ impl Engine {
 
     /// A denial decided before the store was asked, unless the key was granted before:
     /// then the retry gets the first answer, as the API promises.
-    async fn reserve_denied(&self, tenant: &str, key: &str, d: Decision) -> Result<Reserved, EngineError> {
+    async fn reserve_denied(
+        &self,
+        tenant: &str,
+        key: &str,
+        d: Decision,
+    ) -> Result<Reserved, EngineError> {
         match self.usage.find_reserve(tenant, key).await? {
             Some(first) => Ok(Reserved {
                 decision: Replay::decide(&first.context, &first.usage)?,
@@ -365,10 +500,23 @@ impl Engine {
     }
 
     /// Same as [`Engine::reserve_denied`] for records.
-    async fn record_denied(&self, tenant: &str, event_id: &str, d: Decision) -> Result<Recorded, EngineError> {
+    async fn record_denied(
+        &self,
+        tenant: &str,
+        event_id: &str,
+        d: Decision,
+    ) -> Result<Recorded, EngineError> {
         match self.usage.find_record(tenant, event_id).await? {
-            Some(first) => Ok(Recorded { decision: Replay::decide(&first.context, &first.usage)?, recorded: true, replayed: true }),
-            None => Ok(Recorded { decision: d, recorded: false, replayed: false }),
+            Some(first) => Ok(Recorded {
+                decision: Replay::decide(&first.context, &first.usage)?,
+                recorded: true,
+                replayed: true,
+            }),
+            None => Ok(Recorded {
+                decision: d,
+                recorded: false,
+                replayed: false,
+            }),
         }
     }
 
@@ -393,14 +541,23 @@ impl Engine {
         if d.outcome.allowed() || !fixable {
             return d;
         }
-        let need = Need::Units { metric, amount: amount.max(0) as u64, totals };
+        let need = Need::Units {
+            metric,
+            amount: amount.max(0) as u64,
+            totals,
+        };
         d.upgrade = upgrade_options(&ctx.catalog, &ctx.subscription, &ctx.overrides, now, &need);
         d
     }
 }
 
 fn denied(decision: Decision) -> Reserved {
-    Reserved { decision, reservation_id: None, expires_at: None, replayed: false }
+    Reserved {
+        decision,
+        reservation_id: None,
+        expires_at: None,
+        replayed: false,
+    }
 }
 
 /// For each quota window, the total the request needed (held + amount).
@@ -409,7 +566,12 @@ fn usage_totals(plan: &RequestPlan, usage: &[SlotUsage]) -> Vec<(Window, u64)> {
     plan.slots
         .iter()
         .zip(usage)
-        .map(|(s, u)| (s.window, u.used.saturating_add(u.reserved).saturating_add(n)))
+        .map(|(s, u)| {
+            (
+                s.window,
+                u.used.saturating_add(u.reserved).saturating_add(n),
+            )
+        })
         .collect()
 }
 

@@ -42,12 +42,18 @@ pub enum EngineError {
 impl EngineError {
     /// An invalid field.
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        EngineError::Invalid { field: field.into(), reason: reason.into() }
+        EngineError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 
     /// A missing thing.
     pub fn not_found(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        EngineError::NotFound { field: field.into(), reason: reason.into() }
+        EngineError::NotFound {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 }
 

@@ -82,11 +82,15 @@ impl Engine {
 
     /// The catalog in force and its generation.
     pub fn catalog(&self) -> Result<(u64, Arc<Catalog>), EngineError> {
-        self.catalog.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or_else(|| {
-            EngineError::FailedPrecondition(
-                "no catalog applied yet: run `allot catalog apply FILE`".into(),
-            )
-        })
+        self.catalog
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                EngineError::FailedPrecondition(
+                    "no catalog applied yet: run `allot catalog apply FILE`".into(),
+                )
+            })
     }
 
     fn set_catalog(&self, c: Catalog) {
@@ -97,14 +101,21 @@ impl Engine {
     }
 
     /// Resolves the tenant's entitlements at `at`, from the cache when it still holds.
-    pub async fn context(&self, tenant: &str, at: DateTime<Utc>) -> Result<TenantContext, EngineError> {
+    pub async fn context(
+        &self,
+        tenant: &str,
+        at: DateTime<Utc>,
+    ) -> Result<TenantContext, EngineError> {
         check_tenant(tenant)?;
         let (generation, catalog) = self.catalog()?;
         if let Some(ctx) = self.cache.get(tenant, generation, at) {
             return Ok(ctx);
         }
         let sub = self.control.subscription(tenant).await?.ok_or_else(|| {
-            EngineError::not_found("tenant", format!("unknown tenant {tenant:?}: it has no subscription"))
+            EngineError::not_found(
+                "tenant",
+                format!("unknown tenant {tenant:?}: it has no subscription"),
+            )
         })?;
         let overrides = self.control.overrides(tenant).await?;
         let ent = resolve(&catalog, &sub, &overrides, at);

@@ -35,7 +35,10 @@ fn version(v: u32) -> Option<u32> {
 }
 
 fn addons(items: Vec<pb::AddonItem>) -> Vec<(String, u32)> {
-    items.into_iter().map(|a| (a.code, a.quantity.max(1))).collect()
+    items
+        .into_iter()
+        .map(|a| (a.code, a.quantity.max(1)))
+        .collect()
 }
 
 fn window(field: &str, w: &str) -> Result<Window, Status> {
@@ -84,20 +87,38 @@ fn change_of(r: &pb::GrantOverrideRequest) -> Result<Change, Status> {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn apply_catalog(&self, req: Request<pb::ApplyCatalogRequest>) -> Result<Response<pb::ApplyCatalogResponse>, Status> {
+    async fn apply_catalog(
+        &self,
+        req: Request<pb::ApplyCatalogRequest>,
+    ) -> Result<Response<pb::ApplyCatalogResponse>, Status> {
         let r = req.into_inner();
-        let out = self.engine.apply_catalog(&r.yaml, &r.source_name, r.dry_run).await?;
+        let out = self
+            .engine
+            .apply_catalog(&r.yaml, &r.source_name, r.dry_run)
+            .await?;
         if out.applied {
             tracing::info!(actor = %r.actor, "catalog applied through the Admin API");
         }
-        Ok(Response::new(pb::ApplyCatalogResponse { changed: out.changed, plans: out.plans, applied: out.applied }))
+        Ok(Response::new(pb::ApplyCatalogResponse {
+            changed: out.changed,
+            plans: out.plans,
+            applied: out.applied,
+        }))
     }
 
-    async fn get_catalog(&self, _req: Request<pb::GetCatalogRequest>) -> Result<Response<pb::GetCatalogResponse>, Status> {
-        Ok(Response::new(pb::GetCatalogResponse { yaml: self.engine.catalog_yaml()?.unwrap_or_default() }))
+    async fn get_catalog(
+        &self,
+        _req: Request<pb::GetCatalogRequest>,
+    ) -> Result<Response<pb::GetCatalogResponse>, Status> {
+        Ok(Response::new(pb::GetCatalogResponse {
+            yaml: self.engine.catalog_yaml()?.unwrap_or_default(),
+        }))
     }
 
-    async fn put_subscription(&self, req: Request<pb::PutSubscriptionRequest>) -> Result<Response<pb::SubscriptionResponse>, Status> {
+    async fn put_subscription(
+        &self,
+        req: Request<pb::PutSubscriptionRequest>,
+    ) -> Result<Response<pb::SubscriptionResponse>, Status> {
         let r = req.into_inner();
         if r.plan.is_empty() {
             return Err(invalid("plan", "required"));
@@ -111,14 +132,20 @@ impl Admin for AdminService {
             time_zone: non_empty(r.time_zone),
             billing_anchor: from_ts("billing_anchor", r.billing_anchor)?,
             trial_ends_at: from_ts("trial_ends_at", r.trial_ends_at)?,
-            post_trial_plan: non_empty(r.post_trial_plan).map(|p| (p, version(r.post_trial_plan_version))),
+            post_trial_plan: non_empty(r.post_trial_plan)
+                .map(|p| (p, version(r.post_trial_plan_version))),
         };
         let sub = self.engine.put_subscription(new).await?;
         tracing::info!(tenant = %sub.tenant, plan = %sub.plan, actor = %r.actor, "subscription put");
-        Ok(Response::new(pb::SubscriptionResponse { subscription: Some(convert::subscription(&sub)) }))
+        Ok(Response::new(pb::SubscriptionResponse {
+            subscription: Some(convert::subscription(&sub)),
+        }))
     }
 
-    async fn change_subscription(&self, req: Request<pb::ChangeSubscriptionRequest>) -> Result<Response<pb::SubscriptionResponse>, Status> {
+    async fn change_subscription(
+        &self,
+        req: Request<pb::ChangeSubscriptionRequest>,
+    ) -> Result<Response<pb::SubscriptionResponse>, Status> {
         let r = req.into_inner();
         let timing = match pb::ChangeTiming::try_from(r.timing) {
             Ok(pb::ChangeTiming::Auto) => None,
@@ -135,27 +162,43 @@ impl Admin for AdminService {
         };
         let sub = self.engine.change_subscription(&r.tenant, change).await?;
         tracing::info!(tenant = %sub.tenant, plan = %sub.plan, actor = %r.actor, "subscription changed");
-        Ok(Response::new(pb::SubscriptionResponse { subscription: Some(convert::subscription(&sub)) }))
+        Ok(Response::new(pb::SubscriptionResponse {
+            subscription: Some(convert::subscription(&sub)),
+        }))
     }
 
-    async fn cancel_subscription(&self, req: Request<pb::CancelSubscriptionRequest>) -> Result<Response<pb::SubscriptionResponse>, Status> {
+    async fn cancel_subscription(
+        &self,
+        req: Request<pb::CancelSubscriptionRequest>,
+    ) -> Result<Response<pb::SubscriptionResponse>, Status> {
         let r = req.into_inner();
-        let sub = self.engine.cancel_subscription(&r.tenant, r.at_period_end).await?;
+        let sub = self
+            .engine
+            .cancel_subscription(&r.tenant, r.at_period_end)
+            .await?;
         tracing::info!(tenant = %sub.tenant, at_period_end = r.at_period_end, actor = %r.actor, "subscription canceled");
-        Ok(Response::new(pb::SubscriptionResponse { subscription: Some(convert::subscription(&sub)) }))
+        Ok(Response::new(pb::SubscriptionResponse {
+            subscription: Some(convert::subscription(&sub)),
+        }))
     }
 
-    async fn grant_override(&self, req: Request<pb::GrantOverrideRequest>) -> Result<Response<pb::GrantOverrideResponse>, Status> {
+    async fn grant_override(
+        &self,
+        req: Request<pb::GrantOverrideRequest>,
+    ) -> Result<Response<pb::GrantOverrideResponse>, Status> {
         let r = req.into_inner();
         let now = self.engine.now();
         let change = change_of(&r)?;
         let valid_from = from_ts("valid_from", r.valid_from)?.unwrap_or(now);
         let duration = convert::from_duration("duration", r.duration)?;
         let valid_to = match (from_ts("valid_to", r.valid_to)?, duration) {
-            (Some(_), Some(_)) => return Err(invalid("duration", "give valid_to or duration, not both")),
+            (Some(_), Some(_)) => {
+                return Err(invalid("duration", "give valid_to or duration, not both"))
+            }
             (Some(t), None) => Some(t),
             (None, Some(d)) => Some(
-                valid_from + chrono::Duration::from_std(d).map_err(|_| invalid("duration", "too long"))?,
+                valid_from
+                    + chrono::Duration::from_std(d).map_err(|_| invalid("duration", "too long"))?,
             ),
             (None, None) => None,
         };
@@ -170,16 +213,27 @@ impl Admin for AdminService {
             created_at: now,
         };
         let o = self.engine.grant(o).await?;
-        Ok(Response::new(pb::GrantOverrideResponse { r#override: Some(convert::override_(&o, now)) }))
+        Ok(Response::new(pb::GrantOverrideResponse {
+            r#override: Some(convert::override_(&o, now)),
+        }))
     }
 
-    async fn revoke_override(&self, req: Request<pb::RevokeOverrideRequest>) -> Result<Response<pb::RevokeOverrideResponse>, Status> {
+    async fn revoke_override(
+        &self,
+        req: Request<pb::RevokeOverrideRequest>,
+    ) -> Result<Response<pb::RevokeOverrideResponse>, Status> {
         let r = req.into_inner();
-        let revoked = self.engine.revoke(&r.tenant, &r.id, &r.actor, &r.reason).await?;
+        let revoked = self
+            .engine
+            .revoke(&r.tenant, &r.id, &r.actor, &r.reason)
+            .await?;
         Ok(Response::new(pb::RevokeOverrideResponse { revoked }))
     }
 
-    async fn get_tenant(&self, req: Request<pb::GetTenantRequest>) -> Result<Response<pb::GetTenantResponse>, Status> {
+    async fn get_tenant(
+        &self,
+        req: Request<pb::GetTenantRequest>,
+    ) -> Result<Response<pb::GetTenantResponse>, Status> {
         let r = req.into_inner();
         let at = from_ts("at", r.at)?;
         let v = self.engine.tenant_view(&r.tenant, at).await?;
@@ -190,7 +244,11 @@ impl Admin for AdminService {
             .iter()
             .map(|(code, g)| pb::FeatureEntitlement {
                 feature: code.clone(),
-                kind: catalog.features.get(code).map(|f| convert::enum_name(&f.kind)).unwrap_or_default(),
+                kind: catalog
+                    .features
+                    .get(code)
+                    .map(|f| convert::enum_name(&f.kind))
+                    .unwrap_or_default(),
                 enabled: g.enabled(),
                 value: Some(convert::value(&g.value)),
                 sources: g.sources.iter().map(convert::provenance).collect(),
@@ -200,7 +258,11 @@ impl Admin for AdminService {
         let mut limits = Vec::new();
         for (metric, list) in &e.limits {
             if list.is_empty() {
-                limits.push(pb::LimitEntitlement { metric: metric.clone(), window: "unlimited".into(), ..Default::default() });
+                limits.push(pb::LimitEntitlement {
+                    metric: metric.clone(),
+                    window: "unlimited".into(),
+                    ..Default::default()
+                });
             }
             limits.extend(list.iter().map(|l| convert::limit(metric, l)));
         }
@@ -214,7 +276,11 @@ impl Admin for AdminService {
             access: e.access.as_str().into(),
             features,
             limits,
-            overrides: v.overrides.iter().map(|o| convert::override_(o, e.at)).collect(),
+            overrides: v
+                .overrides
+                .iter()
+                .map(|o| convert::override_(o, e.at))
+                .collect(),
             valid_until: e.valid_until.map(ts),
             version: e.version,
         }))

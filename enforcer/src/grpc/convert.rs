@@ -15,22 +15,32 @@ use super::status::invalid;
 
 /// A timestamp for the wire.
 pub fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
 }
 
 /// An optional timestamp from the wire, naming the field when it is out of range.
-pub fn from_ts(field: &str, t: Option<prost_types::Timestamp>) -> Result<Option<DateTime<Utc>>, Status> {
+pub fn from_ts(
+    field: &str,
+    t: Option<prost_types::Timestamp>,
+) -> Result<Option<DateTime<Utc>>, Status> {
     t.map(|t| {
         if !(0..1_000_000_000).contains(&t.nanos) {
             return Err(invalid(field, "nanos must be within 0..1e9"));
         }
-        DateTime::from_timestamp(t.seconds, t.nanos as u32).ok_or_else(|| invalid(field, "out of range"))
+        DateTime::from_timestamp(t.seconds, t.nanos as u32)
+            .ok_or_else(|| invalid(field, "out of range"))
     })
     .transpose()
 }
 
 /// An optional duration from the wire.
-pub fn from_duration(field: &str, d: Option<prost_types::Duration>) -> Result<Option<std::time::Duration>, Status> {
+pub fn from_duration(
+    field: &str,
+    d: Option<prost_types::Duration>,
+) -> Result<Option<std::time::Duration>, Status> {
     d.map(|d| {
         if d.seconds < 0 || d.nanos < 0 {
             return Err(invalid(field, "must not be negative"));
@@ -42,7 +52,10 @@ pub fn from_duration(field: &str, d: Option<prost_types::Duration>) -> Result<Op
 
 /// A duration for the wire.
 pub fn duration(d: std::time::Duration) -> prost_types::Duration {
-    prost_types::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
 }
 
 /// A decision for the wire.
@@ -68,12 +81,16 @@ pub fn decision(d: &Decision) -> pb::Decision {
             .upgrade
             .iter()
             .map(|u| match u {
-                UpgradeOption::Plan { code, version } => {
-                    pb::UpgradeOption { kind: "plan".into(), code: code.clone(), version: *version }
-                }
-                UpgradeOption::Addon { code } => {
-                    pb::UpgradeOption { kind: "addon".into(), code: code.clone(), version: 0 }
-                }
+                UpgradeOption::Plan { code, version } => pb::UpgradeOption {
+                    kind: "plan".into(),
+                    code: code.clone(),
+                    version: *version,
+                },
+                UpgradeOption::Addon { code } => pb::UpgradeOption {
+                    kind: "addon".into(),
+                    code: code.clone(),
+                    version: 0,
+                },
             })
             .collect(),
     }
@@ -115,7 +132,11 @@ pub fn provenance(p: &Provenance) -> pb::Provenance {
         Source::Addon { code, .. } => ("addon", code.clone()),
         Source::Override { id } => ("override", id.clone()),
     };
-    pb::Provenance { kind: kind.into(), r#ref: r, since: Some(ts(p.since)) }
+    pb::Provenance {
+        kind: kind.into(),
+        r#ref: r,
+        since: Some(ts(p.since)),
+    }
 }
 
 /// A limit for the wire.
@@ -128,7 +149,9 @@ pub fn limit(metric: &str, l: &ResolvedLimit) -> pb::LimitEntitlement {
         per: l.per.clone().unwrap_or_default(),
         enforcement: enum_name(&l.enforcement),
         warn_at: l.warn_at.iter().map(|p| u32::from(*p)).collect(),
-        overage: l.overage.filter(|_| l.enforcement == meter::catalog::Enforcement::Soft),
+        overage: l
+            .overage
+            .filter(|_| l.enforcement == meter::catalog::Enforcement::Soft),
         max_per_request: l.max_per_request,
         on_backend_failure: enum_name(&l.on_backend_failure),
         sources: l.sources.iter().map(provenance).collect(),
@@ -138,7 +161,10 @@ pub fn limit(metric: &str, l: &ResolvedLimit) -> pb::LimitEntitlement {
 
 /// The serde name of a unit enum variant.
 pub fn enum_name<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// A subscription for the wire.
@@ -147,14 +173,29 @@ pub fn subscription(s: &Subscription) -> pb::Subscription {
         tenant: s.tenant.clone(),
         plan: s.plan.to_string(),
         plan_since: Some(ts(s.plan_since)),
-        addons: s.addons.iter().map(|a| pb::AddonItem { code: a.code.clone(), quantity: a.quantity }).collect(),
+        addons: s
+            .addons
+            .iter()
+            .map(|a| pb::AddonItem {
+                code: a.code.clone(),
+                quantity: a.quantity,
+            })
+            .collect(),
         status: s.status.as_str().into(),
         status_since: Some(ts(s.status_since)),
         time_zone: s.time_zone.clone(),
         billing_anchor: Some(ts(s.billing_anchor)),
         trial_ends_at: s.trial_ends_at.map(ts),
-        post_trial_plan: s.post_trial_plan.as_ref().map(|p| p.to_string()).unwrap_or_default(),
-        scheduled_plan: s.scheduled_change.as_ref().map(|c| c.plan.to_string()).unwrap_or_default(),
+        post_trial_plan: s
+            .post_trial_plan
+            .as_ref()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        scheduled_plan: s
+            .scheduled_change
+            .as_ref()
+            .map(|c| c.plan.to_string())
+            .unwrap_or_default(),
         scheduled_at: s.scheduled_change.as_ref().map(|c| ts(c.at)),
         cancel_at: s.cancel_at.map(ts),
     }

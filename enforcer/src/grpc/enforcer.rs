@@ -25,7 +25,10 @@ impl EnforcerService {
 
 #[tonic::async_trait]
 impl Enforcer for EnforcerService {
-    async fn check(&self, req: Request<pb::CheckRequest>) -> Result<Response<pb::CheckResponse>, Status> {
+    async fn check(
+        &self,
+        req: Request<pb::CheckRequest>,
+    ) -> Result<Response<pb::CheckResponse>, Status> {
         let r = req.into_inner();
         let resp = match (r.feature.is_empty(), r.metric.is_empty()) {
             (false, true) => {
@@ -38,21 +41,44 @@ impl Enforcer for EnforcerService {
             }
             (true, false) => {
                 let dims = convert::dimensions(r.dimensions);
-                let (d, version) = self.engine.check_metric(&r.tenant, &r.metric, r.amount, &dims).await?;
-                pb::CheckResponse { decision: Some(convert::decision(&d)), value: None, entitlements_version: version }
+                let (d, version) = self
+                    .engine
+                    .check_metric(&r.tenant, &r.metric, r.amount, &dims)
+                    .await?;
+                pb::CheckResponse {
+                    decision: Some(convert::decision(&d)),
+                    value: None,
+                    entitlements_version: version,
+                }
             }
             (true, true) => return Err(invalid("feature", "give a feature or a metric")),
-            (false, false) => return Err(invalid("metric", "give a feature or a metric, not both")),
+            (false, false) => {
+                return Err(invalid("metric", "give a feature or a metric, not both"))
+            }
         };
         Ok(Response::new(resp))
     }
 
-    async fn reserve(&self, req: Request<pb::ReserveRequest>) -> Result<Response<pb::ReserveResponse>, Status> {
+    async fn reserve(
+        &self,
+        req: Request<pb::ReserveRequest>,
+    ) -> Result<Response<pb::ReserveResponse>, Status> {
         let r = req.into_inner();
         let ttl = convert::from_duration("ttl", r.ttl)?;
         let dims = convert::dimensions(r.dimensions);
         let id = uuid::Uuid::now_v7().to_string();
-        let out = self.engine.reserve(&r.tenant, &r.metric, r.amount, &r.idempotency_key, ttl, &dims, id).await?;
+        let out = self
+            .engine
+            .reserve(
+                &r.tenant,
+                &r.metric,
+                r.amount,
+                &r.idempotency_key,
+                ttl,
+                &dims,
+                id,
+            )
+            .await?;
         Ok(Response::new(pb::ReserveResponse {
             reservation_id: out.reservation_id.unwrap_or_default(),
             decision: Some(convert::decision(&out.decision)),
@@ -61,9 +87,15 @@ impl Enforcer for EnforcerService {
         }))
     }
 
-    async fn commit(&self, req: Request<pb::CommitRequest>) -> Result<Response<pb::CommitResponse>, Status> {
+    async fn commit(
+        &self,
+        req: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::CommitResponse>, Status> {
         let r = req.into_inner();
-        let out = self.engine.commit(&r.tenant, &r.reservation_id, r.actual_amount).await?;
+        let out = self
+            .engine
+            .commit(&r.tenant, &r.reservation_id, r.actual_amount)
+            .await?;
         let committed = committed_amount(out.settlement);
         Ok(Response::new(pb::CommitResponse {
             reserved: out.reserved,
@@ -73,16 +105,28 @@ impl Enforcer for EnforcerService {
         }))
     }
 
-    async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+    async fn release(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let r = req.into_inner();
         let out = self.engine.release(&r.tenant, &r.reservation_id).await?;
-        Ok(Response::new(pb::ReleaseResponse { released: out.reserved, replayed: out.replayed }))
+        Ok(Response::new(pb::ReleaseResponse {
+            released: out.reserved,
+            replayed: out.replayed,
+        }))
     }
 
-    async fn record(&self, req: Request<pb::RecordRequest>) -> Result<Response<pb::RecordResponse>, Status> {
+    async fn record(
+        &self,
+        req: Request<pb::RecordRequest>,
+    ) -> Result<Response<pb::RecordResponse>, Status> {
         let r = req.into_inner();
         let dims = convert::dimensions(r.dimensions);
-        let out = self.engine.record(&r.tenant, &r.metric, r.amount, &r.event_id, &dims).await?;
+        let out = self
+            .engine
+            .record(&r.tenant, &r.metric, r.amount, &r.event_id, &dims)
+            .await?;
         Ok(Response::new(pb::RecordResponse {
             decision: Some(convert::decision(&out.decision)),
             recorded: out.recorded,
@@ -90,10 +134,16 @@ impl Enforcer for EnforcerService {
         }))
     }
 
-    async fn get_usage(&self, req: Request<pb::GetUsageRequest>) -> Result<Response<pb::GetUsageResponse>, Status> {
+    async fn get_usage(
+        &self,
+        req: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::GetUsageResponse>, Status> {
         let r = req.into_inner();
         let Some(rows) = self.engine.usage(&r.tenant, &r.metric).await? else {
-            return Ok(Response::new(pb::GetUsageResponse { windows: vec![], granted: false }));
+            return Ok(Response::new(pb::GetUsageResponse {
+                windows: vec![],
+                granted: false,
+            }));
         };
         let windows = rows
             .into_iter()
@@ -102,7 +152,10 @@ impl Enforcer for EnforcerService {
                 limit: w.limit.amount,
                 used: w.usage.used,
                 reserved: w.usage.reserved,
-                remaining: w.limit.amount.saturating_sub(w.usage.used.saturating_add(w.usage.reserved)),
+                remaining: w
+                    .limit
+                    .amount
+                    .saturating_sub(w.usage.used.saturating_add(w.usage.reserved)),
                 period_start: Some(ts(w.period_start)),
                 resets_at: w.resets_at.map(ts),
                 enforcement: convert::enum_name(&w.limit.enforcement),
@@ -110,6 +163,9 @@ impl Enforcer for EnforcerService {
                 per: w.limit.per.unwrap_or_default(),
             })
             .collect();
-        Ok(Response::new(pb::GetUsageResponse { windows, granted: true }))
+        Ok(Response::new(pb::GetUsageResponse {
+            windows,
+            granted: true,
+        }))
     }
 }

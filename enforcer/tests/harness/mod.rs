@@ -20,7 +20,8 @@ use tonic::transport::Channel;
 
 /// The repository's example catalog.
 pub fn example_catalog() -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/catalog.yaml")).unwrap()
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/catalog.yaml"))
+        .unwrap()
 }
 
 /// Builds a node.
@@ -82,7 +83,12 @@ impl NodeBuilder {
         })
         .await
         .expect("allot serve listens within 30 s");
-        let node = Node { child, endpoint: format!("http://{addr}"), data_dir, _tmp: tmp };
+        let node = Node {
+            child,
+            endpoint: format!("http://{addr}"),
+            data_dir,
+            _tmp: tmp,
+        };
         node.wait_ready().await;
         node
     }
@@ -101,17 +107,30 @@ pub struct Node {
 impl Node {
     /// A builder with the example catalog.
     pub fn builder() -> NodeBuilder {
-        NodeBuilder { catalog: None, data_dir: None, args: Vec::new() }
+        NodeBuilder {
+            catalog: None,
+            data_dir: None,
+            args: Vec::new(),
+        }
     }
 
     async fn channel(&self) -> Channel {
-        Channel::from_shared(self.endpoint.clone()).unwrap().connect().await.expect("node reachable")
+        Channel::from_shared(self.endpoint.clone())
+            .unwrap()
+            .connect()
+            .await
+            .expect("node reachable")
     }
 
     async fn wait_ready(&self) {
         // The gRPC server starts a moment after the line is printed.
         for _ in 0..100 {
-            if Channel::from_shared(self.endpoint.clone()).unwrap().connect().await.is_ok() {
+            if Channel::from_shared(self.endpoint.clone())
+                .unwrap()
+                .connect()
+                .await
+                .is_ok()
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -154,7 +173,12 @@ impl Node {
 /// Subscribes `tenant` to `plan` (newest version) through the Admin API.
 pub async fn subscribe(admin: &mut AdminClient<Channel>, tenant: &str, plan: &str) {
     admin
-        .put_subscription(pb::PutSubscriptionRequest { tenant: tenant.into(), plan: plan.into(), actor: "test".into(), ..Default::default() })
+        .put_subscription(pb::PutSubscriptionRequest {
+            tenant: tenant.into(),
+            plan: plan.into(),
+            actor: "test".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_or_else(|e| panic!("subscribe {tenant} to {plan}: {e}"));
 }
@@ -173,17 +197,35 @@ pub fn reserve(tenant: &str, metric: &str, amount: i64, key: &str) -> pb::Reserv
 
 /// A Record request.
 pub fn record(tenant: &str, metric: &str, amount: i64, event_id: &str) -> pb::RecordRequest {
-    pb::RecordRequest { tenant: tenant.into(), metric: metric.into(), amount, event_id: event_id.into(), dimensions: Default::default() }
+    pb::RecordRequest {
+        tenant: tenant.into(),
+        metric: metric.into(),
+        amount,
+        event_id: event_id.into(),
+        dimensions: Default::default(),
+    }
 }
 
 /// The usage of one window of a metric: (used, reserved).
-pub async fn window_usage(e: &mut EnforcerClient<Channel>, tenant: &str, metric: &str, window: &str) -> (u64, u64) {
+pub async fn window_usage(
+    e: &mut EnforcerClient<Channel>,
+    tenant: &str,
+    metric: &str,
+    window: &str,
+) -> (u64, u64) {
     let u = e
-        .get_usage(pb::GetUsageRequest { tenant: tenant.into(), metric: metric.into() })
+        .get_usage(pb::GetUsageRequest {
+            tenant: tenant.into(),
+            metric: metric.into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    let w = u.windows.iter().find(|w| w.window == window).unwrap_or_else(|| panic!("no {window} window in {u:?}"));
+    let w = u
+        .windows
+        .iter()
+        .find(|w| w.window == window)
+        .unwrap_or_else(|| panic!("no {window} window in {u:?}"));
     (w.used, w.reserved)
 }
 

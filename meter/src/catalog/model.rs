@@ -293,7 +293,9 @@ fn default_warn_at() -> Vec<u8> {
 }
 
 /// Whether a limit may be passed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Enforcement {
     /// Never exceeded: requests that would pass it are denied.
@@ -304,7 +306,9 @@ pub enum Enforcement {
 }
 
 /// What a limit decides when its backend is down.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum FailurePolicy {
     /// Deny (the safe default for money-like limits).

@@ -13,7 +13,10 @@ pub const MAX_AMOUNT: u64 = i64::MAX as u64;
 pub fn validate(c: &Catalog) -> Result<(), Vec<Problem>> {
     let mut v = Checker::default();
     if c.version != 1 {
-        v.push("version", format!("unsupported catalog version {}; only 1 exists", c.version));
+        v.push(
+            "version",
+            format!("unsupported catalog version {}; only 1 exists", c.version),
+        );
     }
     if c.metrics.is_empty() {
         v.push("metrics", "at least one metric is required".into());
@@ -28,13 +31,13 @@ pub fn validate(c: &Catalog) -> Result<(), Vec<Problem>> {
         let path = format!("features.{code}");
         v.code(&path, code);
         match (f.kind, &f.metric) {
-            (FeatureKind::Metered, None) => {
-                v.push(&format!("{path}.metric"), "a metered feature names its metric".into())
-            }
-            (FeatureKind::Metered, Some(m)) if !c.metrics.contains_key(m) => v.push(
+            (FeatureKind::Metered, None) => v.push(
                 &format!("{path}.metric"),
-                format!("unknown metric {m:?}"),
+                "a metered feature names its metric".into(),
             ),
+            (FeatureKind::Metered, Some(m)) if !c.metrics.contains_key(m) => {
+                v.push(&format!("{path}.metric"), format!("unknown metric {m:?}"))
+            }
             (FeatureKind::Boolean | FeatureKind::Config, Some(_)) => v.push(
                 &format!("{path}.metric"),
                 "only metered features name a metric".into(),
@@ -52,7 +55,11 @@ pub fn validate(c: &Catalog) -> Result<(), Vec<Problem>> {
             if !ok {
                 v.push(
                     &format!("{path}.merge"),
-                    format!("merge rule {} does not apply to {:?} features", rule.as_str(), f.kind),
+                    format!(
+                        "merge rule {} does not apply to {:?} features",
+                        rule.as_str(),
+                        f.kind
+                    ),
                 );
             }
         }
@@ -64,7 +71,10 @@ pub fn validate(c: &Catalog) -> Result<(), Vec<Problem>> {
         let path = format!("plans.{code}");
         v.code(&path, code);
         if p.versions.is_empty() {
-            v.push(&format!("{path}.versions"), "a plan needs at least one version".into());
+            v.push(
+                &format!("{path}.versions"),
+                "a plan needs at least one version".into(),
+            );
         }
         for (ver, b) in &p.versions {
             let vpath = format!("{path}.versions.{ver}");
@@ -79,7 +89,10 @@ pub fn validate(c: &Catalog) -> Result<(), Vec<Problem>> {
         v.code(&path, code);
         for (i, plan) in a.plans.iter().enumerate() {
             if !c.plans.contains_key(plan) {
-                v.push(&format!("{path}.plans[{i}]"), format!("unknown plan {plan:?}"));
+                v.push(
+                    &format!("{path}.plans[{i}]"),
+                    format!("unknown plan {plan:?}"),
+                );
             }
         }
         v.grants(c, &path, &a.features, &a.limits);
@@ -116,7 +129,10 @@ struct Checker {
 
 impl Checker {
     fn push(&mut self, path: &str, reason: String) {
-        self.problems.push(Problem { path: path.to_string(), reason });
+        self.problems.push(Problem {
+            path: path.to_string(),
+            reason,
+        });
     }
 
     fn code(&mut self, path: &str, code: &str) {
@@ -156,7 +172,10 @@ impl Checker {
                     matches!(def.merge, None | Some(MergeRule::Precedence))
                 }
                 (FeatureKind::Config, FeatureValue::List(_)) => {
-                    matches!(def.merge, None | Some(MergeRule::Precedence | MergeRule::Union))
+                    matches!(
+                        def.merge,
+                        None | Some(MergeRule::Precedence | MergeRule::Union)
+                    )
                 }
                 _ => false,
             };
@@ -170,7 +189,10 @@ impl Checker {
                         _ => "a number, a string or a list of strings",
                     },
                 };
-                self.push(&fpath, format!("value {value} does not fit; expected {expected}"));
+                self.push(
+                    &fpath,
+                    format!("value {value} does not fit; expected {expected}"),
+                );
             }
         }
         for (metric, list) in limits {
@@ -197,7 +219,8 @@ impl Checker {
 
     fn limit(&mut self, path: &str, metric_kind: MetricKind, l: &LimitDef) {
         let w = l.window;
-        let mut bad = |field: &str, reason: &str| self.push(&format!("{path}.{field}"), reason.into());
+        let mut bad =
+            |field: &str, reason: &str| self.push(&format!("{path}.{field}"), reason.into());
         if w.is_rate() {
             match l.rate {
                 None => bad("rate", "a second or minute window needs a rate"),
@@ -218,7 +241,10 @@ impl Checker {
                 bad("enforcement", "rate limits are always hard");
             }
             if metric_kind == MetricKind::Gauge {
-                bad("window", "a gauge metric takes window none, not a rate window");
+                bad(
+                    "window",
+                    "a gauge metric takes window none, not a rate window",
+                );
             }
         } else {
             match l.amount {
@@ -227,16 +253,20 @@ impl Checker {
                 _ => {}
             }
             if l.rate.is_some() || l.burst.is_some() {
-                bad("rate", &format!("rate and burst belong to second or minute windows, not {w}"));
+                bad(
+                    "rate",
+                    &format!("rate and burst belong to second or minute windows, not {w}"),
+                );
             }
             if l.per.is_some() {
                 bad("per", "only rate limits have per-dimension buckets");
             }
             match (metric_kind, w == Window::None) {
                 (MetricKind::Gauge, false) => bad("window", "a gauge metric takes window none"),
-                (MetricKind::Counter, true) => {
-                    bad("window", "window none is for gauge metrics (seats, exposure)")
-                }
+                (MetricKind::Counter, true) => bad(
+                    "window",
+                    "window none is for gauge metrics (seats, exposure)",
+                ),
                 _ => {}
             }
         }
@@ -251,7 +281,10 @@ impl Checker {
         }
         for (i, p) in l.warn_at.iter().enumerate() {
             if *p == 0 || *p > 100 {
-                self.push(&format!("{path}.warn_at[{i}]"), format!("{p} is not a percentage from 1 to 100"));
+                self.push(
+                    &format!("{path}.warn_at[{i}]"),
+                    format!("{p} is not a percentage from 1 to 100"),
+                );
             }
         }
         if let Some(per) = &l.per {
