@@ -152,12 +152,14 @@ pub fn plan_request(
             return Err(invalid("amount", "must be positive (at least 1)"))
         }
         Intent::Record if amount == 0 => return Err(invalid("amount", "must not be zero")),
-        Intent::Record if amount < 0 && !gauge => return Err(invalid(
-            "amount",
-            format!(
+        Intent::Record if amount < 0 && !gauge => {
+            return Err(invalid(
+                "amount",
+                format!(
                 "must be positive: {metric} is a counter; only gauges take negative adjustments"
             ),
-        )),
+            ))
+        }
         _ => {}
     }
     if amount.unsigned_abs() > MAX_REQUEST_AMOUNT {

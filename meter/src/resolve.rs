@@ -476,7 +476,7 @@ fn merge_limits(
                                 burst,
                                 per: l.per.clone(),
                                 enforcement: l.enforcement,
-                                warn_at: sorted(l.warn_at.clone()),
+                                warn_at: sorted(l.warn_at()),
                                 overage: l.overage,
                                 max_per_request: l.max_per_request,
                                 on_backend_failure: l.on_backend_failure,
@@ -499,7 +499,7 @@ fn merge_limits(
                         // The strictest setting wins where grants disagree on policy.
                         r.enforcement = r.enforcement.min(l.enforcement);
                         r.on_backend_failure = r.on_backend_failure.min(l.on_backend_failure);
-                        r.warn_at = sorted(r.warn_at.iter().chain(&l.warn_at).copied().collect());
+                        r.warn_at = sorted(r.warn_at.iter().copied().chain(l.warn_at()).collect());
                         r.overage = match (r.overage, l.overage) {
                             (Some(a), Some(b)) => Some(a.max(b)),
                             _ => None,
@@ -596,7 +596,7 @@ fn new_limit(window: Window, amount: u64, o: &Override) -> ResolvedLimit {
         burst: window.is_rate().then_some(amount),
         per: None,
         enforcement: Enforcement::Hard,
-        warn_at: vec![80],
+        warn_at: if window.is_rate() { vec![] } else { vec![80] },
         overage: None,
         max_per_request: None,
         on_backend_failure: FailurePolicy::FailClosed,

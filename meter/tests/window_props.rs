@@ -119,6 +119,14 @@ proptest! {
             prop_assert_eq!(offset(hour.end.unwrap() - NS, tz), offset(at, tz));
             let day = period_at(Window::Day, at, tz, anchor);
             let date = local(at, tz).date();
+            // A fall-back across midnight (America/Goose_Bay, 1989-10-29 00:01) makes the
+            // local date go backwards for a while: those instants belong to the day whose
+            // first midnight already passed, so the date check does not apply to them.
+            let dates_went_back =
+                (1..=180).any(|m| local(at - TimeDelta::minutes(m), tz).date() > date);
+            if dates_went_back {
+                return Ok(());
+            }
             let midnight = date.and_hms_opt(0, 0, 0).unwrap();
             prop_assert!(is_resolution_of(day.start, midnight, tz), "{} {} {:?}", tz, at, day);
             let next = date.succ_opt().unwrap().and_hms_opt(0, 0, 0).unwrap();

@@ -270,9 +270,10 @@ pub struct LimitDef {
     /// `hard` (never exceeded) or `soft` (warn, then overage or deny).
     #[serde(default)]
     pub enforcement: Enforcement,
-    /// Percentages of the amount past which decisions carry a warning.
-    #[serde(default = "default_warn_at")]
-    pub warn_at: Vec<u8>,
+    /// Percentages of the amount past which decisions carry a warning; default `[80]` for
+    /// quota and gauge windows. Rate windows have none (they answer with `retry_after`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warn_at: Option<Vec<u8>>,
     /// Soft limits only: units allowed past the amount (`0` denies at the amount;
     /// absent means unbounded overage).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -288,8 +289,15 @@ pub struct LimitDef {
     pub on_backend_failure: FailurePolicy,
 }
 
-fn default_warn_at() -> Vec<u8> {
-    vec![80]
+impl LimitDef {
+    /// The warning thresholds in force: as written, else the window's default.
+    pub fn warn_at(&self) -> Vec<u8> {
+        match &self.warn_at {
+            Some(w) => w.clone(),
+            None if self.window.is_rate() => Vec::new(),
+            None => vec![80],
+        }
+    }
 }
 
 /// Whether a limit may be passed.

@@ -279,7 +279,13 @@ impl Checker {
         if l.max_per_request == Some(0) {
             bad("max_per_request", "must be at least 1");
         }
-        for (i, p) in l.warn_at.iter().enumerate() {
+        if w.is_rate() && l.warn_at.is_some() {
+            self.push(
+                &format!("{path}.warn_at"),
+                "rate limits have no warning thresholds".into(),
+            );
+        }
+        for (i, p) in l.warn_at.iter().flatten().enumerate() {
             if *p == 0 || *p > 100 {
                 self.push(
                     &format!("{path}.warn_at[{i}]"),
