@@ -90,6 +90,8 @@ pub async fn start_allot(bin: &Path, extra_args: &[String]) -> anyhow::Result<Se
         .arg("--catalog")
         .arg(&catalog)
         .args(extra_args)
+        // The log is a file: no colour codes in it.
+        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stderr(log_file);
     let what = format!("allot node ({} serve)", bin.display());
@@ -200,7 +202,29 @@ fn log_tail(log: Option<&Path>) -> String {
         return "; its stderr was empty".to_owned();
     }
     let tail = &lines[lines.len().saturating_sub(20)..];
-    format!("; last lines of its stderr:\n  {}", tail.join("\n  "))
+    format!(
+        "; last lines of its stderr:\n  {}",
+        strip_ansi(&tail.join("\n  "))
+    )
+}
+
+/// `text` without ANSI escape sequences (`ESC [ … letter`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -224,6 +248,10 @@ mod tests {
             Some("[::1]:4242".parse().unwrap())
         );
         assert_eq!(parse_listening("starting"), None);
+        assert_eq!(
+            strip_ansi("\u{1b}[2mtime\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m x"),
+            "time  INFO x"
+        );
         assert_eq!(parse_listening("listening on soon"), None);
     }
 }
