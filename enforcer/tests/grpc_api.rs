@@ -797,3 +797,34 @@ async fn catalogs_are_validated_and_published_versions_immutable() {
         .into_inner();
     assert!(!r.changed && !r.applied);
 }
+
+#[tokio::test]
+async fn health_and_reflection_are_served() {
+    let node = Node::builder().start().await;
+    let channel = tonic::transport::Channel::from_shared(node.endpoint.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for service in ["", "allot.v1.Enforcer", "allot.v1.Admin"] {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+            "{service}"
+        );
+    }
+    let unknown = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "nope.v1.X".into(),
+        })
+        .await;
+    assert_eq!(unknown.unwrap_err().code(), Code::NotFound);
+}

@@ -336,3 +336,41 @@ fn upgrade_hints_name_plans_and_addons_that_would_allow() {
         ]
     );
 }
+
+proptest! {
+    /// Around a trial end and a scheduled downgrade, the plan in force switches exactly at
+    /// the instant, never before, and `valid_until` points at it.
+    #[test]
+    fn lifecycle_switches_exactly_at_its_instants(
+        trial_days in 1i64..60,
+        offset_s in -86_400i64..86_400,
+        change_after_days in 0i64..200,
+    ) {
+        let c = example();
+        let end = t0() + Duration::days(trial_days);
+        let mut s = sub("acme", "enterprise");
+        s.status = Status::Trialing;
+        s.trial_ends_at = Some(end);
+        s.post_trial_plan = Some(PlanRef { code: "pro".into(), version: 1 });
+        let at = end + Duration::seconds(offset_s);
+        let e = resolve(&c, &s, &[], at);
+        if at < end {
+            prop_assert_eq!((e.plan.code.as_str(), e.status), ("enterprise", Status::Trialing));
+            prop_assert_eq!(e.valid_until, Some(end));
+        } else {
+            prop_assert_eq!((e.plan.code.as_str(), e.status), ("pro", Status::Active));
+            prop_assert_eq!(e.plan_since, end);
+        }
+
+        // A downgrade requested at any later instant applies at that period's end.
+        let mut s = sub("acme", "pro");
+        let asked = t0() + Duration::days(change_after_days) + Duration::seconds(offset_s.abs());
+        s.change_plan(PlanRef { code: "free".into(), version: 1 }, ChangeTiming::PeriodEnd, asked);
+        let at_change = s.scheduled_change.as_ref().unwrap().at;
+        prop_assert!(at_change > asked);
+        prop_assert!(at_change - asked <= Duration::days(31));
+        prop_assert_eq!(meter::window::period_at(Window::BillingPeriod, asked, s.tz(), s.billing_anchor).end, Some(at_change));
+        prop_assert_eq!(resolve(&c, &s, &[], at_change - Duration::nanoseconds(1)).plan.code, "pro");
+        prop_assert_eq!(resolve(&c, &s, &[], at_change).plan.code, "free");
+    }
+}
