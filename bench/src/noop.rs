@@ -38,22 +38,22 @@ impl Noop for Echo {
     }
 }
 
-/// A Check answer as a node would give for an allowed 1-unit metric check under the bench
-/// catalog; the ceiling's response when no real one was captured.
+/// A Check answer like the node's to an allowed 1-unit metric check under the bench
+/// catalog (Check consumes nothing, so `used` stays 0); the ceiling's response when no
+/// real one was captured. It encodes to 57 bytes, as the node's did when this was written.
 pub fn typical_check_response() -> allot_proto::v1::CheckResponse {
     use allot_proto::v1::{CheckResponse, Decision, Outcome};
     let limit = 9_000_000_000_000_u64;
-    let used = 1_234_567_u64;
     CheckResponse {
         decision: Some(Decision {
             outcome: Outcome::Allow as i32,
             reason: "ok".into(),
-            message: "allowed: 1 call of api_calls fits every limit".into(),
+            message: "allowed".into(),
             window: "day".into(),
             limit: Some(limit),
-            used,
+            used: 0,
             reserved: 0,
-            remaining: Some(limit - used - 1),
+            remaining: Some(limit - 1),
             retry_after: None,
             resets_at: Some(prost_types::Timestamp {
                 seconds: 1_767_225_600,
@@ -64,7 +64,8 @@ pub fn typical_check_response() -> allot_proto::v1::CheckResponse {
             upgrade: Vec::new(),
         }),
         value: None,
-        entitlements_version: 2,
+        // The node's versions are 64-bit hashes: a 10-byte varint.
+        entitlements_version: 0xA17D_5EED_2B3C_4D1E,
     }
 }
 
@@ -136,6 +137,7 @@ mod tests {
         let bytes = check.encode_to_vec();
         let echo = EchoResponse::decode(bytes.as_slice()).unwrap();
         assert_eq!(echo.encode_to_vec(), bytes);
+        assert_eq!(bytes.len(), 57);
 
         let req = allot_proto::v1::CheckRequest {
             tenant: "bench-12".into(),
