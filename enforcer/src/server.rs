@@ -109,11 +109,24 @@ pub async fn run(
         .add_service(reflection)
         .add_service(EnforcerServer::new(EnforcerService::new(engine.clone())))
         .add_service(AdminServer::new(AdminService::new(engine)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
     sweeper.abort();
     result?;
     Ok(())
+}
+
+/// Accepted connections with Nagle's algorithm off: small unary answers must not wait
+/// for more bytes to fill a segment.
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
 }
 
 /// Releases reservations past their TTL, and now and then forgets what expired.

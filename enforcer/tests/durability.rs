@@ -121,8 +121,9 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
         used >= acked_used && used <= acked_used + slack,
         "used {used}, acknowledged {acked_used}"
     );
+    // A commit in flight may have landed unanswered, returning its 1-unit refund.
     assert!(
-        used + held >= acked_used + acked_held,
+        used + held + WORKERS >= acked_used + acked_held,
         "used+held {} < acknowledged {}",
         used + held,
         acked_used + acked_held

@@ -633,10 +633,23 @@ async fn admin_rpcs_and_their_bad_input() {
     );
     let mut bad = grant.clone();
     bad.metric = "nope".into();
+    assert_status(admin.grant_override(bad).await, Code::NotFound, "metric");
+    let mut bad = grant.clone();
+    bad.duration = Some(prost_types::Duration {
+        seconds: 1_000_000_000_000_000,
+        nanos: 0,
+    });
     assert_status(
         admin.grant_override(bad).await,
         Code::InvalidArgument,
-        "change.metric",
+        "duration",
+    );
+    let mut bad = grant.clone();
+    (bad.kind, bad.window, bad.amount) = ("set_limit".into(), "second".into(), 0);
+    assert_status(
+        admin.grant_override(bad).await,
+        Code::InvalidArgument,
+        "amount",
     );
     let mut dup = grant.clone();
     dup.id = o.id.clone();
@@ -827,4 +840,128 @@ async fn health_and_reflection_are_served() {
         })
         .await;
     assert_eq!(unknown.unwrap_err().code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn lifecycle_corner_cases_through_the_api() {
+    let node = Node::builder().start().await;
+    let mut admin = node.admin().await;
+    let mut e = node.enforcer().await;
+    subscribe(&mut admin, "acme", "pro").await;
+
+    // Cancel, then reactivate: access comes back.
+    admin
+        .cancel_subscription(pb::CancelSubscriptionRequest {
+            tenant: "acme".into(),
+            at_period_end: false,
+            actor: "t".into(),
+        })
+        .await
+        .unwrap();
+    let s = admin
+        .change_subscription(pb::ChangeSubscriptionRequest {
+            tenant: "acme".into(),
+            status: "active".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .subscription
+        .unwrap();
+    assert!(s.cancel_at.is_none());
+    let r = e
+        .reserve(reserve("acme", "api_calls", 1, "after-reactivation"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&r.decision), pb::Outcome::Allow);
+    // Trialing needs a trial end.
+    assert_status(
+        admin
+            .change_subscription(pb::ChangeSubscriptionRequest {
+                tenant: "acme".into(),
+                status: "trialing".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "status",
+    );
+
+    // A reused idempotency key for another request is refused, naming the key.
+    assert_status(
+        e.reserve(reserve("acme", "api_calls", 2, "after-reactivation"))
+            .await,
+        Code::InvalidArgument,
+        "idempotency_key",
+    );
+    assert_status(
+        e.reserve(reserve("acme", "seats", 1, "after-reactivation"))
+            .await,
+        Code::InvalidArgument,
+        "idempotency_key",
+    );
+
+    // Read-only (grace): Check of an amount answers as Reserve would.
+    admin
+        .change_subscription(pb::ChangeSubscriptionRequest {
+            tenant: "acme".into(),
+            status: "grace".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let r = e
+        .check(pb::CheckRequest {
+            tenant: "acme".into(),
+            metric: "api_calls".into(),
+            amount: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.decision.unwrap().reason, "subscription_read_only");
+    let r = e
+        .check(pb::CheckRequest {
+            tenant: "acme".into(),
+            feature: "advanced_analytics".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&r.decision), pb::Outcome::Allow);
+
+    // Replacing a subscription keeps its zone and anchor unless given.
+    let put = pb::PutSubscriptionRequest {
+        tenant: "globex".into(),
+        plan: "free".into(),
+        time_zone: "Asia/Tokyo".into(),
+        ..Default::default()
+    };
+    let first = admin
+        .put_subscription(put)
+        .await
+        .unwrap()
+        .into_inner()
+        .subscription
+        .unwrap();
+    let again = pb::PutSubscriptionRequest {
+        tenant: "globex".into(),
+        plan: "pro".into(),
+        ..Default::default()
+    };
+    let second = admin
+        .put_subscription(again)
+        .await
+        .unwrap()
+        .into_inner()
+        .subscription
+        .unwrap();
+    assert_eq!(
+        (second.time_zone.as_str(), second.billing_anchor),
+        ("Asia/Tokyo", first.billing_anchor)
+    );
 }

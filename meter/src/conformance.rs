@@ -261,8 +261,21 @@ pub async fn expiry_releases_once<S: Backend>(s: &S) {
     assert_eq!(usage_of(s, "a").await, SlotUsage::default());
 }
 
-/// A commit after the TTL is refused and the units are released, not counted.
+/// A commit after the TTL is refused and the units are released, not counted; a release
+/// after the TTL is what already happened, so it answers as a replay.
 pub async fn settling_after_expiry_is_refused<S: Backend>(s: &S) {
+    s.reserve(reserve_op("r0", "k0", 5, vec![slot("a", Some(10))]))
+        .await
+        .unwrap();
+    let late = s
+        .release("acme", "r0", t0() + Duration::seconds(61))
+        .await
+        .unwrap();
+    assert!(
+        late.replayed && late.settlement == Settlement::Expired,
+        "{late:?}"
+    );
+    assert_eq!(usage_of(s, "a").await, SlotUsage::default());
     s.reserve(reserve_op("r1", "k1", 5, vec![slot("a", Some(10))]))
         .await
         .unwrap();

@@ -53,6 +53,19 @@ impl GcraState {
     pub fn to_raw(self) -> u128 {
         self.tat
     }
+
+    /// The same theoretical arrival time expressed for `to`, when a bucket's limit
+    /// changes (a downgrade, an override that ends): without it the old units would be
+    /// read with the new rate and the bucket would look empty for hours, or full.
+    pub fn rescaled(self, from: &Gcra, to: &Gcra) -> GcraState {
+        if from.rate == to.rate {
+            return self;
+        }
+        let ns = self.tat.div_ceil(u128::from(from.rate));
+        GcraState {
+            tat: ns.saturating_mul(u128::from(to.rate)),
+        }
+    }
 }
 
 /// The answer to a request for units.

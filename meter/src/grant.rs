@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Catalog, FeatureKind, FeatureValue, MetricKind};
+use crate::quota::RequestError;
 use crate::window::Window;
 
 /// A time-boxed change for one tenant.
@@ -84,47 +85,47 @@ impl Override {
         self.valid_from <= at && self.valid_to.is_none_or(|to| at < to)
     }
 
-    /// Checks the override against the catalog. Returns (field, reason) on the first
-    /// problem.
-    pub fn check_against(&self, catalog: &Catalog) -> Result<(), (String, String)> {
-        if let Some(to) = self.valid_to {
-            if to <= self.valid_from {
-                return Err(("valid_to".into(), "must be after valid_from".into()));
-            }
+    /// Checks the override against the catalog; errors name the request field.
+    pub fn check_against(&self, catalog: &Catalog) -> Result<(), RequestError> {
+        let invalid = |field: &str, reason: &str| RequestError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        };
+        if self.valid_to.is_some_and(|to| to <= self.valid_from) {
+            return Err(invalid("valid_to", "must be after valid_from"));
         }
         if self.actor.trim().is_empty() {
-            return Err((
-                "actor".into(),
-                "must not be empty: say who made the change".into(),
+            return Err(invalid(
+                "actor",
+                "must not be empty: say who made the change",
             ));
         }
         if self.reason.trim().is_empty() {
-            return Err(("reason".into(), "must not be empty: say why".into()));
+            return Err(invalid("reason", "must not be empty: say why"));
         }
         let feature = |code: &str| {
-            catalog.features.get(code).ok_or_else(|| {
-                (
-                    "change.feature".to_string(),
-                    format!("unknown feature {code:?}"),
-                )
-            })
+            catalog
+                .features
+                .get(code)
+                .ok_or_else(|| RequestError::NotFound {
+                    field: "feature".into(),
+                    reason: format!("unknown feature {code:?}"),
+                })
         };
         let metric = |code: &str| {
-            catalog.metrics.get(code).ok_or_else(|| {
-                (
-                    "change.metric".to_string(),
-                    format!("unknown metric {code:?}"),
-                )
-            })
+            catalog
+                .metrics
+                .get(code)
+                .ok_or_else(|| RequestError::NotFound {
+                    field: "metric".into(),
+                    reason: format!("unknown metric {code:?}"),
+                })
         };
         let too_big = |v: u64| v > crate::catalog::MAX_AMOUNT;
         match &self.change {
             Change::EnableFeature { feature: f } => {
                 if feature(f)?.kind == FeatureKind::Config {
-                    return Err((
-                        "change.feature".into(),
-                        format!("{f} is a config feature; use set_config"),
-                    ));
+                    return Err(invalid("feature", "a config feature takes set_config"));
                 }
             }
             Change::DisableFeature { feature: f } => {
@@ -132,15 +133,12 @@ impl Override {
             }
             Change::SetConfig { feature: f, value } => {
                 if feature(f)?.kind != FeatureKind::Config {
-                    return Err((
-                        "change.feature".into(),
-                        format!("{f} is not a config feature"),
-                    ));
+                    return Err(invalid("feature", "only config features take set_config"));
                 }
                 if matches!(value, FeatureValue::Bool(_)) {
-                    return Err((
-                        "change.value".into(),
-                        "a config value is a number, string or list".into(),
+                    return Err(invalid(
+                        "value",
+                        "a config value is a number, string or list",
                     ));
                 }
             }
@@ -156,28 +154,28 @@ impl Override {
             } => {
                 let def = metric(m)?;
                 if (def.kind == MetricKind::Gauge) != (*window == Window::None) {
-                    return Err((
-                        "change.window".into(),
-                        format!("metric {m} has no {window} limits"),
+                    return Err(invalid(
+                        "window",
+                        "does not fit the metric (gauges take none)",
                     ));
                 }
                 if too_big(*v) {
-                    return Err((
-                        "change.amount".into(),
-                        "is too large (at most 2^63-1)".into(),
+                    return Err(invalid("amount", "is too large (at most 2^63-1)"));
+                }
+                if window.is_rate() && *v == 0 && matches!(self.change, Change::SetLimit { .. }) {
+                    return Err(invalid(
+                        "amount",
+                        "a rate limit is at least 1; disable the feature to stop all use",
                     ));
                 }
             }
             Change::ExtraUnits { metric: m, amount } => {
                 metric(m)?;
                 if *amount == 0 {
-                    return Err(("change.amount".into(), "must be at least 1".into()));
+                    return Err(invalid("amount", "must be at least 1"));
                 }
                 if too_big(*amount) {
-                    return Err((
-                        "change.amount".into(),
-                        "is too large (at most 2^63-1)".into(),
-                    ));
+                    return Err(invalid("amount", "is too large (at most 2^63-1)"));
                 }
             }
         }

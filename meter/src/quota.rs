@@ -169,7 +169,9 @@ pub fn plan_request(
         ));
     }
 
-    let consumes = amount > 0 && demand.intent != Intent::Check;
+    // A Check for a positive amount asks whether a Reserve would pass, so it follows the
+    // same access rule.
+    let consumes = amount > 0;
     match ent.access {
         AccessLevel::None => {
             return Ok(Planned::Decided(Decision::deny(

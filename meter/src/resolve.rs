@@ -216,7 +216,12 @@ pub fn resolve(
     let mut addons: Vec<_> = sub.addons.iter().collect();
     addons.sort_by(|a, b| a.code.cmp(&b.code));
     for a in addons {
-        if let Some(def) = catalog.addons.get(&a.code) {
+        // An add-on sold only on some plans stops applying when the plan in force (after a
+        // scheduled change or a trial end) is not one of them.
+        let sold_here = |d: &&crate::catalog::AddonDef| {
+            d.plans.is_empty() || d.plans.contains(&state.plan.code)
+        };
+        if let Some(def) = catalog.addons.get(&a.code).filter(sold_here) {
             contributions.push(Contribution {
                 prov: Provenance {
                     source: Source::Addon {

@@ -374,3 +374,31 @@ proptest! {
         prop_assert_eq!(resolve(&c, &s, &[], at_change).plan.code, "free");
     }
 }
+
+#[test]
+fn addons_stop_applying_on_a_plan_they_are_not_sold_on() {
+    let c = example();
+    let mut s = sub("acme", "pro");
+    s.addons = vec![AddonRef {
+        code: "sso".into(),
+        quantity: 1,
+        since: t0(),
+    }];
+    assert_eq!(
+        resolve(&c, &s, &[], t0()).features["sso"].value,
+        FeatureValue::Bool(true)
+    );
+    s.change_plan(
+        PlanRef {
+            code: "free".into(),
+            version: 1,
+        },
+        ChangeTiming::PeriodEnd,
+        t0(),
+    );
+    let end = s.scheduled_change.as_ref().unwrap().at;
+    assert_eq!(
+        resolve(&c, &s, &[], end).features["sso"].value,
+        FeatureValue::Bool(false)
+    );
+}

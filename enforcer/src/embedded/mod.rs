@@ -155,12 +155,17 @@ impl EmbeddedStore {
         now: DateTime<Utc>,
     ) -> Result<SettleOutcome, StoreError> {
         let out = self.apply(|s| s.settle(tenant, id, how, now)).await?;
-        if out.settlement == Settlement::Expired && how != Settlement::Expired && !out.replayed {
-            return Err(StoreError::Conflict(format!(
-                "reservation {id} reached its TTL before this request; its units were released"
-            )));
+        let lapsed = out.settlement == Settlement::Expired && !out.replayed;
+        match how {
+            Settlement::Committed(_) if lapsed => Err(StoreError::Conflict(format!(
+                "reservation {id} expired at its TTL before this commit; its units were released"
+            ))),
+            Settlement::Released if lapsed => Ok(SettleOutcome {
+                replayed: true,
+                ..out
+            }),
+            _ => Ok(out),
         }
-        Ok(out)
     }
 }
 

@@ -286,6 +286,10 @@ impl State {
         if let Some(done) = r.settlement {
             return match (done, how) {
                 (a, b) if a == b => Ok(Applied::read_only(answer(done, true))),
+                // The units went back at the TTL already: what a release asks for is done.
+                (Settlement::Expired, Settlement::Released) => {
+                    Ok(Applied::read_only(answer(done, true)))
+                }
                 (Settlement::Committed(a), Settlement::Committed(b)) => Err(StoreError::Conflict(
                     format!("reservation {id} was already committed with {a}, not {b}"),
                 )),

@@ -144,6 +144,9 @@ impl Engine {
             }
             EngineError::invalid("yaml", reason)
         })?;
+        // Validation against the catalog in force and the switch happen under one lock, so
+        // two concurrent applies cannot both pass against the same predecessor.
+        let _serial = self.admin_lock.lock().await;
         let old = self
             .catalog
             .read()
@@ -212,6 +215,7 @@ impl Engine {
         &self,
         req: NewSubscription,
     ) -> Result<Subscription, EngineError> {
+        let _serial = self.admin_lock.lock().await;
         check_tenant(&req.tenant)?;
         let (_, c) = self.catalog()?;
         let now = self.now();
@@ -239,6 +243,10 @@ impl Engine {
         }
         let mut addons = addon_refs(&req.addons, now);
         addons.sort_by(|a, b| a.code.cmp(&b.code));
+        // Replacing a subscription keeps its billing anchor and time zone unless new ones
+        // are given: both key the usage counters, and changing them by accident would
+        // start every period afresh.
+        let previous = self.control.subscription(&req.tenant).await?;
         let sub = Subscription {
             tenant: req.tenant.clone(),
             plan,
@@ -246,8 +254,14 @@ impl Engine {
             addons,
             status,
             status_since: now,
-            billing_anchor: req.billing_anchor.unwrap_or(now),
-            time_zone: req.time_zone.unwrap_or_else(|| "UTC".into()),
+            billing_anchor: req
+                .billing_anchor
+                .or(previous.as_ref().map(|p| p.billing_anchor))
+                .unwrap_or(now),
+            time_zone: req
+                .time_zone
+                .or(previous.map(|p| p.time_zone))
+                .unwrap_or_else(|| "UTC".into()),
             trial_ends_at: req.trial_ends_at,
             post_trial_plan,
             scheduled_change: None,
@@ -276,9 +290,18 @@ impl Engine {
         change: SubscriptionChange,
     ) -> Result<Subscription, EngineError> {
         let (_, c) = self.catalog()?;
+        let _serial = self.admin_lock.lock().await;
         let mut sub = self.existing(tenant).await?;
         let now = self.now();
         sub.settle(now);
+        // Add-ons stop applying when a scheduled change or a trial end moves the tenant to
+        // a plan they are not sold on; drop them from the record too.
+        let current = sub.plan.code.clone();
+        sub.addons.retain(|a| {
+            c.addons
+                .get(&a.code)
+                .is_some_and(|d| d.plans.is_empty() || d.plans.contains(&current))
+        });
         if let Some((code, version)) = &change.plan {
             let plan = plan_ref(&c, "plan", code, *version)?;
             let timing = change.timing.unwrap_or_else(|| {
@@ -310,9 +333,22 @@ impl Engine {
         sub.addons.sort_by(|a, b| a.code.cmp(&b.code));
         if let Some(s) = &change.status {
             let status = parse_status(s)?;
+            if status == Status::Trialing && sub.trial_ends_at.is_none() {
+                return Err(EngineError::invalid(
+                    "status",
+                    "trialing needs a trial end: use PutSubscription with trial_ends_at",
+                ));
+            }
             if status != sub.status {
                 sub.status = status;
                 sub.status_since = now;
+            }
+            if !matches!(
+                status,
+                Status::Canceled | Status::Refunded | Status::Chargeback
+            ) {
+                // Moving back to a live status undoes a cancellation, scheduled or done.
+                sub.cancel_at = None;
             }
         }
         checked(&sub, &c)?;
@@ -327,6 +363,7 @@ impl Engine {
         tenant: &str,
         at_period_end: bool,
     ) -> Result<Subscription, EngineError> {
+        let _serial = self.admin_lock.lock().await;
         let mut sub = self.existing(tenant).await?;
         let timing = if at_period_end {
             ChangeTiming::PeriodEnd
@@ -341,11 +378,11 @@ impl Engine {
 
     /// Adds an override.
     pub async fn grant(&self, o: Override) -> Result<Override, EngineError> {
+        let _serial = self.admin_lock.lock().await;
         let (_, c) = self.catalog()?;
         self.existing(&o.tenant).await?;
         meter::keys::check_key(&o.id).map_err(|r| EngineError::invalid("id", r))?;
-        o.check_against(&c)
-            .map_err(|(field, reason)| EngineError::Invalid { field, reason })?;
+        o.check_against(&c)?;
         self.control.add_override(&o).await.map_err(|e| match e {
             meter::store::StoreError::Conflict(m) => EngineError::AlreadyExists(m),
             e => e.into(),
@@ -363,6 +400,7 @@ impl Engine {
         actor: &str,
         reason: &str,
     ) -> Result<bool, EngineError> {
+        let _serial = self.admin_lock.lock().await;
         check_tenant(tenant)?;
         meter::keys::check_key(id).map_err(|r| EngineError::invalid("id", r))?;
         if actor.trim().is_empty() {

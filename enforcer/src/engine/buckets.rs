@@ -40,7 +40,7 @@ impl Buckets {
         for slot in slots {
             let state = states
                 .get(&(tenant.to_string(), slot.bucket.clone()))
-                .map(|(_, s)| *s)
+                .map(|(g, s)| s.rescaled(g, &slot.gcra))
                 .unwrap_or_default();
             match slot.gcra.peek(&state, now_ns, n) {
                 GcraOutcome::Allowed { .. } => {}
@@ -63,6 +63,7 @@ impl Buckets {
                 let entry = states
                     .entry((tenant.to_string(), slot.bucket.clone()))
                     .or_insert((slot.gcra, GcraState::default()));
+                entry.1 = entry.1.rescaled(&entry.0, &slot.gcra);
                 entry.0 = slot.gcra;
                 slot.gcra.take(&mut entry.1, now_ns, n);
             }
@@ -74,7 +75,10 @@ impl Buckets {
     pub fn refund(&self, tenant: &str, slots: &[RateSlot], now_ns: u64, n: u64) {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         for slot in slots {
-            if let Some((_, state)) = states.get_mut(&(tenant.to_string(), slot.bucket.clone())) {
+            if let Some((gcra, state)) = states.get_mut(&(tenant.to_string(), slot.bucket.clone()))
+            {
+                *state = state.rescaled(gcra, &slot.gcra);
+                *gcra = slot.gcra;
                 slot.gcra.refund(state, now_ns, n);
             }
         }
@@ -100,5 +104,35 @@ impl Buckets {
                 GcraOutcome::Allowed { .. }
             )
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meter::gcra::Gcra;
+    use meter::window::Window;
+
+    fn slot(rate: u64) -> RateSlot {
+        RateSlot {
+            window: Window::Second,
+            bucket: "calls|second".into(),
+            gcra: Gcra::new(rate, std::time::Duration::from_secs(1), rate).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_lower_rate_keeps_the_bucket_in_time() {
+        let b = Buckets::default();
+        let day_ns = 86_400 * 1_000_000_000u64;
+        let high = [slot(200)];
+        // Empty the high bucket a day into the node's life.
+        assert!(b.take("acme", &high, day_ns, 200, false).is_ok());
+        // The limit drops to 100/s: one second later the bucket has refilled (100 units),
+        // it is not locked out for a day as it would be if its state were misread.
+        let low = [slot(100)];
+        let later = day_ns + 1_000_000_000;
+        assert!(b.take("acme", &low, later, 100, false).is_ok());
+        assert!(b.take("acme", &low, later, 1, false).is_err());
     }
 }

@@ -22,6 +22,9 @@ struct Entry {
 /// The cache.
 pub struct EntitlementCache {
     ttl: Duration,
+    /// Bumped by every invalidation: a context read from the store before an admin write
+    /// must not be cached after that write dropped the entry.
+    epoch: std::sync::atomic::AtomicU64,
     entries: RwLock<HashMap<String, Entry>>,
 }
 
@@ -30,6 +33,7 @@ impl EntitlementCache {
     pub fn new(ttl: Duration) -> Self {
         EntitlementCache {
             ttl,
+            epoch: Default::default(),
             entries: RwLock::new(HashMap::new()),
         }
     }
@@ -51,8 +55,14 @@ impl EntitlementCache {
         })
     }
 
-    /// Stores a freshly resolved context.
-    pub fn put(&self, tenant: &str, generation: u64, ctx: &TenantContext) {
+    /// The invalidation epoch; read it before reading the store.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Stores a freshly resolved context, unless an invalidation happened since `epoch`
+    /// was read (the context may predate it).
+    pub fn put(&self, tenant: &str, generation: u64, epoch: u64, ctx: &TenantContext) {
         let entry = Entry {
             generation,
             fetched: Instant::now(),
@@ -63,14 +73,15 @@ impl EntitlementCache {
                 entitlements: Arc::clone(&ctx.entitlements),
             },
         };
-        self.entries
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(tenant.to_string(), entry);
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        if self.epoch() == epoch {
+            entries.insert(tenant.to_string(), entry);
+        }
     }
 
     /// Drops one tenant.
     pub fn invalidate(&self, tenant: &str) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.entries
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -79,6 +90,7 @@ impl EntitlementCache {
 
     /// Drops everything (a new catalog).
     pub fn clear(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.entries
             .write()
             .unwrap_or_else(|p| p.into_inner())

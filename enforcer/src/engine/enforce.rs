@@ -90,9 +90,26 @@ impl Replay {
         .expect("replay context serializes")
     }
 
-    fn decide(bytes: &[u8], usage: &[SlotUsage]) -> Result<Decision, EngineError> {
+    /// The first answer again, for a retry of the same request; `field` names the key that
+    /// was reused when the retry asks for something else.
+    fn decide(
+        bytes: &[u8],
+        usage: &[SlotUsage],
+        field: &str,
+        metric: &str,
+        amount: i64,
+    ) -> Result<Decision, EngineError> {
         let r: Replay = serde_json::from_slice(bytes)
             .map_err(|e| EngineError::Internal(format!("stored replay context unreadable: {e}")))?;
+        if r.metric != metric || r.amount != amount {
+            return Err(EngineError::invalid(
+                field,
+                format!(
+                    "already used for {} {}; a retry must repeat the same request",
+                    r.amount, r.metric
+                ),
+            ));
+        }
         let plan = RequestPlan {
             metric: r.metric,
             amount: r.amount,
@@ -258,7 +275,9 @@ impl Engine {
         let plan = match quota::plan_request(&ctx.catalog, &ctx.entitlements, &demand, now)? {
             Planned::Decided(d) => {
                 let d = self.with_hint(&ctx, d, metric, amount, &[], now);
-                return self.reserve_denied(tenant, idempotency_key, d).await;
+                return self
+                    .reserve_denied(tenant, idempotency_key, (metric, amount), d)
+                    .await;
             }
             Planned::Plan(p) => p,
         };
@@ -267,7 +286,9 @@ impl Engine {
         if let Err(r) = self.buckets.take(tenant, &plan.rates, mono, n, false) {
             let d = quota::rate_limited(r.slot, r.retry_after, n);
             let d = self.with_hint(&ctx, d, metric, amount, &[], now);
-            return self.reserve_denied(tenant, idempotency_key, d).await;
+            return self
+                .reserve_denied(tenant, idempotency_key, (metric, amount), d)
+                .await;
         }
         let expires_at = now + chrono::Duration::from_std(ttl).expect("ttl bounded");
         let op = ReserveOp {
@@ -292,7 +313,13 @@ impl Engine {
         }
         if out.replayed {
             return Ok(Reserved {
-                decision: Replay::decide(&out.context, &out.usage)?,
+                decision: Replay::decide(
+                    &out.context,
+                    &out.usage,
+                    "idempotency_key",
+                    metric,
+                    amount,
+                )?,
                 reservation_id: Some(out.reservation_id),
                 expires_at: Some(out.expires_at),
                 replayed: true,
@@ -375,7 +402,9 @@ impl Engine {
         let plan = match quota::plan_request(&ctx.catalog, &ctx.entitlements, &demand, now)? {
             Planned::Decided(d) => {
                 let d = self.with_hint(&ctx, d, metric, amount, &[], now);
-                return self.record_denied(tenant, event_id, d).await;
+                return self
+                    .record_denied(tenant, event_id, (metric, amount), d)
+                    .await;
             }
             Planned::Plan(p) => p,
         };
@@ -384,7 +413,9 @@ impl Engine {
         if let Err(r) = self.buckets.take(tenant, &plan.rates, mono, n, false) {
             let d = quota::rate_limited(r.slot, r.retry_after, n);
             let d = self.with_hint(&ctx, d, metric, amount, &[], now);
-            return self.record_denied(tenant, event_id, d).await;
+            return self
+                .record_denied(tenant, event_id, (metric, amount), d)
+                .await;
         }
         let op = RecordOp {
             tenant: tenant.to_string(),
@@ -407,7 +438,7 @@ impl Engine {
         }
         if out.replayed {
             return Ok(Recorded {
-                decision: Replay::decide(&out.context, &out.usage)?,
+                decision: Replay::decide(&out.context, &out.usage, "event_id", metric, amount)?,
                 recorded: true,
                 replayed: true,
             });
@@ -486,11 +517,18 @@ impl Engine {
         &self,
         tenant: &str,
         key: &str,
+        (metric, amount): (&str, i64),
         d: Decision,
     ) -> Result<Reserved, EngineError> {
         match self.usage.find_reserve(tenant, key).await? {
             Some(first) => Ok(Reserved {
-                decision: Replay::decide(&first.context, &first.usage)?,
+                decision: Replay::decide(
+                    &first.context,
+                    &first.usage,
+                    "idempotency_key",
+                    metric,
+                    amount,
+                )?,
                 reservation_id: Some(first.reservation_id),
                 expires_at: Some(first.expires_at),
                 replayed: true,
@@ -504,11 +542,12 @@ impl Engine {
         &self,
         tenant: &str,
         event_id: &str,
+        (metric, amount): (&str, i64),
         d: Decision,
     ) -> Result<Recorded, EngineError> {
         match self.usage.find_record(tenant, event_id).await? {
             Some(first) => Ok(Recorded {
-                decision: Replay::decide(&first.context, &first.usage)?,
+                decision: Replay::decide(&first.context, &first.usage, "event_id", metric, amount)?,
                 recorded: true,
                 replayed: true,
             }),

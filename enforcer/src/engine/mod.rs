@@ -49,6 +49,9 @@ pub struct Engine {
     catalog: RwLock<Option<(u64, Arc<Catalog>)>>,
     cache: cache::EntitlementCache,
     buckets: buckets::Buckets,
+    /// Serializes admin writes: each reads, validates and writes, which must not
+    /// interleave with another (two catalog applies, two add-on changes of one tenant).
+    admin_lock: tokio::sync::Mutex<()>,
 }
 
 impl Engine {
@@ -67,6 +70,7 @@ impl Engine {
             catalog: RwLock::new(catalog),
             cache: cache::EntitlementCache::new(cache_ttl),
             buckets: buckets::Buckets::default(),
+            admin_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -111,6 +115,7 @@ impl Engine {
         if let Some(ctx) = self.cache.get(tenant, generation, at) {
             return Ok(ctx);
         }
+        let epoch = self.cache.epoch();
         let sub = self.control.subscription(tenant).await?.ok_or_else(|| {
             EngineError::not_found(
                 "tenant",
@@ -125,7 +130,7 @@ impl Engine {
             overrides: Arc::new(overrides),
             entitlements: Arc::new(ent),
         };
-        self.cache.put(tenant, generation, &ctx);
+        self.cache.put(tenant, generation, epoch, &ctx);
         Ok(ctx)
     }
 

@@ -197,8 +197,10 @@ impl Admin for AdminService {
             }
             (Some(t), None) => Some(t),
             (None, Some(d)) => Some(
-                valid_from
-                    + chrono::Duration::from_std(d).map_err(|_| invalid("duration", "too long"))?,
+                chrono::Duration::from_std(d)
+                    .ok()
+                    .and_then(|d| valid_from.checked_add_signed(d))
+                    .ok_or_else(|| invalid("duration", "too long"))?,
             ),
             (None, None) => None,
         };
