@@ -20,6 +20,9 @@ use crate::grpc::enforcer::EnforcerService;
 
 /// Most reservations released per sweep; the rest wait for the next one.
 const SWEEP_BATCH: usize = 10_000;
+/// Sweeps between prunings of full token buckets (they key on client-chosen dimension
+/// values, so the map must not wait long to shrink).
+const SWEEPS_PER_PRUNE: u64 = 10;
 /// Sweeps between compactions of the store.
 const SWEEPS_PER_COMPACTION: u64 = 600;
 
@@ -86,18 +89,19 @@ pub async fn run(
         }
     }
 
-    let sweeper = tokio::spawn(sweep(
-        engine.clone(),
-        store,
-        cfg.sweep_interval,
-        cfg.retention,
-    ));
-
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<EnforcerServer<EnforcerService>>()
         .await;
     health.set_serving::<AdminServer<AdminService>>().await;
+    let sweeper = tokio::spawn(sweep(
+        engine.clone(),
+        store,
+        health,
+        cfg.sweep_interval,
+        cfg.retention,
+    ));
+
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(allot_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -133,6 +137,7 @@ fn incoming(
 async fn sweep(
     engine: Arc<Engine>,
     store: EmbeddedStore,
+    health: tonic_health::server::HealthReporter,
     every: std::time::Duration,
     retention: std::time::Duration,
 ) {
@@ -144,6 +149,16 @@ async fn sweep(
     loop {
         tick.tick().await;
         n += 1;
+        if !store.healthy() {
+            // Load balancers stop sending traffic; the node needs a restart to reload.
+            health
+                .set_not_serving::<EnforcerServer<EnforcerService>>()
+                .await;
+            health.set_not_serving::<AdminServer<AdminService>>().await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        }
         match engine
             .usage_store()
             .expire_due(engine.now(), SWEEP_BATCH)
@@ -155,8 +170,10 @@ async fn sweep(
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "expiring reservations failed"),
         }
-        if n.is_multiple_of(SWEEPS_PER_COMPACTION) {
+        if n.is_multiple_of(SWEEPS_PER_PRUNE) {
             engine.prune();
+        }
+        if n.is_multiple_of(SWEEPS_PER_COMPACTION) {
             if let Err(e) = store.compact(engine.now(), retention).await {
                 tracing::warn!(error = %e, "compaction failed");
             }

@@ -242,8 +242,13 @@ fn status_access_levels_gate_requests() {
         panic!()
     };
     assert_eq!(d.reason, Reason::SubscriptionReadOnly);
+    // Check of an amount answers as Reserve would; a bare "is it granted?" (0) passes.
     assert!(matches!(
         plan(&c, &e, "api_calls", 1, Intent::Check).unwrap(),
+        Planned::Decided(ref d) if d.reason == Reason::SubscriptionReadOnly
+    ));
+    assert!(matches!(
+        plan(&c, &e, "api_calls", 0, Intent::Check).unwrap(),
         Planned::Plan(_)
     ));
     s.status = Status::Suspended;

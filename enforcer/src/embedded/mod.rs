@@ -40,6 +40,8 @@ pub struct EmbeddedStore {
 
 struct Inner {
     state: Mutex<State>,
+    /// Set by the writer when a commit failed: memory is then ahead of the disk.
+    failed: Arc<std::sync::atomic::AtomicBool>,
     queue: Mutex<Option<writer::Queue>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -71,17 +73,27 @@ impl EmbeddedStore {
         load(&db, &mut state)?;
         let db = Arc::new(db);
         let (queue, jobs) = std::sync::mpsc::channel();
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = std::thread::Builder::new()
             .name("allot-store-writer".into())
-            .spawn(move || writer::run(db, jobs))
+            .spawn({
+                let failed = failed.clone();
+                move || writer::run(db, jobs, failed)
+            })
             .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
         Ok(EmbeddedStore {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
+                failed,
                 queue: Mutex::new(Some(queue)),
                 writer: Mutex::new(Some(writer)),
             }),
         })
+    }
+
+    /// False once a disk write failed; the node then refuses writes until restarted.
+    pub fn healthy(&self) -> bool {
+        !self.inner.failed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -31,7 +31,7 @@ pub fn definition(table: Table) -> TableDefinition<'static, &'static str, &'stat
 
 /// Runs until every sender is dropped. After a failed commit it fails every later job too:
 /// memory is then ahead of the disk, and only a restart (which reloads from disk) is safe.
-pub fn run(db: Arc<Database>, jobs: Receiver<Job>) {
+pub fn run(db: Arc<Database>, jobs: Receiver<Job>, failed: Arc<std::sync::atomic::AtomicBool>) {
     let mut broken: Option<String> = None;
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
@@ -47,6 +47,7 @@ pub fn run(db: Arc<Database>, jobs: Receiver<Job>) {
                 let msg = format!("disk write failed, restart the node: {e}");
                 tracing::error!(error = %e, "embedded store write failed; refusing further writes");
                 broken = Some(msg.clone());
+                failed.store(true, std::sync::atomic::Ordering::Release);
                 msg
             }),
         };
