@@ -34,7 +34,7 @@ async fn acknowledged_state_survives_reopen() {
                 ends_at: None,
             }],
             expires_at: now + chrono::Duration::seconds(60),
-            context: vec![],
+            context: String::new(),
         };
         assert!(s.reserve(op).await.unwrap().granted);
         s.commit("acme", "r1", 3, now).await.unwrap();

@@ -49,7 +49,7 @@ fn reserve_op(id: &str, key: &str, amount: u64, slots: Vec<SlotSpec>) -> Reserve
         idempotency_key: key.into(),
         slots,
         expires_at: t0() + Duration::seconds(60),
-        context: id.as_bytes().to_vec(),
+        context: id.to_string(),
     }
 }
 
@@ -61,7 +61,7 @@ fn record_op(event: &str, amount: i64, slots: Vec<SlotSpec>) -> RecordOp {
         event_id: event.into(),
         slots,
         at: t0(),
-        context: event.as_bytes().to_vec(),
+        context: event.to_string(),
     }
 }
 
@@ -155,7 +155,7 @@ pub async fn reserve_replays_by_idempotency_key<S: Backend>(s: &S) {
     assert_eq!(s.find_reserve("acme", "k2").await.unwrap(), None);
     assert_eq!(s.find_reserve("globex", "k1").await.unwrap(), None);
     assert_eq!(again.reservation_id, first.reservation_id);
-    assert_eq!(again.context, b"r1".to_vec());
+    assert_eq!(again.context, "r1");
     assert_eq!(again.usage, first.usage);
     assert_eq!(usage_of(s, "m").await.reserved, 2);
 }
@@ -313,7 +313,7 @@ pub async fn record_dedups_by_event_id<S: Backend>(s: &S) {
         Some(again.clone())
     );
     assert_eq!(s.find_record("acme", "e2").await.unwrap(), None);
-    assert_eq!(again.context, b"e1".to_vec());
+    assert_eq!(again.context, "e1");
     assert_eq!(usage_of(s, "g").await.used, 2);
 }
 

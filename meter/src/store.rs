@@ -50,9 +50,9 @@ pub struct ReserveOp {
     pub slots: Vec<SlotSpec>,
     /// When the hold lapses if neither committed nor released.
     pub expires_at: DateTime<Utc>,
-    /// Opaque bytes kept with a granted reservation and returned on replay (the caller
+    /// Opaque text kept with a granted reservation and returned on replay (the caller
     /// keeps what it needs to rebuild its first answer).
-    pub context: Vec<u8>,
+    pub context: String,
 }
 
 /// The store's answer to a reserve.
@@ -69,7 +69,7 @@ pub struct ReserveOutcome {
     /// This answer repeats an earlier grant for the same idempotency key.
     pub replayed: bool,
     /// The context given with the first grant.
-    pub context: Vec<u8>,
+    pub context: String,
 }
 
 /// Count units at once (Record), deduplicated by event id.
@@ -87,8 +87,8 @@ pub struct RecordOp {
     pub slots: Vec<SlotSpec>,
     /// When it happened (dedup keys are kept for a retention time after it).
     pub at: DateTime<Utc>,
-    /// Opaque bytes returned on replay.
-    pub context: Vec<u8>,
+    /// Opaque text returned on replay.
+    pub context: String,
 }
 
 /// The store's answer to a record.
@@ -101,7 +101,7 @@ pub struct RecordOutcome {
     /// This answer repeats the first one for the event id.
     pub replayed: bool,
     /// The context given the first time.
-    pub context: Vec<u8>,
+    pub context: String,
 }
 
 /// How a reservation ended.

@@ -90,7 +90,7 @@ pub struct ReservationRow {
     /// Slot usage seen when it was granted.
     pub usage_at_grant: Vec<SlotUsage>,
     /// The caller's context.
-    pub context: Vec<u8>,
+    pub context: String,
 }
 
 /// A counted record, for replays.
@@ -101,7 +101,7 @@ pub struct EventRow {
     /// Slot usage seen before it was counted.
     pub usage: Vec<SlotUsage>,
     /// The caller's context.
-    pub context: Vec<u8>,
+    pub context: String,
 }
 
 /// Everything the store knows.
@@ -211,7 +211,7 @@ impl State {
             reservation_id: String::new(),
             expires_at: op.expires_at,
             replayed: false,
-            context: Vec::new(),
+            context: String::new(),
         };
         if !fits {
             return Applied::read_only(outcome);
@@ -380,7 +380,7 @@ impl State {
                     granted: false,
                     usage,
                     replayed: false,
-                    context: Vec::new(),
+                    context: String::new(),
                 }));
             }
         }

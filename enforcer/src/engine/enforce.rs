@@ -80,8 +80,8 @@ struct Replay {
 }
 
 impl Replay {
-    fn of(plan: &RequestPlan) -> Vec<u8> {
-        serde_json::to_vec(&Replay {
+    fn of(plan: &RequestPlan) -> String {
+        serde_json::to_string(&Replay {
             metric: plan.metric.clone(),
             amount: plan.amount,
             gauge: plan.gauge,
@@ -93,13 +93,13 @@ impl Replay {
     /// The first answer again, for a retry of the same request; `field` names the key that
     /// was reused when the retry asks for something else.
     fn decide(
-        bytes: &[u8],
+        text: &str,
         usage: &[SlotUsage],
         field: &str,
         metric: &str,
         amount: i64,
     ) -> Result<Decision, EngineError> {
-        let r: Replay = serde_json::from_slice(bytes)
+        let r: Replay = serde_json::from_str(text)
             .map_err(|e| EngineError::Internal(format!("stored replay context unreadable: {e}")))?;
         if r.metric != metric || r.amount != amount {
             return Err(EngineError::invalid(
