@@ -70,6 +70,14 @@ pub struct WindowReport {
     pub resets_at: Option<DateTime<Utc>>,
 }
 
+/// Whether a request got past planning and token buckets.
+enum Admission {
+    /// Decided already.
+    Denied(Decision),
+    /// On to the store; `mono` is when the buckets were taken from (for refunds).
+    Proceed { plan: RequestPlan, mono: u64 },
+}
+
 /// What is kept with a grant so that a replay answers exactly as the first time.
 #[derive(Serialize, Deserialize)]
 struct Replay {
@@ -205,26 +213,12 @@ impl Engine {
             dimensions: dims,
             intent: Intent::Check,
         };
-        let plan = match quota::plan_request(&ctx.catalog, &ctx.entitlements, &demand, now)? {
-            Planned::Decided(d) => {
-                return Ok((
-                    self.with_hint(&ctx, d, metric, amount, &[], now),
-                    ctx.entitlements.version,
-                ))
-            }
-            Planned::Plan(p) => p,
+        let version = ctx.entitlements.version;
+        let plan = match self.admit(&ctx, &demand, now, true)? {
+            Admission::Denied(d) => return Ok((d, version)),
+            Admission::Proceed { plan, .. } => plan,
         };
         let n = amount.max(0) as u64;
-        if let Err(r) = self
-            .buckets
-            .take(tenant, &plan.rates, self.clock.monotonic_ns(), n, true)
-        {
-            let d = quota::rate_limited(r.slot, r.retry_after, n);
-            return Ok((
-                self.with_hint(&ctx, d, metric, amount, &[], now),
-                ctx.entitlements.version,
-            ));
-        }
         let keys: Vec<String> = plan.slots.iter().map(|s| s.spec.key.clone()).collect();
         let usage = self.usage.usage(tenant, &keys).await?;
         let fits = plan.slots.iter().zip(&usage).all(|(s, u)| {
@@ -272,24 +266,15 @@ impl Engine {
             dimensions: dims,
             intent: Intent::Reserve,
         };
-        let plan = match quota::plan_request(&ctx.catalog, &ctx.entitlements, &demand, now)? {
-            Planned::Decided(d) => {
-                let d = self.with_hint(&ctx, d, metric, amount, &[], now);
+        let (plan, mono) = match self.admit(&ctx, &demand, now, false)? {
+            Admission::Denied(d) => {
                 return self
                     .reserve_denied(tenant, idempotency_key, (metric, amount), d)
-                    .await;
+                    .await
             }
-            Planned::Plan(p) => p,
+            Admission::Proceed { plan, mono } => (plan, mono),
         };
         let n = amount as u64;
-        let mono = self.clock.monotonic_ns();
-        if let Err(r) = self.buckets.take(tenant, &plan.rates, mono, n, false) {
-            let d = quota::rate_limited(r.slot, r.retry_after, n);
-            let d = self.with_hint(&ctx, d, metric, amount, &[], now);
-            return self
-                .reserve_denied(tenant, idempotency_key, (metric, amount), d)
-                .await;
-        }
         let expires_at = now + chrono::Duration::from_std(ttl).expect("ttl bounded");
         let op = ReserveOp {
             tenant: tenant.to_string(),
@@ -399,24 +384,15 @@ impl Engine {
             dimensions: dims,
             intent: Intent::Record,
         };
-        let plan = match quota::plan_request(&ctx.catalog, &ctx.entitlements, &demand, now)? {
-            Planned::Decided(d) => {
-                let d = self.with_hint(&ctx, d, metric, amount, &[], now);
+        let (plan, mono) = match self.admit(&ctx, &demand, now, false)? {
+            Admission::Denied(d) => {
                 return self
                     .record_denied(tenant, event_id, (metric, amount), d)
-                    .await;
+                    .await
             }
-            Planned::Plan(p) => p,
+            Admission::Proceed { plan, mono } => (plan, mono),
         };
         let n = amount.max(0) as u64;
-        let mono = self.clock.monotonic_ns();
-        if let Err(r) = self.buckets.take(tenant, &plan.rates, mono, n, false) {
-            let d = quota::rate_limited(r.slot, r.retry_after, n);
-            let d = self.with_hint(&ctx, d, metric, amount, &[], now);
-            return self
-                .record_denied(tenant, event_id, (metric, amount), d)
-                .await;
-        }
         let op = RecordOp {
             tenant: tenant.to_string(),
             metric: metric.to_string(),
@@ -509,6 +485,33 @@ impl Engine {
                 })
                 .collect(),
         ))
+    }
+
+    /// Plans the demand and passes its token buckets (taking from them unless `peek`);
+    /// a denial at either step comes back with its upgrade hints.
+    fn admit(
+        &self,
+        ctx: &TenantContext,
+        demand: &Demand<'_>,
+        now: DateTime<Utc>,
+        peek: bool,
+    ) -> Result<Admission, EngineError> {
+        let hinted = |d| self.with_hint(ctx, d, demand.metric, demand.amount, &[], now);
+        let plan = match quota::plan_request(&ctx.catalog, &ctx.entitlements, demand, now)? {
+            Planned::Decided(d) => return Ok(Admission::Denied(hinted(d))),
+            Planned::Plan(p) => p,
+        };
+        let n = demand.amount.max(0) as u64;
+        let mono = self.clock.monotonic_ns();
+        let tenant = &ctx.entitlements.tenant;
+        if let Err(r) = self.buckets.take(tenant, &plan.rates, mono, n, peek) {
+            return Ok(Admission::Denied(hinted(quota::rate_limited(
+                r.slot,
+                r.retry_after,
+                n,
+            ))));
+        }
+        Ok(Admission::Proceed { plan, mono })
     }
 
     /// A denial decided before the store was asked, unless the key was granted before:
