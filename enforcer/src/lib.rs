@@ -16,4 +16,5 @@ pub mod config;
 pub mod embedded;
 pub mod engine;
 pub mod grpc;
+pub mod redis;
 pub mod server;

@@ -18,6 +18,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
+pub mod redis;
+
 /// The repository's example catalog.
 pub fn example_catalog() -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/catalog.yaml"))

@@ -1,0 +1,45 @@
+-- Count a signed amount at once, deduplicated by event id.
+-- KEYS[1] event record (hash), KEYS[2..] counters (hash u=used r=reserved).
+-- ARGV: amount (signed), context, keep_ms, force ('1': count past caps, for usage that
+-- was admitted while this store was unreachable), then per counter: cap, end_ms.
+-- Returns {1, context, u1, r1, ...} replay; {0, u1, r1, ...} refused by a cap;
+-- {-1, index, used} a gauge would go below zero; {2, u1, r1, ...} counted.
+local first = redis.call('HMGET', KEYS[1], 'ctx', 'usage')
+if first[1] then
+  local out = {1, first[1]}
+  for v in string.gmatch(first[2], '[^,]+') do out[#out + 1] = v end
+  return out
+end
+local amount = tonumber(ARGV[1])
+local force = ARGV[4] == '1'
+local n = #KEYS - 1
+local usage = {}
+local fits = true
+for i = 1, n do
+  local c = redis.call('HMGET', KEYS[1 + i], 'u', 'r')
+  local u, r = tonumber(c[1] or '0'), tonumber(c[2] or '0')
+  usage[#usage + 1] = string.format('%d', u)
+  usage[#usage + 1] = string.format('%d', r)
+  if amount < 0 and u + amount < 0 then return {-1, i, string.format('%d', u)} end
+  local cap = ARGV[4 + 2 * i - 1]
+  if amount > 0 and not force and cap ~= '' and u + r + amount > tonumber(cap) then
+    fits = false
+  end
+end
+if not fits then
+  local out = {0}
+  for _, v in ipairs(usage) do out[#out + 1] = v end
+  return out
+end
+local keep = tonumber(ARGV[3])
+for i = 1, n do
+  local key = KEYS[1 + i]
+  redis.call('HINCRBY', key, 'u', amount)
+  local ends = ARGV[4 + 2 * i]
+  if ends ~= '' then redis.call('PEXPIREAT', key, tonumber(ends) + keep) end
+end
+redis.call('HSET', KEYS[1], 'ctx', ARGV[2], 'usage', table.concat(usage, ','))
+redis.call('PEXPIRE', KEYS[1], keep)
+local out = {2}
+for _, v in ipairs(usage) do out[#out + 1] = v end
+return out

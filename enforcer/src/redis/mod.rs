@@ -1,0 +1,724 @@
+//! The Redis store: the shared truth when several nodes enforce the same hard caps.
+//!
+//! Every change is one server-side Lua script (`lua/*.lua`), so a reserve checks every
+//! window and holds units in all or none, with its idempotency record, in one atomic step.
+//! All keys of a tenant carry the tenant as hash tag (`al:{acme}:…`), so in a Redis
+//! Cluster a tenant's scripts run within one slot. Scripts go by EVALSHA and are loaded
+//! again on NOSCRIPT (a promoted replica may not have them cached).
+//!
+//! Key layout, for tenant `t`:
+//! - `al:{t}:c:<slot key>` counter hash (`u` used, `r` reserved), expiring a retention
+//!   time after its period ends;
+//! - `al:{t}:r:<id>` reservation hash; `al:{t}:i:<key>` idempotency record;
+//!   `al:{t}:x` expiry index (sorted set of reservation ids by TTL);
+//! - `al:{t}:e:<event id>` record dedup; `al:{t}:sub` subscription; `al:{t}:ovr` overrides;
+//! - `al:catalog`, `al:tenants` (every subscribed tenant), `al:pending` (tenants with
+//!   open reservations, the sweeper's fast path), channel `al:changes`.
+//!
+//! Numbers in scripts are Lua doubles: counts are exact up to 2^53 (9·10^15) units per
+//! counter, far above any request (at most 10^15).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use meter::catalog::Catalog;
+use meter::grant::Override;
+use meter::lifecycle::Subscription;
+use meter::store::{
+    ControlStore, RecordOp, RecordOutcome, Reservation, ReserveOp, ReserveOutcome, SettleOutcome,
+    Settlement, SlotSpec, SlotUsage, StoreError, UsageStore,
+};
+
+/// The channel on which changes of control state are announced.
+pub const CHANGES: &str = "al:changes";
+/// Message on [`CHANGES`] for a new catalog; other messages are tenant ids.
+pub const CATALOG_CHANGED: &str = "*catalog";
+
+const PENDING: &str = "al:pending";
+const TENANTS: &str = "al:tenants";
+const CATALOG: &str = "al:catalog";
+
+/// How a [`RedisStore`] connects and what it waits for.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `redis://host:port` for one server, `redis-cluster://host:port` for a Cluster seed.
+    pub url: String,
+    /// How long dedup records, settled reservations and ended counters are kept.
+    pub retention: Duration,
+    /// Wait for this many replicas to acknowledge each hard-cap write (`WAIT`), with this
+    /// timeout; `None` answers as soon as the master has it.
+    pub wait_replicas: Option<(u32, Duration)>,
+}
+
+/// The Redis store. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisStore {
+    client: Client,
+    opts: RedisOptions,
+    reserve: Script,
+    settle: Script,
+    record: Script,
+    usage: Script,
+}
+
+fn unavailable(e: Error) -> StoreError {
+    StoreError::Unavailable(format!("redis: {e}"))
+}
+
+fn key(tenant: &str, kind: &str, rest: &str) -> String {
+    format!("al:{{{tenant}}}:{kind}:{rest}")
+}
+
+fn tenant_key(tenant: &str, kind: &str) -> String {
+    format!("al:{{{tenant}}}:{kind}")
+}
+
+fn ms(t: DateTime<Utc>) -> String {
+    t.timestamp_millis().to_string()
+}
+
+/// The script's reply as strings (integers and bulk strings alike).
+fn strings(v: Value) -> Result<Vec<String>, StoreError> {
+    let bad = |what: &str| StoreError::Corrupt(format!("unexpected script reply: {what}"));
+    match v {
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::Integer(i) => Ok(i.to_string()),
+                Value::String(s) => Ok(s.to_string()),
+                Value::Bytes(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
+                Value::Double(d) => Ok(format!("{d:.0}")),
+                Value::Null => Ok(String::new()),
+                other => Err(bad(&format!("{other:?}"))),
+            })
+            .collect(),
+        other => Err(bad(&format!("{other:?}"))),
+    }
+}
+
+fn num(s: &str) -> Result<u64, StoreError> {
+    s.parse::<u64>()
+        .or_else(|_| s.parse::<i64>().map(|i| i.max(0) as u64))
+        .map_err(|_| StoreError::Corrupt(format!("not a count: {s:?}")))
+}
+
+fn pairs(items: &[String]) -> Result<Vec<SlotUsage>, StoreError> {
+    items
+        .chunks(2)
+        .map(|c| {
+            Ok(SlotUsage {
+                used: num(&c[0])?,
+                reserved: num(c.get(1).map_or("0", |s| s.as_str()))?,
+            })
+        })
+        .collect()
+}
+
+fn slot_args(slots: &[SlotSpec]) -> Vec<String> {
+    slots
+        .iter()
+        .flat_map(|s| {
+            [
+                s.cap.map(|c| c.to_string()).unwrap_or_default(),
+                s.ends_at.map(ms).unwrap_or_default(),
+            ]
+        })
+        .collect()
+}
+
+impl RedisStore {
+    /// Connects and loads the scripts.
+    pub async fn connect(opts: RedisOptions) -> Result<RedisStore, StoreError> {
+        let config = Config::from_url(&opts.url).map_err(|e| StoreError::Invalid {
+            field: "redis".into(),
+            reason: format!("{}: {e}", opts.url),
+        })?;
+        let client = Builder::from_config(config)
+            .with_connection_config(|c| {
+                c.connection_timeout = Duration::from_secs(2);
+                c.internal_command_timeout = Duration::from_secs(2);
+                c.tcp = TcpConfig {
+                    nodelay: Some(true),
+                    ..Default::default()
+                };
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = Duration::from_secs(2);
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+            .build()
+            .map_err(unavailable)?;
+        client.init().await.map_err(unavailable)?;
+        let store = RedisStore {
+            client,
+            opts,
+            reserve: Script::from_lua(include_str!("lua/reserve.lua")),
+            settle: Script::from_lua(include_str!("lua/settle.lua")),
+            record: Script::from_lua(include_str!("lua/record.lua")),
+            usage: Script::from_lua(include_str!("lua/usage.lua")),
+        };
+        for s in [&store.reserve, &store.settle, &store.record, &store.usage] {
+            s.load(&store.client).await.map_err(unavailable)?;
+        }
+        Ok(store)
+    }
+
+    /// The client, for subscribers and tests.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn keep_ms(&self) -> String {
+        self.opts.retention.as_millis().to_string()
+    }
+
+    async fn eval(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Vec<String>, StoreError> {
+        let v: Value = script
+            .evalsha_with_reload(&self.client, keys, args)
+            .await
+            .map_err(unavailable)?;
+        strings(v)
+    }
+
+    /// Waits for replicas when configured, on the node that holds `key` (WAIT covers the
+    /// writes made before it on that node's connection).
+    async fn replicate(&self, key: &str) -> Result<(), StoreError> {
+        let Some((n, timeout)) = self.opts.wait_replicas else {
+            return Ok(());
+        };
+        let timeout = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+        let slot = fred::util::redis_keyslot(key.as_bytes());
+        let node = self
+            .client
+            .cached_cluster_state()
+            .and_then(|s| s.get_server(slot).cloned());
+        let acked: i64 = match node {
+            Some(server) => {
+                self.client
+                    .with_cluster_node(server)
+                    .wait(i64::from(n), timeout)
+                    .await
+            }
+            None => self.client.wait(i64::from(n), timeout).await,
+        }
+        .map_err(unavailable)?;
+        if acked < i64::from(n) {
+            tracing::warn!(
+                acked,
+                wanted = n,
+                "fewer replicas acknowledged a write than asked for"
+            );
+        }
+        Ok(())
+    }
+
+    async fn announce(&self, what: &str) {
+        // Caches also expire on their TTL, so a lost announcement only delays the change.
+        if let Err(e) = self.client.publish::<(), _, _>(CHANGES, what).await {
+            tracing::warn!(error = %e, "change not announced");
+        }
+    }
+
+    async fn reservation_row(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<Option<(Reservation, Vec<String>)>, StoreError> {
+        let fields: Vec<Option<String>> = self
+            .client
+            .hmget(
+                key(tenant, "r", id),
+                vec!["amount", "metric", "exp", "state", "slots"],
+            )
+            .await
+            .map_err(unavailable)?;
+        let [Some(amount), Some(metric), Some(exp), Some(state), slots] = fields.as_slice() else {
+            return Ok(None);
+        };
+        let slot_keys: Vec<String> = slots
+            .as_deref()
+            .unwrap_or("")
+            .split('\n')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        let prefix = tenant_key(tenant, "c:");
+        let expires_at =
+            DateTime::from_timestamp_millis(exp.parse().unwrap_or(0)).unwrap_or_default();
+        Ok(Some((
+            Reservation {
+                id: id.to_string(),
+                tenant: tenant.to_string(),
+                metric: metric.clone(),
+                amount: num(amount)?,
+                slots: slot_keys
+                    .iter()
+                    .map(|k| k.strip_prefix(&prefix).unwrap_or(k).to_string())
+                    .collect(),
+                expires_at,
+                settlement: settlement(state),
+            },
+            slot_keys,
+        )))
+    }
+
+    async fn settle_as(
+        &self,
+        tenant: &str,
+        id: &str,
+        how: Settlement,
+        now: DateTime<Utc>,
+    ) -> Result<SettleOutcome, StoreError> {
+        let not_found = || StoreError::NotFound {
+            field: "reservation_id".into(),
+            reason: format!("no reservation {id:?} for tenant {tenant:?}"),
+        };
+        let (_, slot_keys) = self
+            .reservation_row(tenant, id)
+            .await?
+            .ok_or_else(not_found)?;
+        let (code, actual) = match how {
+            Settlement::Committed(a) => ("c", a),
+            Settlement::Released => ("r", 0),
+            Settlement::Expired => ("x", 0),
+        };
+        let mut keys = vec![key(tenant, "r", id), tenant_key(tenant, "x")];
+        keys.extend(slot_keys);
+        let out = self
+            .eval(
+                &self.settle,
+                keys,
+                vec![
+                    code.into(),
+                    actual.to_string(),
+                    now.timestamp_millis().to_string(),
+                    id.into(),
+                ],
+            )
+            .await?;
+        let reserved = num(out.get(1).map_or("0", |s| s.as_str()))?;
+        let state = out.get(2).cloned().unwrap_or_default();
+        let metric = out.get(3).cloned().unwrap_or_default();
+        let result = |settlement, replayed| SettleOutcome {
+            reserved,
+            settlement,
+            replayed,
+            metric: metric.clone(),
+        };
+        match out.first().map(String::as_str) {
+            Some("1") => {
+                self.replicate(&key(tenant, "r", id)).await?;
+                Ok(result(how, false))
+            }
+            Some("2") => Ok(result(how, true)),
+            Some("3") if how == Settlement::Released => Ok(result(Settlement::Expired, true)),
+            Some("3") => Err(StoreError::Conflict(format!(
+                "reservation {id} expired at its TTL before this commit; its units were released"
+            ))),
+            Some("-2") => Err(StoreError::Invalid {
+                field: "actual_amount".into(),
+                reason: format!(
+                    "{actual} is more than the {reserved} reserved; record the excess separately"
+                ),
+            }),
+            Some("-3") => Err(not_found()),
+            Some("-1") => match settlement(&state) {
+                Some(Settlement::Committed(a)) if matches!(how, Settlement::Committed(_)) => {
+                    Err(StoreError::Conflict(format!(
+                        "reservation {id} was already committed with {a}, not {actual}"
+                    )))
+                }
+                _ => Err(StoreError::Conflict(format!(
+                    "reservation {id} was already {}",
+                    state.replace(':', " with ")
+                ))),
+            },
+            other => Err(StoreError::Corrupt(format!(
+                "settle script answered {other:?}"
+            ))),
+        }
+    }
+}
+
+fn settlement(state: &str) -> Option<Settlement> {
+    match state {
+        "released" => Some(Settlement::Released),
+        "expired" => Some(Settlement::Expired),
+        s => s
+            .strip_prefix("committed:")
+            .and_then(|a| a.parse().ok())
+            .map(Settlement::Committed),
+    }
+}
+
+#[async_trait::async_trait]
+impl UsageStore for RedisStore {
+    async fn reserve(&self, op: ReserveOp) -> Result<ReserveOutcome, StoreError> {
+        let mut keys = vec![
+            key(&op.tenant, "i", &op.idempotency_key),
+            key(&op.tenant, "r", &op.reservation_id),
+            tenant_key(&op.tenant, "x"),
+        ];
+        keys.extend(op.slots.iter().map(|s| key(&op.tenant, "c", &s.key)));
+        let mut args = vec![
+            op.amount.to_string(),
+            op.reservation_id.clone(),
+            ms(op.expires_at),
+            op.context.clone(),
+            op.metric.clone(),
+            self.keep_ms(),
+        ];
+        args.extend(slot_args(&op.slots));
+        let out = self.eval(&self.reserve, keys, args).await?;
+        match out.first().map(String::as_str) {
+            Some("1") => Ok(ReserveOutcome {
+                granted: true,
+                reservation_id: out[1].clone(),
+                expires_at: DateTime::from_timestamp_millis(out[2].parse().unwrap_or(0))
+                    .unwrap_or_default(),
+                context: out[3].clone(),
+                usage: pairs(&out[4..])?,
+                replayed: true,
+            }),
+            Some(code @ ("0" | "2")) => {
+                let granted = code == "2";
+                if granted {
+                    // After the grant: a crash before this line leaves the reservation out of
+                    // the sweeper's fast path only; the full scan still finds it.
+                    if let Err(e) = self
+                        .client
+                        .sadd::<(), _, _>(PENDING, op.tenant.as_str())
+                        .await
+                    {
+                        tracing::warn!(error = %e, tenant = %op.tenant, "pending index not updated");
+                    }
+                    self.replicate(&key(&op.tenant, "r", &op.reservation_id))
+                        .await?;
+                }
+                Ok(ReserveOutcome {
+                    granted,
+                    usage: pairs(&out[1..])?,
+                    reservation_id: if granted {
+                        op.reservation_id
+                    } else {
+                        String::new()
+                    },
+                    expires_at: op.expires_at,
+                    replayed: false,
+                    context: if granted { op.context } else { String::new() },
+                })
+            }
+            other => Err(StoreError::Corrupt(format!(
+                "reserve script answered {other:?}"
+            ))),
+        }
+    }
+
+    async fn commit(
+        &self,
+        tenant: &str,
+        reservation_id: &str,
+        actual: u64,
+        now: DateTime<Utc>,
+    ) -> Result<SettleOutcome, StoreError> {
+        self.settle_as(tenant, reservation_id, Settlement::Committed(actual), now)
+            .await
+    }
+
+    async fn release(
+        &self,
+        tenant: &str,
+        reservation_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<SettleOutcome, StoreError> {
+        self.settle_as(tenant, reservation_id, Settlement::Released, now)
+            .await
+    }
+
+    async fn record(&self, op: RecordOp) -> Result<RecordOutcome, StoreError> {
+        let mut keys = vec![key(&op.tenant, "e", &op.event_id)];
+        keys.extend(op.slots.iter().map(|s| key(&op.tenant, "c", &s.key)));
+        let mut args = vec![
+            op.amount.to_string(),
+            op.context.clone(),
+            self.keep_ms(),
+            "0".into(),
+        ];
+        args.extend(slot_args(&op.slots));
+        let out = self.eval(&self.record, keys, args).await?;
+        match out.first().map(String::as_str) {
+            Some("1") => Ok(RecordOutcome {
+                granted: true,
+                context: out[1].clone(),
+                usage: pairs(&out[2..])?,
+                replayed: true,
+            }),
+            Some("0") => Ok(RecordOutcome {
+                granted: false,
+                usage: pairs(&out[1..])?,
+                replayed: false,
+                context: String::new(),
+            }),
+            Some("2") => {
+                self.replicate(&key(&op.tenant, "e", &op.event_id)).await?;
+                Ok(RecordOutcome {
+                    granted: true,
+                    usage: pairs(&out[1..])?,
+                    replayed: false,
+                    context: op.context,
+                })
+            }
+            Some("-1") => Err(StoreError::Invalid {
+                field: "amount".into(),
+                reason: format!(
+                    "{} would take {} below zero ({} in use)",
+                    op.amount,
+                    op.metric,
+                    out.get(2).map_or("0", |s| s.as_str())
+                ),
+            }),
+            other => Err(StoreError::Corrupt(format!(
+                "record script answered {other:?}"
+            ))),
+        }
+    }
+
+    async fn find_reserve(
+        &self,
+        tenant: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<ReserveOutcome>, StoreError> {
+        let f: Vec<Option<String>> = self
+            .client
+            .hmget(
+                key(tenant, "i", idempotency_key),
+                vec!["id", "exp", "ctx", "usage"],
+            )
+            .await
+            .map_err(unavailable)?;
+        let [Some(id), Some(exp), Some(ctx), usage] = f.as_slice() else {
+            return Ok(None);
+        };
+        let usage: Vec<String> = usage
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        Ok(Some(ReserveOutcome {
+            granted: true,
+            reservation_id: id.clone(),
+            expires_at: DateTime::from_timestamp_millis(exp.parse().unwrap_or(0))
+                .unwrap_or_default(),
+            context: ctx.clone(),
+            usage: pairs(&usage)?,
+            replayed: true,
+        }))
+    }
+
+    async fn find_record(
+        &self,
+        tenant: &str,
+        event_id: &str,
+    ) -> Result<Option<RecordOutcome>, StoreError> {
+        let f: Vec<Option<String>> = self
+            .client
+            .hmget(key(tenant, "e", event_id), vec!["ctx", "usage"])
+            .await
+            .map_err(unavailable)?;
+        let [Some(ctx), usage] = f.as_slice() else {
+            return Ok(None);
+        };
+        let usage: Vec<String> = usage
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        Ok(Some(RecordOutcome {
+            granted: true,
+            context: ctx.clone(),
+            usage: pairs(&usage)?,
+            replayed: true,
+        }))
+    }
+
+    async fn usage(&self, tenant: &str, keys: &[String]) -> Result<Vec<SlotUsage>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = keys.iter().map(|k| key(tenant, "c", k)).collect();
+        let out = self.eval(&self.usage, keys, Vec::new()).await?;
+        pairs(&out)
+    }
+
+    async fn reservation(
+        &self,
+        tenant: &str,
+        reservation_id: &str,
+    ) -> Result<Option<Reservation>, StoreError> {
+        Ok(self
+            .reservation_row(tenant, reservation_id)
+            .await?
+            .map(|(r, _)| r))
+    }
+
+    async fn expire_due(
+        &self,
+        now: DateTime<Utc>,
+        max: usize,
+    ) -> Result<Vec<Reservation>, StoreError> {
+        let tenants: Vec<String> = self.client.smembers(PENDING).await.map_err(unavailable)?;
+        let mut out = Vec::new();
+        for tenant in tenants {
+            let index = tenant_key(&tenant, "x");
+            let due: Vec<String> = self
+                .client
+                .zrangebyscore(
+                    &index,
+                    "-inf",
+                    now.timestamp_millis() as f64,
+                    false,
+                    Some((0, max as i64)),
+                )
+                .await
+                .map_err(unavailable)?;
+            for id in due {
+                // Another node may expire it first: that answer is a replay, not an error.
+                match self.settle_as(&tenant, &id, Settlement::Expired, now).await {
+                    Ok(s) if !s.replayed => {
+                        if let Some(r) = self.reservation(&tenant, &id).await? {
+                            out.push(r);
+                        }
+                    }
+                    Ok(_) | Err(StoreError::NotFound { .. }) | Err(StoreError::Conflict(_)) => {
+                        let _: Result<(), _> = self.client.zrem(&index, id.as_str()).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let left: i64 = self.client.zcard(&index).await.map_err(unavailable)?;
+            if left == 0 {
+                let _: Result<(), _> = self.client.srem(PENDING, tenant.as_str()).await;
+                // A reserve may have landed between the count and the removal.
+                let again: i64 = self.client.zcard(&index).await.map_err(unavailable)?;
+                if again > 0 {
+                    let _: Result<(), _> = self.client.sadd(PENDING, tenant.as_str()).await;
+                }
+            }
+            if out.len() >= max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl ControlStore for RedisStore {
+    async fn catalog(&self) -> Result<Option<Catalog>, StoreError> {
+        let text: Option<String> = self.client.get(CATALOG).await.map_err(unavailable)?;
+        text.map(|t| {
+            serde_json::from_str(&t).map_err(|e| StoreError::Corrupt(format!("catalog: {e}")))
+        })
+        .transpose()
+    }
+
+    async fn save_catalog(&self, catalog: &Catalog) -> Result<(), StoreError> {
+        let text = serde_json::to_string(catalog).expect("catalog serializes");
+        self.client
+            .set::<(), _, _>(CATALOG, text, None, None, false)
+            .await
+            .map_err(unavailable)?;
+        self.announce(CATALOG_CHANGED).await;
+        Ok(())
+    }
+
+    async fn subscription(&self, tenant: &str) -> Result<Option<Subscription>, StoreError> {
+        let text: Option<String> = self
+            .client
+            .get(tenant_key(tenant, "sub"))
+            .await
+            .map_err(unavailable)?;
+        text.map(|t| {
+            serde_json::from_str(&t)
+                .map_err(|e| StoreError::Corrupt(format!("subscription of {tenant}: {e}")))
+        })
+        .transpose()
+    }
+
+    async fn save_subscription(&self, sub: &Subscription) -> Result<(), StoreError> {
+        let text = serde_json::to_string(sub).expect("subscription serializes");
+        self.client
+            .set::<(), _, _>(tenant_key(&sub.tenant, "sub"), text, None, None, false)
+            .await
+            .map_err(unavailable)?;
+        self.client
+            .sadd::<(), _, _>(TENANTS, sub.tenant.as_str())
+            .await
+            .map_err(unavailable)?;
+        self.announce(&sub.tenant).await;
+        Ok(())
+    }
+
+    async fn tenants(&self) -> Result<Vec<String>, StoreError> {
+        let mut t: Vec<String> = self.client.smembers(TENANTS).await.map_err(unavailable)?;
+        t.sort();
+        Ok(t)
+    }
+
+    async fn overrides(&self, tenant: &str) -> Result<Vec<Override>, StoreError> {
+        let rows: std::collections::HashMap<String, String> = self
+            .client
+            .hgetall(tenant_key(tenant, "ovr"))
+            .await
+            .map_err(unavailable)?;
+        let mut out = rows
+            .values()
+            .map(|t| {
+                serde_json::from_str(t)
+                    .map_err(|e| StoreError::Corrupt(format!("override of {tenant}: {e}")))
+            })
+            .collect::<Result<Vec<Override>, _>>()?;
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn add_override(&self, o: &Override) -> Result<(), StoreError> {
+        let text = serde_json::to_string(o).expect("override serializes");
+        let added: bool = self
+            .client
+            .hsetnx(tenant_key(&o.tenant, "ovr"), o.id.as_str(), text)
+            .await
+            .map_err(unavailable)?;
+        if !added {
+            return Err(StoreError::Conflict(format!(
+                "override {} already exists",
+                o.id
+            )));
+        }
+        self.announce(&o.tenant).await;
+        Ok(())
+    }
+
+    async fn remove_override(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
+        let removed: i64 = self
+            .client
+            .hdel(tenant_key(tenant, "ovr"), id)
+            .await
+            .map_err(unavailable)?;
+        if removed > 0 {
+            self.announce(tenant).await;
+        }
+        Ok(removed > 0)
+    }
+}
