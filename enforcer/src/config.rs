@@ -18,7 +18,8 @@ pub const DEFAULT_CATALOG: &str = "examples/catalog.yaml";
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ServeArgs {
     /// TOML config file with the same keys as the flags (listen, data_dir, catalog,
-    /// cache_ttl, sweep_interval, retention, log_format). Unknown keys are refused.
+    /// cache_ttl, sweep_interval, retention, log_format, redis, redis_wait_replicas,
+    /// redis_wait_timeout). Unknown keys are refused.
     #[arg(long, env = "ALLOT_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to serve gRPC on; port 0 picks a free one. [default: 127.0.0.1:7411]
@@ -46,6 +47,18 @@ pub struct ServeArgs {
     /// Log format on stderr: text or json. Levels come from RUST_LOG. [default: text]
     #[arg(long, env = "ALLOT_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Keep counters, reservations, catalog, subscriptions and overrides in Redis, shared
+    /// by every node: redis://host:port for one server, redis-cluster://host:port (one
+    /// seed node) for a Redis Cluster. Without it the embedded store in --data-dir is used.
+    #[arg(long, env = "ALLOT_REDIS")]
+    pub redis: Option<String>,
+    /// With --redis: wait until this many replicas acknowledge each hard-cap write (Redis
+    /// WAIT), so that a failover loses fewer acknowledged writes. [default: 0, do not wait]
+    #[arg(long, env = "ALLOT_REDIS_WAIT_REPLICAS")]
+    pub redis_wait_replicas: Option<u32>,
+    /// With --redis-wait-replicas: the longest wait for them. [default: 50ms]
+    #[arg(long, env = "ALLOT_REDIS_WAIT_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub redis_wait_timeout: Option<Duration>,
 }
 
 /// Log output format.
@@ -73,6 +86,10 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde_opt")]
     retention: Option<Duration>,
     log_format: Option<LogFormat>,
+    redis: Option<String>,
+    redis_wait_replicas: Option<u32>,
+    #[serde(default, with = "humantime_serde_opt")]
+    redis_wait_timeout: Option<Duration>,
 }
 
 mod humantime_serde_opt {
@@ -104,6 +121,8 @@ pub struct ServeConfig {
     pub retention: Duration,
     /// Log format.
     pub log_format: LogFormat,
+    /// The shared Redis store, when configured.
+    pub redis: Option<crate::redis::RedisOptions>,
 }
 
 /// Why the configuration could not be built.
@@ -172,7 +191,37 @@ impl ServeArgs {
                 .or(file.retention)
                 .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+            redis: None,
         };
+        let wait = self
+            .redis_wait_replicas
+            .or(file.redis_wait_replicas)
+            .filter(|n| *n > 0);
+        let wait_timeout = self
+            .redis_wait_timeout
+            .or(file.redis_wait_timeout)
+            .unwrap_or(Duration::from_millis(50));
+        let redis = self
+            .redis
+            .clone()
+            .or(file.redis)
+            .map(|url| crate::redis::RedisOptions {
+                url,
+                retention: cfg.retention,
+                wait_replicas: wait.map(|n| (n, wait_timeout)),
+            });
+        if let Some(r) = &redis {
+            if !(r.url.starts_with("redis://") || r.url.starts_with("redis-cluster://")) {
+                return Err(ConfigError::Invalid {
+                    field: "redis",
+                    reason: format!(
+                        "{:?} is not redis://host:port or redis-cluster://host:port",
+                        r.url
+                    ),
+                });
+            }
+        }
+        let cfg = ServeConfig { redis, ..cfg };
         if cfg.sweep_interval.is_zero() {
             return Err(ConfigError::Invalid {
                 field: "sweep_interval",

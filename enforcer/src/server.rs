@@ -17,6 +17,7 @@ use crate::embedded::EmbeddedStore;
 use crate::engine::{Engine, SystemClock};
 use crate::grpc::admin::AdminService;
 use crate::grpc::enforcer::EnforcerService;
+use crate::redis::RedisStore;
 
 /// Most reservations released per sweep; the rest wait for the next one.
 const SWEEP_BATCH: usize = 10_000;
@@ -55,9 +56,14 @@ pub async fn run(
     cfg: &ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let store = EmbeddedStore::open(&cfg.data_dir)?;
-    let usage: Arc<dyn UsageStore> = Arc::new(store.clone());
-    let control: Arc<dyn ControlStore> = Arc::new(store.clone());
+    let backend = match &cfg.redis {
+        Some(opts) => Backend::Redis(RedisStore::connect(opts.clone()).await?),
+        None => Backend::Embedded(EmbeddedStore::open(&cfg.data_dir)?),
+    };
+    let (usage, control): (Arc<dyn UsageStore>, Arc<dyn ControlStore>) = match &backend {
+        Backend::Embedded(s) => (Arc::new(s.clone()), Arc::new(s.clone())),
+        Backend::Redis(s) => (Arc::new(s.clone()), Arc::new(s.clone())),
+    };
     let engine = Arc::new(
         Engine::new(
             usage,
@@ -94,12 +100,20 @@ pub async fn run(
         .set_serving::<EnforcerServer<EnforcerService>>()
         .await;
     health.set_serving::<AdminServer<AdminService>>().await;
+    let listener_task = match &backend {
+        Backend::Redis(store) => Some(tokio::spawn(follow_changes(
+            engine.clone(),
+            store.options().clone(),
+        ))),
+        Backend::Embedded(_) => None,
+    };
     let sweeper = tokio::spawn(sweep(
         engine.clone(),
-        store,
+        backend,
         health,
         cfg.sweep_interval,
         cfg.retention,
+        cfg.cache_ttl,
     ));
 
     let reflection = tonic_reflection::server::Builder::configure()
@@ -116,6 +130,9 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
     sweeper.abort();
+    if let Some(t) = listener_task {
+        t.abort();
+    }
     result?;
     Ok(())
 }
@@ -133,14 +150,60 @@ fn incoming(
     })
 }
 
+/// Where a node keeps its state.
+enum Backend {
+    /// Single node, on local disk.
+    Embedded(EmbeddedStore),
+    /// Shared by every node.
+    Redis(RedisStore),
+}
+
+/// Applies changes announced by other nodes: a tenant's entitlements are dropped from the
+/// cache, a new catalog is loaded. Resubscribes after a lost connection; the cache TTL
+/// covers what was announced while disconnected.
+async fn follow_changes(engine: Arc<Engine>, opts: crate::redis::RedisOptions) {
+    loop {
+        match crate::redis::subscribe_changes(&opts).await {
+            Ok(mut changes) => {
+                tracing::info!("following control-state changes");
+                // Whatever changed while we were not listening.
+                engine.invalidate_all();
+                if let Err(e) = engine.reload_catalog().await {
+                    tracing::warn!(error = %e, "catalog reload failed");
+                }
+                while let Some(change) = changes.recv().await {
+                    if change == crate::redis::EVERYTHING_CHANGED {
+                        engine.invalidate_all();
+                    } else if change == crate::redis::CATALOG_CHANGED {
+                        if let Err(e) = engine.reload_catalog().await {
+                            tracing::warn!(error = %e, "catalog reload failed");
+                        }
+                    } else {
+                        engine.invalidate(&change);
+                    }
+                }
+                tracing::warn!("change subscription ended; resubscribing");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot subscribe to changes; retrying"),
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
 /// Releases reservations past their TTL, and now and then forgets what expired.
 async fn sweep(
     engine: Arc<Engine>,
-    store: EmbeddedStore,
+    backend: Backend,
     health: tonic_health::server::HealthReporter,
     every: std::time::Duration,
     retention: std::time::Duration,
+    cache_ttl: std::time::Duration,
 ) {
+    let embedded = match &backend {
+        Backend::Embedded(s) => Some(s.clone()),
+        Backend::Redis(_) => None,
+    };
+    let sweeps_per_refresh = (cache_ttl.as_millis() / every.as_millis().max(1)).max(1) as u64;
     let retention =
         chrono::Duration::from_std(retention).unwrap_or(crate::embedded::DEFAULT_RETENTION);
     let mut tick = tokio::time::interval(every);
@@ -149,7 +212,7 @@ async fn sweep(
     loop {
         tick.tick().await;
         n += 1;
-        if !store.healthy() {
+        if embedded.as_ref().is_some_and(|s| !s.healthy()) {
             // Load balancers stop sending traffic; the node needs a restart to reload.
             health
                 .set_not_serving::<EnforcerServer<EnforcerService>>()
@@ -173,9 +236,15 @@ async fn sweep(
         if n.is_multiple_of(SWEEPS_PER_PRUNE) {
             engine.prune();
         }
-        if n.is_multiple_of(SWEEPS_PER_COMPACTION) {
+        if let (Some(store), true) = (&embedded, n.is_multiple_of(SWEEPS_PER_COMPACTION)) {
             if let Err(e) = store.compact(engine.now(), retention).await {
                 tracing::warn!(error = %e, "compaction failed");
+            }
+        }
+        if embedded.is_none() && n.is_multiple_of(sweeps_per_refresh) {
+            // The backstop for a missed catalog announcement.
+            if let Err(e) = engine.reload_catalog().await {
+                tracing::warn!(error = %e, "catalog reload failed");
             }
         }
     }

@@ -134,6 +134,35 @@ impl Engine {
         Ok(ctx)
     }
 
+    /// Forgets a tenant's cached entitlements (another node changed them).
+    pub fn invalidate(&self, tenant: &str) {
+        self.cache.invalidate(tenant);
+    }
+
+    /// Forgets every cached entitlement.
+    pub fn invalidate_all(&self) {
+        self.cache.clear();
+    }
+
+    /// Loads the catalog from the control store if it differs from the one in force
+    /// (another node applied it). Returns whether it changed.
+    pub async fn reload_catalog(&self) -> Result<bool, EngineError> {
+        let Some(stored) = self.control.catalog().await? else {
+            return Ok(false);
+        };
+        let same = self
+            .catalog
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|(_, c)| **c == stored);
+        if !same {
+            tracing::info!("catalog changed elsewhere; loaded");
+            self.set_catalog(stored);
+        }
+        Ok(!same)
+    }
+
     /// Drops background state that no longer matters (full token buckets).
     pub fn prune(&self) {
         self.buckets.prune(self.clock.monotonic_ns());

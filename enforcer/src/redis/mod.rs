@@ -35,6 +35,8 @@ use meter::store::{
 pub const CHANGES: &str = "al:changes";
 /// Message on [`CHANGES`] for a new catalog; other messages are tenant ids.
 pub const CATALOG_CHANGED: &str = "*catalog";
+/// Delivered by [`subscribe_changes`] when announcements may have been missed.
+pub const EVERYTHING_CHANGED: &str = "*all";
 
 const PENDING: &str = "al:pending";
 const TENANTS: &str = "al:tenants";
@@ -165,9 +167,14 @@ impl RedisStore {
         Ok(store)
     }
 
-    /// The client, for subscribers and tests.
+    /// The client, for tests.
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// How it was connected.
+    pub fn options(&self) -> &RedisOptions {
+        &self.opts
     }
 
     fn keep_ms(&self) -> String {
@@ -721,4 +728,47 @@ impl ControlStore for RedisStore {
         }
         Ok(removed > 0)
     }
+}
+
+/// Follows the announcements on [`CHANGES`]: tenant ids, [`CATALOG_CHANGED`], and
+/// [`EVERYTHING_CHANGED`] when messages were dropped. The subscription is restored after a
+/// reconnection; the channel closes only if the subscriber task stops.
+pub async fn subscribe_changes(
+    opts: &RedisOptions,
+) -> Result<tokio::sync::mpsc::Receiver<String>, StoreError> {
+    let config = Config::from_url(&opts.url).map_err(|e| StoreError::Invalid {
+        field: "redis".into(),
+        reason: format!("{}: {e}", opts.url),
+    })?;
+    let subscriber = Builder::from_config(config)
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+        .build_subscriber_client()
+        .map_err(unavailable)?;
+    subscriber.init().await.map_err(unavailable)?;
+    let _resubscriber = subscriber.manage_subscriptions();
+    subscriber.subscribe(CHANGES).await.map_err(unavailable)?;
+    let mut messages = subscriber.message_rx();
+    let mut reconnects = subscriber.reconnect_rx();
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(async move {
+        let _subscriber = subscriber;
+        loop {
+            let change = tokio::select! {
+                m = messages.recv() => match m {
+                    Ok(m) => m.value.as_string().unwrap_or_default(),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => EVERYTHING_CHANGED.to_string(),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                },
+                r = reconnects.recv() => match r {
+                    // Announcements made while disconnected are lost.
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => EVERYTHING_CHANGED.to_string(),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                },
+            };
+            if tx.send(change).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
 }

@@ -1,0 +1,164 @@
+//! Several nodes, one truth: three `allot serve` processes sharing Redis (a server and a
+//! Cluster) never admit more than a hard cap, and see each other's admin changes.
+
+mod harness;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use allot_proto::v1 as pb;
+use harness::redis::{RedisCluster, RedisServer};
+use harness::{outcome, reserve, subscribe, window_usage, Node};
+
+const CATALOG: &str = "version: 1
+metrics:
+  calls: { unit: call }
+features:
+  reports: { kind: boolean }
+plans:
+  capped:
+    tier: 0
+    versions:
+      1:
+        limits:
+          calls:
+            - { window: day, amount: 500 }
+            - { window: month, amount: 10000 }
+  bigger:
+    tier: 1
+    versions:
+      1:
+        features: { reports: true }
+        limits:
+          calls:
+            - { window: day, amount: 5000 }
+            - { window: month, amount: 10000 }
+";
+
+async fn nodes(url: &str) -> Vec<Node> {
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        // A long cache TTL: only the change announcements can explain a quick update.
+        out.push(Node::builder().catalog(CATALOG).arg("--redis").arg(url).arg("--cache-ttl").arg("1h").start().await);
+    }
+    out
+}
+
+async fn race_for_the_cap(nodes: &[Node]) {
+    let mut admin = nodes[0].admin().await;
+    subscribe(&mut admin, "acme", "capped").await;
+    let granted = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        for client in 0..64 {
+            let mut e = node.enforcer().await;
+            let granted = granted.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..5 {
+                    let r = e.reserve(reserve("acme", "calls", 1, &format!("n{n}-c{client}-{i}"))).await.unwrap().into_inner();
+                    if outcome(&r.decision) != pb::Outcome::Deny {
+                        granted.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        assert_eq!(r.decision.unwrap().reason, "limit_exceeded");
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(granted.load(Ordering::Relaxed), 500);
+    for node in nodes {
+        let mut e = node.enforcer().await;
+        assert_eq!(window_usage(&mut e, "acme", "calls", "day").await, (0, 500));
+        assert_eq!(window_usage(&mut e, "acme", "calls", "month").await, (0, 500));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_one_redis_admit_exactly_the_cap() {
+    let redis = RedisServer::start().await;
+    let nodes = nodes(&redis.url).await;
+    race_for_the_cap(&nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_one_cluster_admit_exactly_the_cap() {
+    let cluster = RedisCluster::start().await;
+    let nodes = nodes(&cluster.url).await;
+    race_for_the_cap(&nodes).await;
+}
+
+#[tokio::test]
+async fn admin_changes_on_one_node_apply_on_the_others() {
+    let redis = RedisServer::start().await;
+    let nodes = nodes(&redis.url).await;
+    let mut admin = nodes[0].admin().await;
+    subscribe(&mut admin, "acme", "capped").await;
+    let check = pb::CheckRequest { tenant: "acme".into(), feature: "reports".into(), ..Default::default() };
+    let mut others = vec![nodes[1].enforcer().await, nodes[2].enforcer().await];
+    for e in &mut others {
+        // Warm each node's cache with the old answer.
+        let r = e.check(check.clone()).await.unwrap().into_inner();
+        assert_eq!(outcome(&r.decision), pb::Outcome::Deny);
+    }
+    admin
+        .change_subscription(pb::ChangeSubscriptionRequest { tenant: "acme".into(), plan: "bigger".into(), ..Default::default() })
+        .await
+        .unwrap();
+    for e in &mut others {
+        let mut allowed = false;
+        for _ in 0..200 {
+            let r = e.check(check.clone()).await.unwrap().into_inner();
+            if outcome(&r.decision) == pb::Outcome::Allow {
+                allowed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(allowed, "a node kept the old plan despite the announcement");
+    }
+
+    // A grant, and a catalog applied on node 3, reach node 1 too.
+    let grant = pb::GrantOverrideRequest {
+        tenant: "acme".into(),
+        kind: "disable_feature".into(),
+        feature: "reports".into(),
+        actor: "ops".into(),
+        reason: "abuse".into(),
+        ..Default::default()
+    };
+    nodes[2].admin().await.grant_override(grant).await.unwrap();
+    let mut e1 = nodes[0].enforcer().await;
+    let mut denied = false;
+    for _ in 0..200 {
+        let r = e1.check(check.clone()).await.unwrap().into_inner();
+        if outcome(&r.decision) == pb::Outcome::Deny {
+            denied = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(denied);
+    let newer = format!("{CATALOG}  extra:\n    versions:\n      1:\n        features: {{ reports: true }}\n");
+    let applied = nodes[2]
+        .admin()
+        .await
+        .apply_catalog(pb::ApplyCatalogRequest { yaml: newer, source_name: "new".into(), dry_run: false, actor: "t".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(applied.applied);
+    let mut seen = false;
+    for _ in 0..200 {
+        let yaml = nodes[0].admin().await.get_catalog(pb::GetCatalogRequest {}).await.unwrap().into_inner().yaml;
+        if yaml.contains("extra") {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(seen, "node 1 never loaded the catalog applied on node 3");
+}
