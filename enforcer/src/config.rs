@@ -19,7 +19,7 @@ pub const DEFAULT_CATALOG: &str = "examples/catalog.yaml";
 pub struct ServeArgs {
     /// TOML config file with the same keys as the flags (listen, data_dir, catalog,
     /// cache_ttl, sweep_interval, retention, log_format, redis, redis_wait_replicas,
-    /// redis_wait_timeout). Unknown keys are refused.
+    /// redis_wait_timeout, backend_deadline). Unknown keys are refused.
     #[arg(long, env = "ALLOT_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to serve gRPC on; port 0 picks a free one. [default: 127.0.0.1:7411]
@@ -56,6 +56,11 @@ pub struct ServeArgs {
     /// WAIT), so that a failover loses fewer acknowledged writes. [default: 0, do not wait]
     #[arg(long, env = "ALLOT_REDIS_WAIT_REPLICAS")]
     pub redis_wait_replicas: Option<u32>,
+    /// With --redis: the longest wait for Redis on a request before each limit's
+    /// on_backend_failure policy decides (fail_open: allowed, journaled in --data-dir and
+    /// counted in Redis once it is back; fail_closed: denied). [default: 250ms]
+    #[arg(long, env = "ALLOT_BACKEND_DEADLINE", value_parser = humantime::parse_duration)]
+    pub backend_deadline: Option<Duration>,
     /// With --redis-wait-replicas: the longest wait for them. [default: 50ms]
     #[arg(long, env = "ALLOT_REDIS_WAIT_TIMEOUT", value_parser = humantime::parse_duration)]
     pub redis_wait_timeout: Option<Duration>,
@@ -90,6 +95,8 @@ struct FileConfig {
     redis_wait_replicas: Option<u32>,
     #[serde(default, with = "humantime_serde_opt")]
     redis_wait_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    backend_deadline: Option<Duration>,
 }
 
 mod humantime_serde_opt {
@@ -123,6 +130,8 @@ pub struct ServeConfig {
     pub log_format: LogFormat,
     /// The shared Redis store, when configured.
     pub redis: Option<crate::redis::RedisOptions>,
+    /// Longest wait for the shared store before failure policies decide.
+    pub backend_deadline: Duration,
 }
 
 /// Why the configuration could not be built.
@@ -192,6 +201,10 @@ impl ServeArgs {
                 .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             redis: None,
+            backend_deadline: self
+                .backend_deadline
+                .or(file.backend_deadline)
+                .unwrap_or(Duration::from_millis(250)),
         };
         let wait = self
             .redis_wait_replicas

@@ -13,6 +13,7 @@
 //! The `allot` binary (src/main.rs) adds the client commands (src/cli/).
 
 pub mod config;
+pub mod degraded;
 pub mod embedded;
 pub mod engine;
 pub mod grpc;

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::ServeConfig;
+use crate::degraded::{EntryState, Journal};
 use crate::embedded::EmbeddedStore;
 use crate::engine::{Engine, SystemClock};
 use crate::grpc::admin::AdminService;
@@ -64,15 +65,18 @@ pub async fn run(
         Backend::Embedded(s) => (Arc::new(s.clone()), Arc::new(s.clone())),
         Backend::Redis(s) => (Arc::new(s.clone()), Arc::new(s.clone())),
     };
-    let engine = Arc::new(
-        Engine::new(
-            usage,
-            control,
-            Arc::new(SystemClock::default()),
-            cfg.cache_ttl,
-        )
-        .await?,
-    );
+    let mut engine = Engine::new(
+        usage,
+        control,
+        Arc::new(SystemClock::default()),
+        cfg.cache_ttl,
+    )
+    .await?;
+    if let Backend::Redis(_) = &backend {
+        let journal = Arc::new(Journal::open(&cfg.data_dir)?);
+        engine = engine.with_degraded(journal, cfg.backend_deadline);
+    }
+    let engine = Arc::new(engine);
 
     if let Some((path, explicit)) = &cfg.catalog {
         let text = std::fs::read_to_string(path).map_err(|source| ServeError::CatalogFile {
@@ -148,6 +152,47 @@ fn incoming(
         conn.set_nodelay(true)?;
         Ok(conn)
     })
+}
+
+/// Replays into Redis what was admitted while it was unreachable, once it answers again.
+async fn reconcile(engine: &Engine, redis: &RedisStore) {
+    let Some(d) = engine.degraded() else { return };
+    if !d.breaker.closed() {
+        return;
+    }
+    let entries = match d.journal.settled(engine.now(), SWEEP_BATCH) {
+        Ok(e) if e.is_empty() => return,
+        Ok(e) => e,
+        Err(e) => return tracing::warn!(error = %e, "degraded journal unreadable"),
+    };
+    let mut counted = 0;
+    for e in entries {
+        let (amount, event_id) = match e.state {
+            EntryState::Committed(a) => (
+                a as i64,
+                format!("{}{}", crate::engine::enforce::DEGRADED_PREFIX, e.id),
+            ),
+            EntryState::Recorded(a) => (a, e.id.clone()),
+            EntryState::Released | EntryState::Held { .. } => (0, String::new()),
+        };
+        if amount != 0 {
+            if let Err(err) = redis
+                .record_forced(&e.tenant, amount, &event_id, &e.slots)
+                .await
+            {
+                // Still down after all: keep the entry for the next sweep.
+                return tracing::warn!(error = %err, "reconciliation paused");
+            }
+            counted += 1;
+        }
+        if let Err(err) = d.journal.remove(&e.tenant, &e.id) {
+            return tracing::warn!(error = %err, "degraded journal not updated");
+        }
+    }
+    tracing::info!(
+        counted,
+        "usage admitted while degraded reconciled into redis"
+    );
 }
 
 /// Where a node keeps its state.
@@ -235,6 +280,9 @@ async fn sweep(
         }
         if n.is_multiple_of(SWEEPS_PER_PRUNE) {
             engine.prune();
+        }
+        if let Backend::Redis(redis) = &backend {
+            reconcile(&engine, redis).await;
         }
         if let (Some(store), true) = (&embedded, n.is_multiple_of(SWEEPS_PER_COMPACTION)) {
             if let Err(e) = store.compact(engine.now(), retention).await {

@@ -40,7 +40,16 @@ async fn nodes(url: &str) -> Vec<Node> {
     let mut out = Vec::new();
     for _ in 0..3 {
         // A long cache TTL: only the change announcements can explain a quick update.
-        out.push(Node::builder().catalog(CATALOG).arg("--redis").arg(url).arg("--cache-ttl").arg("1h").start().await);
+        out.push(
+            Node::builder()
+                .catalog(CATALOG)
+                .arg("--redis")
+                .arg(url)
+                .arg("--cache-ttl")
+                .arg("1h")
+                .start()
+                .await,
+        );
     }
     out
 }
@@ -56,7 +65,11 @@ async fn race_for_the_cap(nodes: &[Node]) {
             let granted = granted.clone();
             tasks.push(tokio::spawn(async move {
                 for i in 0..5 {
-                    let r = e.reserve(reserve("acme", "calls", 1, &format!("n{n}-c{client}-{i}"))).await.unwrap().into_inner();
+                    let r = e
+                        .reserve(reserve("acme", "calls", 1, &format!("n{n}-c{client}-{i}")))
+                        .await
+                        .unwrap()
+                        .into_inner();
                     if outcome(&r.decision) != pb::Outcome::Deny {
                         granted.fetch_add(1, Ordering::Relaxed);
                     } else {
@@ -73,7 +86,10 @@ async fn race_for_the_cap(nodes: &[Node]) {
     for node in nodes {
         let mut e = node.enforcer().await;
         assert_eq!(window_usage(&mut e, "acme", "calls", "day").await, (0, 500));
-        assert_eq!(window_usage(&mut e, "acme", "calls", "month").await, (0, 500));
+        assert_eq!(
+            window_usage(&mut e, "acme", "calls", "month").await,
+            (0, 500)
+        );
     }
 }
 
@@ -97,7 +113,11 @@ async fn admin_changes_on_one_node_apply_on_the_others() {
     let nodes = nodes(&redis.url).await;
     let mut admin = nodes[0].admin().await;
     subscribe(&mut admin, "acme", "capped").await;
-    let check = pb::CheckRequest { tenant: "acme".into(), feature: "reports".into(), ..Default::default() };
+    let check = pb::CheckRequest {
+        tenant: "acme".into(),
+        feature: "reports".into(),
+        ..Default::default()
+    };
     let mut others = vec![nodes[1].enforcer().await, nodes[2].enforcer().await];
     for e in &mut others {
         // Warm each node's cache with the old answer.
@@ -105,7 +125,11 @@ async fn admin_changes_on_one_node_apply_on_the_others() {
         assert_eq!(outcome(&r.decision), pb::Outcome::Deny);
     }
     admin
-        .change_subscription(pb::ChangeSubscriptionRequest { tenant: "acme".into(), plan: "bigger".into(), ..Default::default() })
+        .change_subscription(pb::ChangeSubscriptionRequest {
+            tenant: "acme".into(),
+            plan: "bigger".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     for e in &mut others {
@@ -142,18 +166,32 @@ async fn admin_changes_on_one_node_apply_on_the_others() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(denied);
-    let newer = format!("{CATALOG}  extra:\n    versions:\n      1:\n        features: {{ reports: true }}\n");
+    let newer = format!(
+        "{CATALOG}  extra:\n    versions:\n      1:\n        features: {{ reports: true }}\n"
+    );
     let applied = nodes[2]
         .admin()
         .await
-        .apply_catalog(pb::ApplyCatalogRequest { yaml: newer, source_name: "new".into(), dry_run: false, actor: "t".into() })
+        .apply_catalog(pb::ApplyCatalogRequest {
+            yaml: newer,
+            source_name: "new".into(),
+            dry_run: false,
+            actor: "t".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(applied.applied);
     let mut seen = false;
     for _ in 0..200 {
-        let yaml = nodes[0].admin().await.get_catalog(pb::GetCatalogRequest {}).await.unwrap().into_inner().yaml;
+        let yaml = nodes[0]
+            .admin()
+            .await
+            .get_catalog(pb::GetCatalogRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .yaml;
         if yaml.contains("extra") {
             seen = true;
             break;

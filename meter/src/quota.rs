@@ -90,6 +90,9 @@ pub struct QuotaSlot {
     pub resets_at: Option<DateTime<Utc>>,
     /// What the store needs.
     pub spec: SlotSpec,
+    /// The limit allows requests when its backend cannot be reached.
+    #[serde(default)]
+    pub fail_open: bool,
 }
 
 /// A token bucket the request must pass.
@@ -238,6 +241,7 @@ fn quota_slot(metric: &str, l: &ResolvedLimit, ent: &Entitlements, at: DateTime<
             cap: l.cap(),
             ends_at: period.end,
         },
+        fail_open: l.on_backend_failure == crate::catalog::FailurePolicy::FailOpen,
     }
 }
 
@@ -420,4 +424,34 @@ pub fn rate_limited(
     d.limit = Some(slot.gcra.rate());
     d.retry_after = retry_after;
     d
+}
+
+/// The decision when the store holding the counters cannot be reached: allowed (and
+/// saying so) only if every limit of the request fails open; denied otherwise, naming the
+/// first limit that fails closed.
+pub fn degraded(plan: &RequestPlan) -> Decision {
+    match plan.slots.iter().find(|s| !s.fail_open) {
+        None => {
+            let mut d = Decision::simple(
+                Outcome::AllowWithWarning,
+                Reason::DegradedFailOpen,
+                "the shared store is unreachable; allowed because the limits fail open, counted locally and reconciled later",
+            );
+            d.window = plan.slots.first().map(|s| s.window);
+            d
+        }
+        Some(slot) => {
+            let mut d = Decision::deny(
+                Reason::BackendUnavailable,
+                format!(
+                    "the shared store is unreachable and the {} limit of {} fails closed",
+                    slot.window, plan.metric
+                ),
+            );
+            d.window = Some(slot.window);
+            d.limit = Some(slot.limit);
+            d.resets_at = slot.resets_at;
+            d
+        }
+    }
 }

@@ -55,6 +55,15 @@ impl EntitlementCache {
         })
     }
 
+    /// The tenant's last context whatever its age, if it is still right at `at` (same
+    /// catalog generation is not required: better an old catalog than no answer).
+    pub fn get_stale(&self, tenant: &str, at: DateTime<Utc>) -> Option<TenantContext> {
+        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        let e = entries.get(tenant)?;
+        let ent = &e.ctx.entitlements;
+        (at >= ent.at && ent.valid_until.is_none_or(|until| at < until)).then(|| e.ctx.clone())
+    }
+
     /// The invalidation epoch; read it before reading the store.
     pub fn epoch(&self) -> u64 {
         self.epoch.load(std::sync::atomic::Ordering::Acquire)

@@ -13,11 +13,16 @@ use meter::hint::{upgrade_options, Need};
 use meter::keys;
 use meter::quota::{self, Demand, Intent, Planned, QuotaSlot, RequestPlan};
 use meter::resolve::{FeatureGrant, ResolvedLimit};
-use meter::store::{RecordOp, ReserveOp, SettleOutcome, Settlement, SlotUsage};
+use meter::store::{RecordOp, ReserveOp, SettleOutcome, Settlement, SlotUsage, StoreError};
 use meter::window::{period_at, Window};
 use serde::{Deserialize, Serialize};
 
+use crate::degraded::{Entry, EntryState};
+
 use super::{Engine, EngineError, TenantContext};
+
+/// Reservation ids made while the shared store was unreachable start with this.
+pub const DEGRADED_PREFIX: &str = "dg-";
 
 /// Default reservation TTL.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
@@ -220,7 +225,13 @@ impl Engine {
         };
         let n = amount.max(0) as u64;
         let keys: Vec<String> = plan.slots.iter().map(|s| s.spec.key.clone()).collect();
-        let usage = self.usage.usage(tenant, &keys).await?;
+        let usage = match self.guarded(self.usage.usage(tenant, &keys)).await {
+            Ok(u) => u,
+            Err(e) if e.is_transient() && self.degraded.is_some() => {
+                return Ok((quota::degraded(&plan), version));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let fits = plan.slots.iter().zip(&usage).all(|(s, u)| {
             s.spec
                 .cap
@@ -286,8 +297,15 @@ impl Engine {
             expires_at,
             context: Replay::of(&plan),
         };
-        let out = match self.usage.reserve(op).await {
+        let out = match self.guarded(self.usage.reserve(op.clone())).await {
             Ok(out) => out,
+            Err(e) if e.is_transient() && self.degraded.is_some() => {
+                let r = self.reserve_degraded(&plan, op)?;
+                if !r.decision.outcome.allowed() {
+                    self.buckets.refund(tenant, &plan.rates, mono, n);
+                }
+                return Ok(r);
+            }
             Err(e) => {
                 self.buckets.refund(tenant, &plan.rates, mono, n);
                 return Err(e.into());
@@ -344,9 +362,14 @@ impl Engine {
                 "must not be negative",
             ));
         }
+        if let Some(out) = self.settle_degraded(tenant, reservation_id, Some(actual as u64))? {
+            return Ok(out);
+        }
         Ok(self
-            .usage
-            .commit(tenant, reservation_id, actual as u64, self.now())
+            .guarded(
+                self.usage
+                    .commit(tenant, reservation_id, actual as u64, self.now()),
+            )
             .await?)
     }
 
@@ -358,9 +381,11 @@ impl Engine {
     ) -> Result<SettleOutcome, EngineError> {
         super::check_tenant(tenant)?;
         keys::check_key(reservation_id).map_err(|r| EngineError::invalid("reservation_id", r))?;
+        if let Some(out) = self.settle_degraded(tenant, reservation_id, None)? {
+            return Ok(out);
+        }
         Ok(self
-            .usage
-            .release(tenant, reservation_id, self.now())
+            .guarded(self.usage.release(tenant, reservation_id, self.now()))
             .await?)
     }
 
@@ -402,8 +427,15 @@ impl Engine {
             at: now,
             context: Replay::of(&plan),
         };
-        let out = match self.usage.record(op).await {
+        let out = match self.guarded(self.usage.record(op.clone())).await {
             Ok(out) => out,
+            Err(e) if e.is_transient() && self.degraded.is_some() => {
+                let r = self.record_degraded(&plan, &op)?;
+                if !r.recorded {
+                    self.buckets.refund(tenant, &plan.rates, mono, n);
+                }
+                return Ok(r);
+            }
             Err(e) => {
                 self.buckets.refund(tenant, &plan.rates, mono, n);
                 return Err(e.into());
@@ -467,7 +499,7 @@ impl Engine {
             .zip(&periods)
             .map(|(l, p)| format!("{metric}|{}|{}", l.window, p.start.timestamp()))
             .collect();
-        let usage = self.usage.usage(tenant, &keys).await?;
+        let usage = self.guarded(self.usage.usage(tenant, &keys)).await?;
         Ok(Some(
             limits
                 .iter()
@@ -485,6 +517,142 @@ impl Engine {
                 })
                 .collect(),
         ))
+    }
+
+    /// A store call under the deadline and circuit breaker of a shared store; without
+    /// one (embedded store) the call as it is.
+    async fn guarded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let Some(d) = &self.degraded else {
+            return call.await;
+        };
+        if !d.breaker.allow() {
+            return Err(StoreError::Unavailable(
+                "shared store unreachable (circuit open)".into(),
+            ));
+        }
+        match tokio::time::timeout(d.deadline, call).await {
+            Ok(Ok(v)) => {
+                d.breaker.success();
+                Ok(v)
+            }
+            Ok(Err(e)) if e.is_transient() => {
+                d.breaker.failure();
+                Err(e)
+            }
+            Ok(Err(e)) => {
+                d.breaker.success();
+                Err(e)
+            }
+            Err(_) => {
+                d.breaker.failure();
+                Err(StoreError::Unavailable(format!(
+                    "shared store did not answer within {}",
+                    humantime::format_duration(d.deadline)
+                )))
+            }
+        }
+    }
+
+    /// Reserve while the shared store is down: each limit's policy decides; what is
+    /// admitted is journaled locally before the answer.
+    fn reserve_degraded(&self, plan: &RequestPlan, op: ReserveOp) -> Result<Reserved, EngineError> {
+        let journal = &self
+            .degraded
+            .as_ref()
+            .expect("checked by the caller")
+            .journal;
+        if let Some(first) = journal.reservation_for_key(&op.tenant, &op.idempotency_key)? {
+            let mut d = quota::degraded(plan);
+            d.message = "replayed: first granted while the shared store was unreachable".into();
+            let expires_at = match first.state {
+                EntryState::Held { expires_at, .. } => Some(expires_at),
+                _ => None,
+            };
+            return Ok(Reserved {
+                decision: d,
+                reservation_id: Some(first.id),
+                expires_at,
+                replayed: true,
+            });
+        }
+        let d = quota::degraded(plan);
+        if !d.outcome.allowed() {
+            return Ok(denied(d));
+        }
+        let id = format!("{DEGRADED_PREFIX}{}", op.reservation_id);
+        let entry = Entry {
+            tenant: op.tenant.clone(),
+            id: id.clone(),
+            metric: op.metric.clone(),
+            slots: op.slots.clone(),
+            state: EntryState::Held {
+                amount: op.amount,
+                expires_at: op.expires_at,
+            },
+        };
+        journal.reserve(&entry, &op.idempotency_key)?;
+        tracing::warn!(tenant = %op.tenant, metric = %op.metric, amount = op.amount, "reserved while degraded (fail open)");
+        Ok(Reserved {
+            decision: d,
+            reservation_id: Some(id),
+            expires_at: Some(op.expires_at),
+            replayed: false,
+        })
+    }
+
+    /// Record while the shared store is down.
+    fn record_degraded(&self, plan: &RequestPlan, op: &RecordOp) -> Result<Recorded, EngineError> {
+        let journal = &self
+            .degraded
+            .as_ref()
+            .expect("checked by the caller")
+            .journal;
+        let d = quota::degraded(plan);
+        if !d.outcome.allowed() {
+            return Ok(Recorded {
+                decision: d,
+                recorded: false,
+                replayed: false,
+            });
+        }
+        let entry = Entry {
+            tenant: op.tenant.clone(),
+            id: op.event_id.clone(),
+            metric: op.metric.clone(),
+            slots: op.slots.clone(),
+            state: EntryState::Recorded(op.amount),
+        };
+        let fresh = journal.record(&entry)?;
+        if fresh {
+            tracing::warn!(tenant = %op.tenant, metric = %op.metric, amount = op.amount, "recorded while degraded (fail open)");
+        }
+        Ok(Recorded {
+            decision: d,
+            recorded: true,
+            replayed: !fresh,
+        })
+    }
+
+    /// Commit or release of a reservation made while degraded (its id says so).
+    fn settle_degraded(
+        &self,
+        tenant: &str,
+        id: &str,
+        actual: Option<u64>,
+    ) -> Result<Option<SettleOutcome>, EngineError> {
+        let (Some(d), true) = (&self.degraded, id.starts_with(DEGRADED_PREFIX)) else {
+            return Ok(None);
+        };
+        let (reserved, replayed) = d.journal.settle(tenant, id, actual, self.now())?;
+        Ok(Some(SettleOutcome {
+            reserved,
+            settlement: actual.map_or(Settlement::Released, Settlement::Committed),
+            replayed,
+            metric: String::new(),
+        }))
     }
 
     /// Plans the demand and passes its token buckets (taking from them unless `peek`);
@@ -523,7 +691,11 @@ impl Engine {
         (metric, amount): (&str, i64),
         d: Decision,
     ) -> Result<Reserved, EngineError> {
-        match self.usage.find_reserve(tenant, key).await? {
+        match self
+            .guarded(self.usage.find_reserve(tenant, key))
+            .await
+            .unwrap_or(None)
+        {
             Some(first) => Ok(Reserved {
                 decision: Replay::decide(
                     &first.context,
@@ -548,7 +720,11 @@ impl Engine {
         (metric, amount): (&str, i64),
         d: Decision,
     ) -> Result<Recorded, EngineError> {
-        match self.usage.find_record(tenant, event_id).await? {
+        match self
+            .guarded(self.usage.find_record(tenant, event_id))
+            .await
+            .unwrap_or(None)
+        {
             Some(first) => Ok(Recorded {
                 decision: Replay::decide(&first.context, &first.usage, "event_id", metric, amount)?,
                 recorded: true,

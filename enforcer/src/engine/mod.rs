@@ -30,6 +30,7 @@ pub use clock::{Clock, SystemClock};
 pub use error::EngineError;
 
 /// What a request is decided against.
+#[derive(Clone)]
 pub struct TenantContext {
     /// The catalog in force.
     pub catalog: Arc<Catalog>,
@@ -52,6 +53,18 @@ pub struct Engine {
     /// Serializes admin writes: each reads, validates and writes, which must not
     /// interleave with another (two catalog applies, two add-on changes of one tenant).
     admin_lock: tokio::sync::Mutex<()>,
+    /// With a shared store: what decides while it is unreachable.
+    degraded: Option<Degraded>,
+}
+
+/// The degraded-mode equipment of a node with a shared store.
+pub struct Degraded {
+    /// Skips the store while it is down.
+    pub breaker: crate::degraded::Breaker,
+    /// What was admitted meanwhile.
+    pub journal: Arc<crate::degraded::Journal>,
+    /// The longest wait for the store before a limit's failure policy decides.
+    pub deadline: std::time::Duration,
 }
 
 impl Engine {
@@ -71,7 +84,28 @@ impl Engine {
             cache: cache::EntitlementCache::new(cache_ttl),
             buckets: buckets::Buckets::default(),
             admin_lock: tokio::sync::Mutex::new(()),
+            degraded: None,
         })
+    }
+
+    /// Decides by each limit's failure policy when the store fails or passes `deadline`,
+    /// journaling fail-open admissions in `journal`.
+    pub fn with_degraded(
+        mut self,
+        journal: Arc<crate::degraded::Journal>,
+        deadline: std::time::Duration,
+    ) -> Self {
+        self.degraded = Some(Degraded {
+            breaker: Default::default(),
+            journal,
+            deadline,
+        });
+        self
+    }
+
+    /// The degraded-mode equipment, if any (for the reconciler).
+    pub fn degraded(&self) -> Option<&Degraded> {
+        self.degraded.as_ref()
     }
 
     /// The clock.
@@ -116,6 +150,28 @@ impl Engine {
             return Ok(ctx);
         }
         let epoch = self.cache.epoch();
+        match self.resolve_fresh(tenant, at, generation, catalog).await {
+            Ok(ctx) => {
+                self.cache.put(tenant, generation, epoch, &ctx);
+                Ok(ctx)
+            }
+            // With the shared store down, entitlements a little past their TTL beat none:
+            // the failure policies of their limits can still decide.
+            Err(EngineError::Unavailable(e)) => self
+                .cache
+                .get_stale(tenant, at)
+                .ok_or(EngineError::Unavailable(e)),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn resolve_fresh(
+        &self,
+        tenant: &str,
+        at: DateTime<Utc>,
+        _generation: u64,
+        catalog: Arc<Catalog>,
+    ) -> Result<TenantContext, EngineError> {
         let sub = self.control.subscription(tenant).await?.ok_or_else(|| {
             EngineError::not_found(
                 "tenant",
@@ -130,7 +186,6 @@ impl Engine {
             overrides: Arc::new(overrides),
             entitlements: Arc::new(ent),
         };
-        self.cache.put(tenant, generation, epoch, &ctx);
         Ok(ctx)
     }
 

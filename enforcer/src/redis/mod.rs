@@ -276,6 +276,46 @@ impl RedisStore {
         )))
     }
 
+    /// Counts usage that was admitted while this store was unreachable: no cap is
+    /// checked (it already happened), and `event_id` makes a repeated replay count once.
+    /// Returns false when the event id was counted before.
+    pub async fn record_forced(
+        &self,
+        tenant: &str,
+        amount: i64,
+        event_id: &str,
+        slots: &[SlotSpec],
+    ) -> Result<bool, StoreError> {
+        let mut keys = vec![key(tenant, "e", event_id)];
+        keys.extend(slots.iter().map(|s| key(tenant, "c", &s.key)));
+        let mut args = vec![
+            amount.to_string(),
+            String::new(),
+            self.keep_ms(),
+            "1".into(),
+        ];
+        args.extend(slot_args(slots));
+        let out = self.eval(&self.record, keys, args).await?;
+        match out.first().map(String::as_str) {
+            Some("2") => Ok(true),
+            Some("1") => Ok(false),
+            // A gauge decrease that no longer fits (the gauge moved meanwhile): counting it
+            // would go below zero, so it is dropped and said so.
+            Some("-1") => {
+                tracing::warn!(
+                    tenant,
+                    event_id,
+                    amount,
+                    "degraded gauge decrease dropped: it would go below zero"
+                );
+                Ok(false)
+            }
+            other => Err(StoreError::Corrupt(format!(
+                "record script answered {other:?}"
+            ))),
+        }
+    }
+
     async fn settle_as(
         &self,
         tenant: &str,

@@ -1,0 +1,136 @@
+//! Faults: Redis killed under load. Each limit's failure policy decides meanwhile, the
+//! node stays up, and once Redis is back what was admitted while it was away is counted
+//! there, once.
+
+mod harness;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use allot_proto::v1 as pb;
+use harness::redis::RedisServer;
+use harness::{record, reserve, subscribe, window_usage, Node};
+
+const CATALOG: &str = "version: 1
+metrics:
+  open_calls: { unit: call }
+  closed_calls: { unit: call }
+plans:
+  p:
+    versions:
+      1:
+        limits:
+          open_calls:
+            - { window: day, amount: 1000000, on_backend_failure: fail_open }
+          closed_calls:
+            - { window: day, amount: 1000000 }
+";
+
+#[derive(Default)]
+struct Ledger {
+    open_acked: u64,
+    degraded: u64,
+    closed_acked: u64,
+    closed_refused: u64,
+    errors: u64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_follows_policies_and_reconciles_exactly() {
+    // appendfsync always: what Redis acknowledged survives its SIGKILL.
+    let mut redis = RedisServer::start_with(&["--appendfsync", "always"]).await;
+    let node = Node::builder()
+        .catalog(CATALOG)
+        .arg("--redis")
+        .arg(&redis.url)
+        .arg("--cache-ttl")
+        .arg("1h")
+        .arg("--sweep-interval")
+        .arg("200ms")
+        .start()
+        .await;
+    let mut admin = node.admin().await;
+    subscribe(&mut admin, "acme", "p").await;
+
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let loader = {
+        let mut e = node.enforcer().await;
+        let (ledger, stop) = (ledger.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let amount = 1 + i % 3;
+                for metric in ["open_calls", "closed_calls"] {
+                    let r = e.record(record("acme", metric, amount as i64, &format!("{metric}-{i}"))).await;
+                    let mut l = ledger.lock().unwrap();
+                    match r {
+                        Err(_) => l.errors += 1,
+                        Ok(r) => {
+                            let r = r.into_inner();
+                            let reason = r.decision.as_ref().unwrap().reason.clone();
+                            match (metric, r.recorded) {
+                                ("open_calls", true) => {
+                                    l.open_acked += amount;
+                                    if reason == "degraded_fail_open" {
+                                        l.degraded += amount;
+                                    }
+                                }
+                                ("closed_calls", true) => l.closed_acked += amount,
+                                (_, false) => {
+                                    assert_eq!(reason, "backend_unavailable");
+                                    l.closed_refused += 1;
+                                }
+                                _ => unreachable!(),
+                            }
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.kill9().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // A reservation while degraded, settled while degraded.
+    let mut e = node.enforcer().await;
+    let r = e.reserve(reserve("acme", "open_calls", 5, "dg-res")).await.unwrap().into_inner();
+    assert!(r.reservation_id.starts_with("dg-"), "{r:?}");
+    assert_eq!(r.decision.as_ref().unwrap().reason, "degraded_fail_open");
+    let c = pb::CommitRequest { tenant: "acme".into(), reservation_id: r.reservation_id.clone(), actual_amount: 3 };
+    assert_eq!(e.commit(c).await.unwrap().into_inner().committed, 3);
+    let denied = e.reserve(reserve("acme", "closed_calls", 1, "closed-res")).await.unwrap().into_inner();
+    assert_eq!(denied.decision.unwrap().reason, "backend_unavailable");
+
+    redis.restart().await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    loader.await.unwrap();
+
+    let l = std::mem::take(&mut *ledger.lock().unwrap());
+    assert!(l.degraded > 0, "the outage was noticed");
+    assert!(l.closed_refused > 0, "fail-closed limits refused during the outage");
+    let expected_open = l.open_acked + 3;
+    let mut used = 0;
+    for _ in 0..100 {
+        used = window_usage(&mut e, "acme", "open_calls", "day").await.0;
+        if used >= expected_open {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(used, expected_open, "errors during the run: {}", l.errors);
+    // Later sweeps count nothing twice.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(window_usage(&mut e, "acme", "open_calls", "day").await.0, expected_open);
+    assert_eq!(window_usage(&mut e, "acme", "closed_calls", "day").await.0, l.closed_acked);
+    println!(
+        "admitted {} open units ({} while degraded), {} closed refused, {} errors",
+        l.open_acked, l.degraded, l.closed_refused, l.errors
+    );
+}
