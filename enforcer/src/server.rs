@@ -58,12 +58,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let backend = match &cfg.redis {
-        Some(opts) => Backend::Redis(RedisStore::connect(opts.clone()).await?),
+        Some(opts) => Backend::Redis(Box::new(RedisStore::connect(opts.clone()).await?)),
         None => Backend::Embedded(EmbeddedStore::open(&cfg.data_dir)?),
     };
     let (usage, control): (Arc<dyn UsageStore>, Arc<dyn ControlStore>) = match &backend {
         Backend::Embedded(s) => (Arc::new(s.clone()), Arc::new(s.clone())),
-        Backend::Redis(s) => (Arc::new(s.clone()), Arc::new(s.clone())),
+        Backend::Redis(s) => (Arc::new((**s).clone()), Arc::new((**s).clone())),
     };
     let mut engine = Engine::new(
         usage,
@@ -200,7 +200,7 @@ enum Backend {
     /// Single node, on local disk.
     Embedded(EmbeddedStore),
     /// Shared by every node.
-    Redis(RedisStore),
+    Redis(Box<RedisStore>),
 }
 
 /// Applies changes announced by other nodes: a tenant's entitlements are dropped from the

@@ -64,7 +64,14 @@ async fn redis_outage_follows_policies_and_reconciles_exactly() {
                 i += 1;
                 let amount = 1 + i % 3;
                 for metric in ["open_calls", "closed_calls"] {
-                    let r = e.record(record("acme", metric, amount as i64, &format!("{metric}-{i}"))).await;
+                    let r = e
+                        .record(record(
+                            "acme",
+                            metric,
+                            amount as i64,
+                            &format!("{metric}-{i}"),
+                        ))
+                        .await;
                     let mut l = ledger.lock().unwrap();
                     match r {
                         Err(_) => l.errors += 1,
@@ -99,12 +106,24 @@ async fn redis_outage_follows_policies_and_reconciles_exactly() {
 
     // A reservation while degraded, settled while degraded.
     let mut e = node.enforcer().await;
-    let r = e.reserve(reserve("acme", "open_calls", 5, "dg-res")).await.unwrap().into_inner();
+    let r = e
+        .reserve(reserve("acme", "open_calls", 5, "dg-res"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(r.reservation_id.starts_with("dg-"), "{r:?}");
     assert_eq!(r.decision.as_ref().unwrap().reason, "degraded_fail_open");
-    let c = pb::CommitRequest { tenant: "acme".into(), reservation_id: r.reservation_id.clone(), actual_amount: 3 };
+    let c = pb::CommitRequest {
+        tenant: "acme".into(),
+        reservation_id: r.reservation_id.clone(),
+        actual_amount: 3,
+    };
     assert_eq!(e.commit(c).await.unwrap().into_inner().committed, 3);
-    let denied = e.reserve(reserve("acme", "closed_calls", 1, "closed-res")).await.unwrap().into_inner();
+    let denied = e
+        .reserve(reserve("acme", "closed_calls", 1, "closed-res"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(denied.decision.unwrap().reason, "backend_unavailable");
 
     redis.restart().await;
@@ -114,7 +133,10 @@ async fn redis_outage_follows_policies_and_reconciles_exactly() {
 
     let l = std::mem::take(&mut *ledger.lock().unwrap());
     assert!(l.degraded > 0, "the outage was noticed");
-    assert!(l.closed_refused > 0, "fail-closed limits refused during the outage");
+    assert!(
+        l.closed_refused > 0,
+        "fail-closed limits refused during the outage"
+    );
     let expected_open = l.open_acked + 3;
     let mut used = 0;
     for _ in 0..100 {
@@ -127,8 +149,14 @@ async fn redis_outage_follows_policies_and_reconciles_exactly() {
     assert_eq!(used, expected_open, "errors during the run: {}", l.errors);
     // Later sweeps count nothing twice.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(window_usage(&mut e, "acme", "open_calls", "day").await.0, expected_open);
-    assert_eq!(window_usage(&mut e, "acme", "closed_calls", "day").await.0, l.closed_acked);
+    assert_eq!(
+        window_usage(&mut e, "acme", "open_calls", "day").await.0,
+        expected_open
+    );
+    assert_eq!(
+        window_usage(&mut e, "acme", "closed_calls", "day").await.0,
+        l.closed_acked
+    );
     println!(
         "admitted {} open units ({} while degraded), {} closed refused, {} errors",
         l.open_acked, l.degraded, l.closed_refused, l.errors
