@@ -222,6 +222,8 @@ impl ServeArgs {
                 url,
                 retention: cfg.retention,
                 wait_replicas: wait.map(|n| (n, wait_timeout)),
+                command_timeout: cfg.backend_deadline
+                    + wait.map_or(Duration::ZERO, |_| wait_timeout),
             });
         if let Some(r) = &redis {
             if !(r.url.starts_with("redis://") || r.url.starts_with("redis-cluster://")) {

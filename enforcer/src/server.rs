@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use allot_proto::v1::admin_server::AdminServer;
 use allot_proto::v1::enforcer_server::EnforcerServer;
@@ -74,7 +75,13 @@ pub async fn run(
     .await?;
     if let Backend::Redis(_) = &backend {
         let journal = Arc::new(Journal::open(&cfg.data_dir)?);
-        engine = engine.with_degraded(journal, cfg.backend_deadline);
+        // WAIT happens after the write: its time must not turn a done write into a timeout.
+        let wait = cfg
+            .redis
+            .as_ref()
+            .and_then(|r| r.wait_replicas)
+            .map_or(Duration::ZERO, |(_, t)| t);
+        engine = engine.with_degraded(journal, cfg.backend_deadline + wait);
     }
     let engine = Arc::new(engine);
 

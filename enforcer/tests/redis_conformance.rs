@@ -17,6 +17,7 @@ fn options(url: &str) -> RedisOptions {
         url: url.to_string(),
         retention: Duration::from_secs(3650 * 86_400),
         wait_replicas: None,
+        command_timeout: Duration::from_secs(2),
     }
 }
 

@@ -67,6 +67,12 @@ fn key_slot_matches_redis() {
     }
 }
 
+#[tokio::test]
+#[should_panic(expected = "Bad directive or wrong number of arguments")]
+async fn a_server_that_cannot_start_panics_with_its_output() {
+    RedisServer::start_with(&["--no-such-option", "x"]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standalone_survives_kill9_through_the_aof() {
     let t = Instant::now();
@@ -100,8 +106,16 @@ async fn standalone_survives_kill9_through_the_aof() {
     let fresh = client(Config::from_url(&redis.url).unwrap()).await;
     let v: Option<String> = fresh.get("k").await.unwrap();
     assert_eq!(v.as_deref(), Some("v2"));
-    c.quit().await.ok();
-    fresh.quit().await.ok();
+    // No QUIT on `c`: fred 10's QUIT can hang on a client whose server went away.
+
+    // Dropping kills the server and removes its directory.
+    let (port, dir) = (redis.port, redis.dir().to_path_buf());
+    drop(redis);
+    assert!(!dir.exists(), "{} removed", dir.display());
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "{port} closed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,6 +192,15 @@ async fn cluster_fails_a_killed_master_over() {
     })
     .await;
     assert_eq!(n, 2);
-    c.quit().await.ok();
-    by_url.quit().await.ok();
+
+    // Dropping kills every node and removes the directory.
+    let (ports, dir) = (cluster.ports.clone(), cluster.dir().to_path_buf());
+    drop(cluster);
+    assert!(!dir.exists(), "{} removed", dir.display());
+    for port in ports {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "{port} closed"
+        );
+    }
 }

@@ -170,9 +170,14 @@ pub enum StoreError {
     /// The request contradicts what already happened (commit of a released reservation…).
     #[error("{0}")]
     Conflict(String),
-    /// The backend cannot be reached or failed; a retry may succeed.
+    /// The backend cannot be reached or failed, and the request was not applied; a retry
+    /// may succeed.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The backend did not answer in time: the request may or may not have been applied.
+    /// Retrying with the same idempotency key or event id gives the true answer.
+    #[error("storage did not answer in time: {0}")]
+    Indeterminate(String),
     /// Stored data could not be read back.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
@@ -181,7 +186,10 @@ pub enum StoreError {
 impl StoreError {
     /// Whether retrying the same call may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(
+            self,
+            StoreError::Unavailable(_) | StoreError::Indeterminate(_)
+        )
     }
 }
 

@@ -227,7 +227,7 @@ impl Engine {
         let keys: Vec<String> = plan.slots.iter().map(|s| s.spec.key.clone()).collect();
         let usage = match self.guarded(self.usage.usage(tenant, &keys)).await {
             Ok(u) => u,
-            Err(e) if e.is_transient() && self.degraded.is_some() => {
+            Err(StoreError::Unavailable(_)) if self.degraded.is_some() => {
                 return Ok((quota::degraded(&plan), version));
             }
             Err(e) => return Err(e.into()),
@@ -299,7 +299,7 @@ impl Engine {
         };
         let out = match self.guarded(self.usage.reserve(op.clone())).await {
             Ok(out) => out,
-            Err(e) if e.is_transient() && self.degraded.is_some() => {
+            Err(StoreError::Unavailable(_)) if self.degraded.is_some() => {
                 let r = self.reserve_degraded(&plan, op)?;
                 if !r.decision.outcome.allowed() {
                     self.buckets.refund(tenant, &plan.rates, mono, n);
@@ -429,7 +429,7 @@ impl Engine {
         };
         let out = match self.guarded(self.usage.record(op.clone())).await {
             Ok(out) => out,
-            Err(e) if e.is_transient() && self.degraded.is_some() => {
+            Err(StoreError::Unavailable(_)) if self.degraded.is_some() => {
                 let r = self.record_degraded(&plan, &op)?;
                 if !r.recorded {
                     self.buckets.refund(tenant, &plan.rates, mono, n);
@@ -548,7 +548,7 @@ impl Engine {
             }
             Err(_) => {
                 d.breaker.failure();
-                Err(StoreError::Unavailable(format!(
+                Err(StoreError::Indeterminate(format!(
                     "shared store did not answer within {}",
                     humantime::format_duration(d.deadline)
                 )))

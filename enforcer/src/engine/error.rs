@@ -64,6 +64,9 @@ impl From<StoreError> for EngineError {
             StoreError::NotFound { field, reason } => EngineError::NotFound { field, reason },
             StoreError::Conflict(m) => EngineError::FailedPrecondition(m),
             StoreError::Unavailable(m) => EngineError::Unavailable(m),
+            StoreError::Indeterminate(m) => EngineError::Unavailable(format!(
+                "{m}; the request may have been applied: retry with the same idempotency key or event id"
+            )),
             StoreError::Corrupt(m) => EngineError::Internal(m),
         }
     }

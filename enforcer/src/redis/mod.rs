@@ -52,6 +52,9 @@ pub struct RedisOptions {
     /// Wait for this many replicas to acknowledge each hard-cap write (`WAIT`), with this
     /// timeout; `None` answers as soon as the master has it.
     pub wait_replicas: Option<(u32, Duration)>,
+    /// Longest life of one command in the client: past it the command is abandoned rather
+    /// than retried later, when its answer no longer matters.
+    pub command_timeout: Duration,
 }
 
 /// The Redis store. Cheap to clone.
@@ -67,6 +70,14 @@ pub struct RedisStore {
 
 fn unavailable(e: Error) -> StoreError {
     StoreError::Unavailable(format!("redis: {e}"))
+}
+
+/// A failed write script. The client may have sent it and retried it on another node
+/// (failover), so whatever the error, nobody knows whether it ran; saying "not applied"
+/// could deny (or journal again) something already counted. The caller retries with the
+/// same key instead; only a call never sent (circuit open) is known not to have run.
+fn write_error(e: Error) -> StoreError {
+    StoreError::Indeterminate(format!("redis: {e}"))
 }
 
 fn key(tenant: &str, kind: &str, rest: &str) -> String {
@@ -137,17 +148,22 @@ impl RedisStore {
             field: "redis".into(),
             reason: format!("{}: {e}", opts.url),
         })?;
+        let command_timeout = opts.command_timeout;
         let client = Builder::from_config(config)
             .with_connection_config(|c| {
                 c.connection_timeout = Duration::from_secs(2);
                 c.internal_command_timeout = Duration::from_secs(2);
+                // One attempt: a command re-sent by the client after a failover, long after
+                // the request gave up on it, could count something the caller was told
+                // was refused.
+                c.max_command_attempts = 1;
                 c.tcp = TcpConfig {
                     nodelay: Some(true),
                     ..Default::default()
                 };
             })
             .with_performance_config(|p| {
-                p.default_command_timeout = Duration::from_secs(2);
+                p.default_command_timeout = command_timeout;
             })
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
             .build()
@@ -187,15 +203,24 @@ impl RedisStore {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<Vec<String>, StoreError> {
+        let writes = !std::ptr::eq(script, &self.usage);
         let v: Value = script
             .evalsha_with_reload(&self.client, keys, args)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| {
+                if writes {
+                    write_error(e)
+                } else {
+                    unavailable(e)
+                }
+            })?;
         strings(v)
     }
 
     /// Waits for replicas when configured, on the node that holds `key` (WAIT covers the
-    /// writes made before it on that node's connection).
+    /// writes made before it on that node's connection). The write itself already stands
+    /// on the master, so a failed or short WAIT is logged, not turned into an error: the
+    /// answer is true either way, only its survival of a failover is less certain.
     async fn replicate(&self, key: &str) -> Result<(), StoreError> {
         let Some((n, timeout)) = self.opts.wait_replicas else {
             return Ok(());
@@ -206,22 +231,42 @@ impl RedisStore {
             .client
             .cached_cluster_state()
             .and_then(|s| s.get_server(slot).cloned());
-        let acked: i64 = match node {
-            Some(server) => {
-                self.client
-                    .with_cluster_node(server)
-                    .wait(i64::from(n), timeout)
-                    .await
+        let wait = async {
+            match node {
+                Some(server) => {
+                    self.client
+                        .with_cluster_node(server)
+                        .wait::<i64>(i64::from(n), timeout)
+                        .await
+                }
+                None => self.client.wait::<i64>(i64::from(n), timeout).await,
             }
-            None => self.client.wait(i64::from(n), timeout).await,
-        }
-        .map_err(unavailable)?;
-        if acked < i64::from(n) {
-            tracing::warn!(
-                acked,
-                wanted = n,
-                "fewer replicas acknowledged a write than asked for"
-            );
+        };
+        // WAIT to a node that just died would hang until the command timeout; the request
+        // must not, so the wait is bounded by its own timeout plus a margin.
+        let bound = Duration::from_millis(timeout.unsigned_abs().saturating_add(50));
+        let acked = match tokio::time::timeout(bound, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::new(ErrorKind::Timeout, "WAIT did not return")),
+        };
+        match acked {
+            Ok(acked) if acked < i64::from(n) => {
+                tracing::debug!(
+                    acked,
+                    wanted = n,
+                    "fewer replicas acknowledged a write than asked for"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "WAIT failed; refreshing the cluster map");
+                if self.client.is_clustered() {
+                    let client = self.client.clone();
+                    tokio::spawn(async move {
+                        let _ = client.sync_cluster().await;
+                    });
+                }
+            }
         }
         Ok(())
     }

@@ -3,11 +3,11 @@
 //! directory, killed when dropped.
 //!
 //! ```ignore
-//! let mut redis = RedisServer::start().await;          // redis.url = "redis://127.0.0.1:PORT"
+//! let mut redis = RedisServer::start().await; // redis.url: "redis://127.0.0.1:PORT"
 //! redis.kill9().await;
-//! redis.restart().await;                               // same port and dir: the AOF is reloaded
+//! redis.restart().await; // same port and dir: the AOF is reloaded
 //!
-//! let mut cluster = RedisCluster::start().await;       // cluster.url = "redis-cluster://127.0.0.1:P1"
+//! let mut cluster = RedisCluster::start().await; // url: "redis-cluster://127.0.0.1:P1"
 //! let slot = key_slot("q:{tenant}:x");
 //! let old = cluster.master_for_slot(slot).await;
 //! cluster.kill9_port(old).await;
@@ -15,8 +15,11 @@
 //! ```
 //!
 //! Servers run in the foreground as children of the test process (`kill_on_drop`), never
-//! daemonized. Each writes its log to `redis.log` in its directory; every panic here quotes
-//! the tail of the relevant log. Needs `redis-server` and `redis-cli` on `PATH`.
+//! daemonized, and (through `setpriv --pdeathsig KILL`) die with the thread that started
+//! them even if the test process is killed without unwinding: start them from the test
+//! itself, not from a short-lived helper thread. Each writes its log to `redis.log` in its
+//! directory; every panic here quotes the tail of the relevant log. Needs `redis-server`
+//! and `redis-cli` on `PATH`.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashSet};
@@ -88,27 +91,54 @@ fn free_port(cluster_bus: bool) -> u16 {
 // Logs and processes
 // ---------------------------------------------------------------------------------------
 
-/// The last lines of a server's log, for panic messages.
-fn log_tail(dir: &Path) -> String {
-    let path = dir.join("redis.log");
-    match std::fs::read_to_string(&path) {
+/// The last lines of a file, or why there are none; `None` if it is missing or empty and
+/// `optional`.
+fn file_tail(path: &Path, optional: bool) -> Option<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if optional && text.trim().is_empty() => None,
         Ok(text) => {
             let lines: Vec<&str> = text.lines().collect();
             let from = lines.len().saturating_sub(LOG_TAIL_LINES);
-            format!(
+            Some(format!(
                 "--- last {} lines of {} ---\n{}\n---",
                 lines.len() - from,
                 path.display(),
                 lines[from..].join("\n")
-            )
+            ))
         }
-        Err(e) => format!("--- no log at {}: {e} ---", path.display()),
+        Err(_) if optional => None,
+        Err(e) => Some(format!("--- no log at {}: {e} ---", path.display())),
     }
 }
 
-/// Spawns `redis-server` in the foreground, logging to `dir/redis.log`.
+/// The last lines of a server's log (and of its stdout/stderr, where errors before the log
+/// is opened, such as a bad argument, go), for panic messages.
+fn log_tail(dir: &Path) -> String {
+    let mut out = file_tail(&dir.join("redis.log"), false).unwrap_or_default();
+    if let Some(t) = file_tail(&dir.join("redis.stderr"), true) {
+        out = format!("{t}\n{out}");
+    }
+    out
+}
+
+/// `setpriv(1)`, if installed: used to give servers a parent-death signal.
+const SETPRIV: &str = "/usr/bin/setpriv";
+
+/// Spawns `redis-server` in the foreground, logging to `dir/redis.log` (its stdout and
+/// stderr to `dir/redis.stderr`).
+///
+/// Through `setpriv --pdeathsig KILL` when available (it then execs `redis-server`, same
+/// pid), so the server is SIGKILLed even if the test process dies without unwinding (killed,
+/// aborted). Linux sends that signal when the *thread* that spawned the server exits: start
+/// servers from the test itself (or a task of its runtime), not from a short-lived thread.
 fn spawn_server(port: u16, dir: &Path, extra: &[String]) -> Child {
-    let mut cmd = Command::new("redis-server");
+    let mut cmd = if Path::new(SETPRIV).exists() {
+        let mut c = Command::new(SETPRIV);
+        c.args(["--pdeathsig", "KILL", "--", "redis-server"]);
+        c
+    } else {
+        Command::new("redis-server")
+    };
     cmd.arg("--bind")
         .arg("127.0.0.1")
         .arg("--port")
@@ -124,9 +154,14 @@ fn spawn_server(port: u16, dir: &Path, extra: &[String]) -> Child {
         .args(extra)
         .current_dir(dir)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
         .kill_on_drop(true);
+    let output = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("redis.stderr"))
+        .expect("create redis.stderr");
+    cmd.stdout(output.try_clone().expect("clone a file handle"));
+    cmd.stderr(output);
     cmd.spawn()
         .unwrap_or_else(|e| panic!("cannot spawn redis-server (is it installed?): {e}"))
 }
@@ -269,9 +304,22 @@ fn info_fields(text: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Polls PING every 50 ms until PONG, up to 10 s; panics (with the log) if the process
-/// exits or the time runs out. Returns `Err(log)` instead of panicking if the process
-/// exited and `allow_exit` is set (so `start` can retry on another port).
+/// Whether the server answering on `port` is `child` (not another process that won a race
+/// for the port while `child` failed to bind it).
+async fn answered_by(child: &Child, port: u16) -> Result<(), String> {
+    let info = info_fields(&command_text(port, &["INFO", "server"]).await?);
+    let pid = info.get("process_id").and_then(|p| p.parse::<u32>().ok());
+    match child.id() {
+        Some(id) if pid == Some(id) => Ok(()),
+        id => Err(format!(
+            "port {port} is answered by pid {pid:?}, not ours ({id:?})"
+        )),
+    }
+}
+
+/// Polls PING every 50 ms until our process answers PONG, up to 10 s; panics (with the
+/// log) if the process exits or the time runs out. Returns `Err(log)` instead of panicking
+/// if the process exited and `allow_exit` is set (so `start` can retry on another port).
 async fn wait_ping(
     child: &mut Child,
     port: u16,
@@ -281,7 +329,10 @@ async fn wait_ping(
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         let last = match command(port, &["PING"]).await {
-            Ok(Reply::Status(s)) if s == "PONG" => return Ok(()),
+            Ok(Reply::Status(s)) if s == "PONG" => match answered_by(child, port).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            },
             Ok(r) => format!("{r:?}"), // e.g. LOADING while the AOF is read
             Err(e) => e,
         };
@@ -358,7 +409,8 @@ impl RedisServer {
                         dir,
                     }
                 }
-                Err(msg) => failures.push(msg), // most likely the port was taken meanwhile
+                Err(msg) if msg.contains("already in use") => failures.push(msg), // a race
+                Err(msg) => panic!("redis-server failed to start (args {all:?}): {msg}"),
             }
         }
         panic!(
@@ -541,6 +593,9 @@ impl RedisCluster {
             "yes",
             "--appendfsync",
             "everysec",
+            // Replicas sync at once instead of after the default 5 s wait for more replicas.
+            "--repl-diskless-sync-delay",
+            "0",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -564,8 +619,11 @@ impl RedisCluster {
                         });
                         break;
                     }
+                    Err(msg) if !msg.contains("already in use") => {
+                        panic!("cluster node {i} failed to start: {msg}")
+                    }
                     Err(_) => {
-                        // Probably a port race: start afresh in a clean dir.
+                        // A port race: start afresh in a clean dir.
                         let _ = std::fs::remove_dir_all(&node_dir);
                         std::fs::create_dir(&node_dir).expect("create a node dir");
                     }
@@ -613,7 +671,6 @@ impl RedisCluster {
             let problem = cluster.health_problem().await;
             let Some(problem) = problem else { break };
             if Instant::now() >= deadline {
-                let problem = problem.clone();
                 cluster.kill_all();
                 panic!(
                     "the cluster was not healthy within {CLUSTER_TIMEOUT:?}: {problem}\n{}",
@@ -690,13 +747,6 @@ impl RedisCluster {
         None
     }
 
-    fn node(&self, port: u16) -> &ClusterNode {
-        self.nodes
-            .iter()
-            .find(|n| n.port == port)
-            .unwrap_or_else(|| panic!("port {port} is not a node of this cluster {:?}", self.ports))
-    }
-
     fn alive_ports(&self) -> Vec<u16> {
         self.nodes
             .iter()
@@ -720,6 +770,8 @@ impl RedisCluster {
     }
 
     /// Who each running node says serves `slot` as master: (asked port, Ok(master port)).
+    /// Nodes killed through this handle, or refusing connections (killed otherwise), are
+    /// skipped.
     async fn views_of_slot(&self, slot: u16) -> Vec<(u16, Result<u16, String>)> {
         let mut views = Vec::new();
         for port in self.alive_ports() {
@@ -729,6 +781,7 @@ impl RedisCluster {
                     .find(|n| n.is_master() && !n.is_failing() && n.serves(slot))
                     .map(|n| n.port)
                     .ok_or_else(|| format!("no live master for slot {slot}")),
+                Err(e) if e.contains("Connection refused") => continue,
                 Err(e) => Err(e),
             };
             views.push((port, view));
@@ -737,7 +790,8 @@ impl RedisCluster {
     }
 
     /// The port of the master serving `slot` (from CLUSTER NODES), as the running nodes
-    /// agree on it; panics if they disagree or none answers.
+    /// agree on it (a failing master does not count); panics if they disagree or none
+    /// answers.
     pub async fn master_for_slot(&self, slot: u16) -> u16 {
         assert!(slot < 16384, "slot {slot} out of range");
         let views = self.views_of_slot(slot).await;
@@ -766,7 +820,8 @@ impl RedisCluster {
 
     /// Waits until a node other than `old_master` serves `slot` as master, in the view of
     /// every running node (itself included), and every running node reports
-    /// `cluster_state:ok`; returns its port. Panics after 60 s with the nodes' views and logs.
+    /// `cluster_state:ok`; returns its port. Panics after 60 s with the last thing missing
+    /// and the nodes' logs. Nodes that refuse connections (dead) are not asked.
     pub async fn wait_failover(&self, slot: u16, old_master: u16) -> u16 {
         let deadline = Instant::now() + FAILOVER_TIMEOUT;
         loop {
@@ -797,7 +852,7 @@ impl RedisCluster {
             new = Some(m);
         }
         let new = new.ok_or("no running node")?;
-        for port in self.alive_ports() {
+        for (port, _) in views {
             let info = info_fields(&command_text(port, &["CLUSTER", "INFO"]).await?);
             if info.get("cluster_state").map(String::as_str) != Some("ok") {
                 return Err(format!(
