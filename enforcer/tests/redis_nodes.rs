@@ -200,3 +200,75 @@ async fn admin_changes_on_one_node_apply_on_the_others() {
     }
     assert!(seen, "node 1 never loaded the catalog applied on node 3");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_time_out_and_retry_never_hold_twice() {
+    let redis = RedisServer::start().await;
+    let nodes = nodes(&redis.url).await;
+    let mut admin = nodes[0].admin().await;
+    subscribe(&mut admin, "acme", "bigger").await;
+    let mut tasks = Vec::new();
+    let timeouts = Arc::new(AtomicU64::new(0));
+    for client in 0..24 {
+        let timeouts = timeouts.clone();
+        // Each attempt may land on another node, as behind a load balancer.
+        let mut clients = Vec::new();
+        for node in &nodes {
+            clients.push(node.enforcer().await);
+        }
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for k in 0..10 {
+                let key = format!("c{client}-k{k}");
+                let mut attempt = 0u64;
+                let id = loop {
+                    attempt += 1;
+                    let mut req = tonic::Request::new(reserve("acme", "calls", 1, &key));
+                    // The first attempts give up almost at once; the server may still
+                    // finish them.
+                    if attempt <= 3 {
+                        req.set_timeout(Duration::from_micros(200 + 400 * attempt));
+                    }
+                    let e = &mut clients[(attempt as usize + k) % 3];
+                    match e.reserve(req).await {
+                        Ok(r) => break r.into_inner().reservation_id,
+                        Err(s) => {
+                            assert!(
+                                matches!(
+                                    s.code(),
+                                    tonic::Code::DeadlineExceeded
+                                        | tonic::Code::Cancelled
+                                        | tonic::Code::Unavailable
+                                ),
+                                "{s:?}"
+                            );
+                            timeouts.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                };
+                assert!(!id.is_empty());
+                // Asking again anywhere gives the same reservation.
+                let again = clients[k % 3]
+                    .reserve(reserve("acme", "calls", 1, &key))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert!(again.replayed);
+                assert_eq!(again.reservation_id, id);
+                ids.push(id);
+            }
+            ids
+        }));
+    }
+    let mut all = std::collections::HashSet::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    assert_eq!(all.len(), 240);
+    assert!(
+        timeouts.load(Ordering::Relaxed) > 0,
+        "no attempt timed out: the test exercised nothing"
+    );
+    let mut e = nodes[1].enforcer().await;
+    assert_eq!(window_usage(&mut e, "acme", "calls", "day").await, (0, 240));
+}
