@@ -41,8 +41,9 @@ pub struct NoopServerArgs {
 /// Options of a bench run.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// Scenarios to run, comma-separated. `ceiling` always runs first at each
-    /// concurrency so the others can be compared with it.
+    /// Scenarios to run, comma-separated. `ceiling` (and `redis-script`, which
+    /// `hard-reserve` brings along) run first at each concurrency so the others can be
+    /// compared with them. `hard-reserve` and `propagation` start their own redis-server.
     #[arg(
         long,
         value_delimiter = ',',
@@ -75,6 +76,12 @@ pub struct RunArgs {
     /// Extra argument for `allot serve` (repeatable), appended after the bench's own.
     #[arg(long = "node-arg", allow_hyphen_values = true)]
     pub node_args: Vec<String>,
+    /// The `redis-server` binary that hard-reserve, redis-script and propagation start.
+    #[arg(long, env = "REDIS_SERVER", default_value = "redis-server")]
+    pub redis_server: PathBuf,
+    /// Plan changes the propagation scenario makes and times.
+    #[arg(long, default_value_t = 200)]
+    pub changes: usize,
     /// Print only JSON on stdout (no table).
     #[arg(long)]
     pub json: bool,
@@ -94,6 +101,14 @@ pub enum Scenario {
     CheckFeature,
     /// Enforcer.Reserve of 1 unit then Enforcer.Commit of 1; one sample per pair.
     ReserveCommit,
+    /// reserve-commit against a node whose store is a Redis the bench starts.
+    HardReserve,
+    /// hard-reserve's ceiling: the node's reserve.lua then settle.lua, sent straight to
+    /// that Redis with one fred client.
+    RedisScript,
+    /// How long an Admin plan change on one node takes to show on two others that share
+    /// its Redis (not run per concurrency).
+    Propagation,
 }
 
 impl Scenario {
@@ -104,20 +119,42 @@ impl Scenario {
             Scenario::Check => "check",
             Scenario::CheckFeature => "check-feature",
             Scenario::ReserveCommit => "reserve-commit",
+            Scenario::HardReserve => "hard-reserve",
+            Scenario::RedisScript => "redis-script",
+            Scenario::Propagation => "propagation",
         }
     }
 
-    /// gRPC calls made per measured operation.
+    /// Calls (gRPC, or Redis scripts for redis-script) made per measured operation.
     pub fn rpcs_per_op(self) -> u32 {
         match self {
-            Scenario::ReserveCommit => 2,
+            Scenario::ReserveCommit | Scenario::HardReserve | Scenario::RedisScript => 2,
             _ => 1,
         }
     }
 
-    /// Whether the scenario talks to an Allot node.
+    /// Whether the scenario talks to a node over the embedded store (or `--endpoint`).
     pub fn needs_node(self) -> bool {
-        self != Scenario::Ceiling
+        matches!(
+            self,
+            Scenario::Check | Scenario::CheckFeature | Scenario::ReserveCommit
+        )
+    }
+
+    /// Whether the scenario needs the bench's Redis and the node that uses it.
+    pub fn needs_redis_node(self) -> bool {
+        matches!(self, Scenario::HardReserve | Scenario::RedisScript)
+    }
+
+    /// The scenario whose ops/s this one's is divided by in the ratio column.
+    pub fn ratio_basis(self) -> Option<Scenario> {
+        match self {
+            Scenario::Check | Scenario::CheckFeature | Scenario::ReserveCommit => {
+                Some(Scenario::Ceiling)
+            }
+            Scenario::HardReserve => Some(Scenario::RedisScript),
+            Scenario::Ceiling | Scenario::RedisScript | Scenario::Propagation => None,
+        }
     }
 }
 
@@ -166,6 +203,17 @@ mod tests {
         assert!(cli.command.is_none());
         assert_eq!(cli.run.scenario, vec![Scenario::Ceiling, Scenario::Check]);
         assert_eq!(cli.run.concurrency, vec![1, 16, 64]);
+        assert_eq!(cli.run.changes, 200);
+        let cli = Cli::try_parse_from(["bench"]).unwrap();
+        assert_eq!(
+            cli.run.scenario,
+            vec![Scenario::Check, Scenario::ReserveCommit, Scenario::Ceiling]
+        );
+        let cli = Cli::try_parse_from(["bench", "--scenario", "hard-reserve,propagation"]).unwrap();
+        assert_eq!(
+            cli.run.scenario,
+            vec![Scenario::HardReserve, Scenario::Propagation]
+        );
         let cli = Cli::try_parse_from(["bench", "noop-server", "--listen", "127.0.0.1:0"]).unwrap();
         assert!(matches!(cli.command, Some(Command::NoopServer(_))));
     }

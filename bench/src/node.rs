@@ -1,4 +1,5 @@
-//! Child processes under test: the `allot serve` node and the no-op ceiling server.
+//! Child processes under test: the `allot serve` node and the no-op ceiling server (the
+//! bench's `redis-server` is in [`crate::redis`]).
 //!
 //! Both follow one contract: started with `--listen 127.0.0.1:0`, they print a line
 //! `listening on 127.0.0.1:PORT` on stdout once they accept connections (other lines are
@@ -32,6 +33,24 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
+    /// Wraps a child that already listens on `addr`; it is killed when this is dropped
+    /// (the child must have been spawned with `kill_on_drop`), then `dir` is removed.
+    pub fn new(
+        name: String,
+        child: Child,
+        addr: SocketAddr,
+        log: Option<PathBuf>,
+        dir: Option<tempfile::TempDir>,
+    ) -> Self {
+        ServerProcess {
+            name,
+            child,
+            addr,
+            log,
+            _dir: dir,
+        }
+    }
+
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -60,12 +79,17 @@ impl ServerProcess {
     }
 }
 
-/// Starts `allot serve` on a fresh data directory with the bench catalog.
-pub async fn start_allot(bin: &Path, extra_args: &[String]) -> anyhow::Result<ServerProcess> {
+/// Starts `allot serve` on a fresh data directory with the bench catalog; `label` names it
+/// in messages (e.g. `allot node 2`).
+pub async fn start_allot(
+    bin: &Path,
+    label: &str,
+    extra_args: &[String],
+) -> anyhow::Result<ServerProcess> {
     if !bin.is_file() {
         bail!(
             "the allot binary was not found at {}: build it first with \
-             `cargo build --release -p enforcer`, or pass --allot-bin PATH, or use \
+             `cargo build --release --bin allot`, or pass --allot-bin PATH, or use \
              --endpoint URL for a running node",
             bin.display()
         );
@@ -94,7 +118,7 @@ pub async fn start_allot(bin: &Path, extra_args: &[String]) -> anyhow::Result<Se
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stderr(log_file);
-    let what = format!("allot node ({} serve)", bin.display());
+    let what = format!("{label} ({} serve)", bin.display());
     spawn(what, cmd, Some(log), Some(dir)).await
 }
 
@@ -114,8 +138,16 @@ pub async fn start_noop(response: &[u8]) -> anyhow::Result<ServerProcess> {
     spawn("no-op server".to_owned(), cmd, None, None).await
 }
 
+/// The node binary: `--allot-bin`, else `allot` next to the bench executable.
+pub fn allot_bin(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(bin) => Ok(bin.to_owned()),
+        None => default_allot_bin(),
+    }
+}
+
 /// `allot` next to the bench executable (both land in `target/release`).
-pub fn default_allot_bin() -> anyhow::Result<PathBuf> {
+fn default_allot_bin() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the bench executable")?;
     let dir = exe
         .parent()
@@ -167,13 +199,7 @@ async fn spawn(
         }
     };
     drain(lines);
-    Ok(ServerProcess {
-        name,
-        child,
-        addr,
-        log,
-        _dir: dir,
-    })
+    Ok(ServerProcess::new(name, child, addr, log, dir))
 }
 
 /// Keeps reading a child's stdout so that it never blocks on a full pipe.
@@ -192,7 +218,8 @@ fn parse_listening(line: &str) -> Option<SocketAddr> {
         .ok()
 }
 
-fn log_tail(log: Option<&Path>) -> String {
+/// The last lines of a child's log, for an error message (empty without a log).
+pub fn log_tail(log: Option<&Path>) -> String {
     let Some(path) = log else {
         return String::new();
     };

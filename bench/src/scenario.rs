@@ -1,11 +1,13 @@
 //! Running one cell: a scenario at a concurrency for a warmup then a measured duration.
 //!
 //! Each worker owns one request in flight and loops until the deadline, on a channel
-//! picked round-robin and a tenant picked round-robin. Latencies of successful operations
+//! picked round-robin (or, for redis-script, on the one shared Redis client) and a tenant
+//! picked round-robin. Latencies of successful operations
 //! go to a per-worker HDR histogram (nanoseconds), merged at the end; failed operations
 //! (gRPC errors, and denials, which the bench catalog never warrants) are counted by kind.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use allot_proto::v1::enforcer_client::EnforcerClient;
@@ -17,10 +19,20 @@ use tonic::transport::Channel;
 use crate::cli::Scenario;
 use crate::noop::pb::noop_client::NoopClient;
 use crate::noop::pb::EchoRequest;
+use crate::redis::{ScriptPair, ScriptTarget};
 use crate::setup::{check_request, tenant, FEATURE, METRIC};
 
 /// Highest latency the histograms track: one minute, in nanoseconds.
-const MAX_NANOS: u64 = 60_000_000_000;
+pub const MAX_NANOS: u64 = 60_000_000_000;
+
+/// What a cell's workers talk to.
+#[derive(Clone, Copy)]
+pub enum Target<'a> {
+    /// gRPC channels to a node or the no-op server, taken round-robin.
+    Grpc(&'a [Channel]),
+    /// The bench's Redis, through one shared client (redis-script).
+    Script(&'a Arc<ScriptTarget>),
+}
 
 /// What a cell needs besides its channels.
 #[derive(Debug, Clone)]
@@ -88,9 +100,11 @@ impl CellResult {
 }
 
 /// Why an operation failed.
-struct Failure {
-    kind: String,
-    detail: String,
+pub struct Failure {
+    /// Its kind, the key errors are counted by.
+    pub kind: String,
+    /// A message, shown once per kind.
+    pub detail: String,
 }
 
 impl From<tonic::Status> for Failure {
@@ -102,7 +116,8 @@ impl From<tonic::Status> for Failure {
     }
 }
 
-fn allowed(decision: Option<&Decision>) -> Result<(), Failure> {
+/// Ok when the decision allows.
+pub fn allowed(decision: Option<&Decision>) -> Result<(), Failure> {
     let Some(d) = decision else {
         return Err(Failure {
             kind: "no_decision".into(),
@@ -134,12 +149,35 @@ enum Driver {
         key_prefix: String,
         seq: u64,
     },
+    Script(ScriptPair),
 }
 
 impl Driver {
-    fn new(spec: &CellSpec, worker: usize, channel: Channel) -> Self {
+    fn new(spec: &CellSpec, worker: usize, target: Target<'_>) -> anyhow::Result<Self> {
         let t = worker % spec.tenants.max(1);
-        match spec.scenario {
+        let key_prefix = format!(
+            "bench-{}-{}-c{}-w{worker}",
+            spec.run_id,
+            key_tag(spec.scenario),
+            spec.concurrency
+        );
+        let channel = match (spec.scenario, target) {
+            (Scenario::RedisScript, Target::Script(script)) => {
+                return Ok(Driver::Script(ScriptPair::new(
+                    script.clone(),
+                    tenant(t),
+                    key_prefix,
+                )));
+            }
+            (Scenario::RedisScript | Scenario::Propagation, _) | (_, Target::Script(_)) => {
+                anyhow::bail!("{} cannot run on this target", spec.scenario.name())
+            }
+            (_, Target::Grpc(channels)) => {
+                anyhow::ensure!(!channels.is_empty(), "no channel to run on");
+                channels[worker % channels.len()].clone()
+            }
+        };
+        Ok(match spec.scenario {
             Scenario::Ceiling => Driver::Ceiling {
                 client: NoopClient::new(channel),
                 request: crate::noop::echo_request(&check_request(t)),
@@ -156,13 +194,14 @@ impl Driver {
                     ..Default::default()
                 },
             },
-            Scenario::ReserveCommit => Driver::ReserveCommit {
+            Scenario::ReserveCommit | Scenario::HardReserve => Driver::ReserveCommit {
                 client: EnforcerClient::new(channel),
                 tenant: tenant(t),
-                key_prefix: format!("bench-{}-c{}-w{worker}", spec.run_id, spec.concurrency),
+                key_prefix,
                 seq: 0,
             },
-        }
+            Scenario::RedisScript | Scenario::Propagation => unreachable!("matched above"),
+        })
     }
 
     async fn once(&mut self) -> Result<(), Failure> {
@@ -208,7 +247,17 @@ impl Driver {
                     .await?;
                 Ok(())
             }
+            Driver::Script(pair) => pair.once().await,
         }
+    }
+}
+
+/// Keeps idempotency keys of different scenarios apart (they may share a Redis).
+fn key_tag(s: Scenario) -> &'static str {
+    match s {
+        Scenario::HardReserve => "hr",
+        Scenario::RedisScript => "rs",
+        _ => "rc",
     }
 }
 
@@ -253,18 +302,17 @@ async fn worker(
     Ok(out)
 }
 
-/// Runs one cell on `channels` (workers take them round-robin) and merges what the
-/// workers measured.
-pub async fn run_cell(spec: &CellSpec, channels: &[Channel]) -> anyhow::Result<CellResult> {
-    anyhow::ensure!(!channels.is_empty(), "no channel to run on");
+/// Runs one cell on `target` and merges what the workers measured.
+pub async fn run_cell(spec: &CellSpec, target: Target<'_>) -> anyhow::Result<CellResult> {
+    let drivers = (0..spec.concurrency)
+        .map(|w| Driver::new(spec, w, target))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let begin = Instant::now();
     let measure_from = begin + spec.warmup;
     let deadline = measure_from + spec.duration;
-    let handles: Vec<_> = (0..spec.concurrency)
-        .map(|w| {
-            let driver = Driver::new(spec, w, channels[w % channels.len()].clone());
-            tokio::spawn(worker(driver, measure_from, deadline))
-        })
+    let handles: Vec<_> = drivers
+        .into_iter()
+        .map(|driver| tokio::spawn(worker(driver, measure_from, deadline)))
         .collect();
 
     let mut result = CellResult {

@@ -6,7 +6,7 @@
 //! Admin calls on this node drop the tenant's entry at once.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -47,12 +47,7 @@ impl EntitlementCache {
             && e.fetched.elapsed() < self.ttl
             && at >= ent.at
             && ent.valid_until.is_none_or(|until| at < until);
-        fresh.then(|| TenantContext {
-            catalog: e.ctx.catalog.clone(),
-            subscription: e.ctx.subscription.clone(),
-            overrides: e.ctx.overrides.clone(),
-            entitlements: e.ctx.entitlements.clone(),
-        })
+        fresh.then(|| e.ctx.clone())
     }
 
     /// The tenant's last context whatever its age, if it is still right at `at` (same
@@ -75,12 +70,7 @@ impl EntitlementCache {
         let entry = Entry {
             generation,
             fetched: Instant::now(),
-            ctx: TenantContext {
-                catalog: ctx.catalog.clone(),
-                subscription: ctx.subscription.clone(),
-                overrides: ctx.overrides.clone(),
-                entitlements: Arc::clone(&ctx.entitlements),
-            },
+            ctx: ctx.clone(),
         };
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         if self.epoch() == epoch {
