@@ -4,8 +4,10 @@ use std::collections::BTreeMap;
 
 use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{CellAlignment, Table};
+use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::cli::Scenario;
 use crate::scenario::CellResult;
 
 /// Facts about the run, repeated in every JSON row.
@@ -23,6 +25,8 @@ pub struct RunInfo {
     pub tenants: usize,
     /// `spawned` (the bench started the node), `endpoint` (a running node), or `none`.
     pub node: String,
+    /// Version of the redis-server the bench started, if it started one.
+    pub redis: Option<String>,
 }
 
 /// One line of the report: a scenario at a concurrency.
@@ -56,23 +60,64 @@ pub struct Row {
     pub error_kinds: BTreeMap<String, u64>,
     /// ops_per_sec over the ceiling's at the same concurrency in the same run.
     pub ratio_to_ceiling: Option<f64>,
-    /// gRPC calls per operation (2 for reserve-commit).
+    /// The scenario the ratio is taken against: `ceiling`, or `redis-script` for
+    /// hard-reserve.
+    pub ratio_basis: Option<String>,
+    /// Calls per operation (2 for reserve-commit, hard-reserve and redis-script).
     pub rpcs_per_op: u32,
+    /// propagation: the node whose delays the row gives (`node2`, `node3`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// propagation: median time of one polling Check on that node, in µs (the
+    /// resolution of the delays).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub poll_p50_us: Option<f64>,
     /// Run facts.
     #[serde(flatten)]
     pub run: RunInfo,
 }
 
 impl Row {
-    /// Summarizes a cell; `ceiling_ops` is the ceiling's throughput at its concurrency.
+    /// Summarizes a cell; `ceiling_ops` is the throughput, at the same concurrency, of the
+    /// scenario's [`Scenario::ratio_basis`].
     pub fn new(cell: &CellResult, ceiling_ops: Option<f64>, run: &RunInfo) -> Self {
-        let h = &cell.histogram;
+        let mut row = Row::of_histogram(
+            cell.scenario,
+            &cell.histogram,
+            cell.ops_per_sec(),
+            run,
+        );
+        row.concurrency = cell.concurrency;
+        row.errors = cell.errors;
+        row.error_rate = cell.error_rate();
+        row.error_kinds = cell
+            .error_kinds
+            .iter()
+            .map(|(k, v)| (k.clone(), v.count))
+            .collect();
+        row.ratio_to_ceiling = ceiling_ops
+            .filter(|c| *c > 0.0)
+            .map(|c| row.ops_per_sec / c);
+        row.ratio_basis = cell
+            .scenario
+            .ratio_basis()
+            .filter(|_| row.ratio_to_ceiling.is_some())
+            .map(|b| b.name().to_owned());
+        row
+    }
+
+    /// A row with the percentiles of `h` (nanoseconds), concurrency 1 and no errors.
+    pub fn of_histogram(
+        scenario: Scenario,
+        h: &Histogram<u64>,
+        ops_per_sec: f64,
+        run: &RunInfo,
+    ) -> Self {
         let us = |nanos: u64| nanos as f64 / 1000.0;
         let q = |quantile: f64| (!h.is_empty()).then(|| us(h.value_at_quantile(quantile)));
-        let ops_per_sec = cell.ops_per_sec();
         Row {
-            scenario: cell.scenario.name().to_owned(),
-            concurrency: cell.concurrency,
+            scenario: scenario.name().to_owned(),
+            concurrency: 1,
             ops_per_sec,
             p50_us: q(0.50),
             p90_us: q(0.90),
@@ -80,23 +125,89 @@ impl Row {
             p999_us: q(0.999),
             mean_us: (!h.is_empty()).then(|| h.mean() / 1000.0),
             max_us: (!h.is_empty()).then(|| us(h.max())),
-            ops: cell.ok(),
-            errors: cell.errors,
-            error_rate: cell.error_rate(),
-            error_kinds: cell
-                .error_kinds
-                .iter()
-                .map(|(k, v)| (k.clone(), v.count))
-                .collect(),
-            ratio_to_ceiling: ceiling_ops.filter(|c| *c > 0.0).map(|c| ops_per_sec / c),
-            rpcs_per_op: cell.scenario.rpcs_per_op(),
+            ops: h.len(),
+            errors: 0,
+            error_rate: 0.0,
+            error_kinds: BTreeMap::new(),
+            ratio_to_ceiling: None,
+            ratio_basis: None,
+            rpcs_per_op: scenario.rpcs_per_op(),
+            target: None,
+            poll_p50_us: None,
             run: run.clone(),
+        }
+    }
+
+    fn errors_text(&self) -> String {
+        if self.errors == 0 {
+            "0".to_owned()
+        } else {
+            format!("{} ({:.2}%)", self.errors, self.error_rate * 100.0)
         }
     }
 }
 
-/// The rows as a table: scenario, concurrency, ops/s, percentiles, errors, ratio.
-pub fn table(rows: &[Row]) -> String {
+fn us_text(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"))
+}
+
+/// The report for people: the cells' table, then propagation's (each when it has rows).
+pub fn tables(rows: &[Row]) -> String {
+    let (propagation, cells): (Vec<Row>, Vec<Row>) = rows
+        .iter()
+        .cloned()
+        .partition(|r| r.scenario == Scenario::Propagation.name());
+    let mut out = Vec::new();
+    if !cells.is_empty() {
+        out.push(table(&cells));
+    }
+    if !propagation.is_empty() {
+        out.push(propagation_table(&propagation));
+    }
+    out.join("\n\n")
+}
+
+/// Per node: changes timed, changes/s, delay percentiles and max, errors (waits that hit
+/// the cap), and the median time of one polling Check.
+fn propagation_table(rows: &[Row]) -> String {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "scenario",
+        "node",
+        "changes",
+        "changes/s",
+        "p50 µs",
+        "p90 µs",
+        "p99 µs",
+        "max µs",
+        "errors",
+        "poll p50 µs",
+    ]);
+    for r in rows {
+        t.add_row(vec![
+            r.scenario.clone(),
+            r.target.clone().unwrap_or_default(),
+            r.ops.to_string(),
+            format!("{:.0}", r.ops_per_sec),
+            us_text(r.p50_us),
+            us_text(r.p90_us),
+            us_text(r.p99_us),
+            us_text(r.max_us),
+            r.errors_text(),
+            us_text(r.poll_p50_us),
+        ]);
+    }
+    for i in 2..10 {
+        if let Some(col) = t.column_mut(i) {
+            col.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    t.to_string()
+}
+
+/// The rows as a table: scenario, concurrency, ops/s, percentiles, errors, ratio (to
+/// `ceiling`, or to `redis-script` for hard-reserve).
+fn table(rows: &[Row]) -> String {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
         "scenario",
@@ -109,24 +220,22 @@ pub fn table(rows: &[Row]) -> String {
         "errors",
         "ratio_to_ceiling",
     ]);
-    let us = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
     for r in rows {
-        let errors = if r.errors == 0 {
-            "0".to_owned()
-        } else {
-            format!("{} ({:.2}%)", r.errors, r.error_rate * 100.0)
+        let ratio = match (r.ratio_to_ceiling, r.ratio_basis.as_deref()) {
+            (Some(x), Some("redis-script")) => format!("{x:.2} (redis-script)"),
+            (Some(x), _) => format!("{x:.2}"),
+            (None, _) => "-".to_owned(),
         };
         t.add_row(vec![
             r.scenario.clone(),
             r.concurrency.to_string(),
             thousands(r.ops_per_sec.round() as u64),
-            us(r.p50_us),
-            us(r.p90_us),
-            us(r.p99_us),
-            us(r.p999_us),
-            errors,
-            r.ratio_to_ceiling
-                .map_or_else(|| "-".to_owned(), |x| format!("{x:.2}")),
+            us_text(r.p50_us),
+            us_text(r.p90_us),
+            us_text(r.p99_us),
+            us_text(r.p999_us),
+            r.errors_text(),
+            ratio,
         ]);
     }
     for i in 1..9 {
@@ -157,9 +266,7 @@ fn thousands(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::Scenario;
     use crate::scenario::{CellResult, ErrorKind};
-    use hdrhistogram::Histogram;
     use std::time::Duration;
 
     fn cell(scenario: Scenario, latencies_us: &[u64], errors: u64) -> CellResult {
@@ -195,6 +302,7 @@ mod tests {
             channels: 4,
             tenants: 64,
             node: "none".into(),
+            redis: None,
         }
     }
 
@@ -214,13 +322,36 @@ mod tests {
         let empty = Row::new(&cell(Scenario::Check, &[], 3), Some(500.0), &info());
         assert_eq!(empty.p99_us, None);
 
-        let rows = [ceiling, check, empty];
-        let text = table(&rows);
+        let hard = Row::new(
+            &cell(Scenario::HardReserve, &[400; 100], 0),
+            Some(100.0),
+            &info(),
+        );
+        assert_eq!(hard.ratio_to_ceiling, Some(0.5));
+        assert_eq!(hard.ratio_basis.as_deref(), Some("redis-script"));
+        assert_eq!(hard.rpcs_per_op, 2);
+
+        let mut h = Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+        for d in [300_000, 500_000, 900_000] {
+            h.record(d).unwrap();
+        }
+        let mut prop = Row::of_histogram(Scenario::Propagation, &h, 150.0, &info());
+        prop.target = Some("node2".into());
+        prop.poll_p50_us = Some(80.0);
+
+        let rows = [ceiling, check, empty, hard, prop];
+        let text = tables(&rows);
         assert!(text.contains("ratio_to_ceiling") && text.contains("250 (50.00%)"));
+        assert!(text.contains("0.50 (redis-script)") && text.contains("max µs"));
         let v: serde_json::Value = serde_json::from_str(&json(&rows).unwrap()).unwrap();
         assert_eq!(v[1]["ratio_to_ceiling"], 0.25);
+        assert_eq!(v[1]["ratio_basis"], "ceiling");
         assert_eq!(v[1]["nproc"], 2);
         assert_eq!(v[1]["error_kinds"]["Unavailable"], 250);
+        assert!(v[1].get("target").is_none());
+        assert_eq!(v[4]["target"], "node2");
+        assert_eq!(v[4]["ops"], 3);
+        assert!((v[4]["max_us"].as_f64().unwrap() - 900.0).abs() < 1.0);
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::time::Duration;
 use allot_proto::v1::admin_client::AdminClient;
 use allot_proto::v1::enforcer_client::EnforcerClient;
 use allot_proto::v1::{
-    ApplyCatalogRequest, CheckRequest, CheckResponse, GetCatalogRequest, Outcome,
-    PutSubscriptionRequest,
+    ApplyCatalogRequest, CheckRequest, CheckResponse, CommitRequest, GetCatalogRequest, Outcome,
+    PutSubscriptionRequest, ReserveRequest,
 };
 use anyhow::{bail, Context as _};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -17,6 +17,8 @@ use crate::node::CATALOG_YAML;
 
 /// The plan every bench tenant is subscribed to (see `catalog.yaml`).
 pub const PLAN: &str = "bench";
+/// The same plan without feature `reports` (propagation flips between the two).
+pub const PLAN_PLAIN: &str = "bench_plain";
 /// The metric the check and reserve-commit scenarios consume.
 pub const METRIC: &str = "api_calls";
 /// The boolean feature of the check-feature scenario.
@@ -111,7 +113,8 @@ pub async fn prepare(channel: Channel, tenants: usize, spawned: bool) -> anyhow:
     Ok(())
 }
 
-fn status_error(call: &str, s: &tonic::Status) -> anyhow::Error {
+/// An error for a failed gRPC call made while preparing.
+pub fn status_error(call: &str, s: &tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{call} failed: {:?}: {}", s.code(), s.message())
 }
 
@@ -183,6 +186,35 @@ pub async fn probe(channel: Channel) -> anyhow::Result<CheckResponse> {
         );
     }
     Ok(response)
+}
+
+/// One Reserve (amount 1, idempotency key `key`) for tenant 0, which must be allowed, then
+/// its Commit: proves the write path works before anything is measured.
+pub async fn probe_reserve(channel: Channel, key: &str) -> anyhow::Result<()> {
+    let mut enforcer = EnforcerClient::new(channel);
+    let reserved = enforcer
+        .reserve(ReserveRequest {
+            tenant: tenant(0),
+            metric: METRIC.to_owned(),
+            amount: 1,
+            idempotency_key: key.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| status_error("probe Enforcer.Reserve", &s))?
+        .into_inner();
+    if let Err(f) = crate::scenario::allowed(reserved.decision.as_ref()) {
+        bail!("probe Enforcer.Reserve was not allowed: {}", f.detail);
+    }
+    enforcer
+        .commit(CommitRequest {
+            tenant: tenant(0),
+            reservation_id: reserved.reservation_id,
+            actual_amount: 1,
+        })
+        .await
+        .map_err(|s| status_error("probe Enforcer.Commit", &s))?;
+    Ok(())
 }
 
 #[cfg(test)]

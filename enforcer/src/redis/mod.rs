@@ -129,6 +129,22 @@ fn pairs(items: &[String]) -> Result<Vec<SlotUsage>, StoreError> {
         .collect()
 }
 
+/// Usage as a script stored it: `u1,r1,u2,r2…`.
+fn stored_usage(text: Option<&str>) -> Result<Vec<SlotUsage>, StoreError> {
+    let items: Vec<String> = text
+        .unwrap_or("")
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    pairs(&items)
+}
+
+/// An instant stored as Unix milliseconds.
+fn instant(ms: &str) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms.parse().unwrap_or(0)).unwrap_or_default()
+}
+
 fn slot_args(slots: &[SlotSpec]) -> Vec<String> {
     slots
         .iter()
@@ -302,8 +318,7 @@ impl RedisStore {
             .map(str::to_string)
             .collect();
         let prefix = tenant_key(tenant, "c:");
-        let expires_at =
-            DateTime::from_timestamp_millis(exp.parse().unwrap_or(0)).unwrap_or_default();
+        let expires_at = instant(exp);
         Ok(Some((
             Reservation {
                 id: id.to_string(),
@@ -473,8 +488,7 @@ impl UsageStore for RedisStore {
             Some("1") => Ok(ReserveOutcome {
                 granted: true,
                 reservation_id: out[1].clone(),
-                expires_at: DateTime::from_timestamp_millis(out[2].parse().unwrap_or(0))
-                    .unwrap_or_default(),
+                expires_at: instant(&out[2]),
                 context: out[3].clone(),
                 usage: pairs(&out[4..])?,
                 replayed: true,
@@ -598,20 +612,12 @@ impl UsageStore for RedisStore {
         let [Some(id), Some(exp), Some(ctx), usage] = f.as_slice() else {
             return Ok(None);
         };
-        let usage: Vec<String> = usage
-            .as_deref()
-            .unwrap_or("")
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect();
         Ok(Some(ReserveOutcome {
             granted: true,
             reservation_id: id.clone(),
-            expires_at: DateTime::from_timestamp_millis(exp.parse().unwrap_or(0))
-                .unwrap_or_default(),
+            expires_at: instant(exp),
             context: ctx.clone(),
-            usage: pairs(&usage)?,
+            usage: stored_usage(usage.as_deref())?,
             replayed: true,
         }))
     }
@@ -629,17 +635,10 @@ impl UsageStore for RedisStore {
         let [Some(ctx), usage] = f.as_slice() else {
             return Ok(None);
         };
-        let usage: Vec<String> = usage
-            .as_deref()
-            .unwrap_or("")
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect();
         Ok(Some(RecordOutcome {
             granted: true,
             context: ctx.clone(),
-            usage: pairs(&usage)?,
+            usage: stored_usage(usage.as_deref())?,
             replayed: true,
         }))
     }
