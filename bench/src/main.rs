@@ -7,10 +7,13 @@
 mod cli;
 mod node;
 mod noop;
+mod propagation;
+mod redis;
 mod report;
 mod run;
 mod scenario;
 mod setup;
+mod targets;
 
 use clap::Parser as _;
 

@@ -179,7 +179,10 @@ impl ScriptTarget {
             })
             .with_performance_config(|p| p.default_command_timeout = Duration::from_secs(5))
             .build()?;
-        client.init().await.context("connecting fred to the Redis")?;
+        client
+            .init()
+            .await
+            .context("connecting fred to the Redis")?;
         let reserve = Script::from_lua(RESERVE_LUA);
         let settle = Script::from_lua(SETTLE_LUA);
         reserve.load(&client).await?;
@@ -219,8 +222,14 @@ fn parse_context(text: &str) -> anyhow::Result<(String, Vec<(String, String, Str
         .iter()
         .map(|s| {
             let spec = &s["spec"];
-            let key = spec["key"].as_str().context("a slot without key")?.to_owned();
-            let cap = spec["cap"].as_u64().map(|c| c.to_string()).unwrap_or_default();
+            let key = spec["key"]
+                .as_str()
+                .context("a slot without key")?
+                .to_owned();
+            let cap = spec["cap"]
+                .as_u64()
+                .map(|c| c.to_string())
+                .unwrap_or_default();
             let end = match spec["ends_at"].as_str() {
                 Some(t) => chrono::DateTime::parse_from_rfc3339(t)
                     .with_context(|| format!("slot end {t:?}"))?
@@ -335,7 +344,10 @@ fn expect_code(script: &str, v: &Value, want: i64) -> Result<(), Failure> {
         return Ok(());
     }
     Err(Failure {
-        kind: format!("{script}:{}", code.map_or("?".to_owned(), |c| c.to_string())),
+        kind: format!(
+            "{script}:{}",
+            code.map_or("?".to_owned(), |c| c.to_string())
+        ),
         detail: format!("{script}.lua answered {v:?}"),
     })
 }

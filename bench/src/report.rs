@@ -81,12 +81,7 @@ impl Row {
     /// Summarizes a cell; `ceiling_ops` is the throughput, at the same concurrency, of the
     /// scenario's [`Scenario::ratio_basis`].
     pub fn new(cell: &CellResult, ceiling_ops: Option<f64>, run: &RunInfo) -> Self {
-        let mut row = Row::of_histogram(
-            cell.scenario,
-            &cell.histogram,
-            cell.ops_per_sec(),
-            run,
-        );
+        let mut row = Row::of_histogram(cell.scenario, &cell.histogram, cell.ops_per_sec(), run);
         row.concurrency = cell.concurrency;
         row.errors = cell.errors;
         row.error_rate = cell.error_rate();

@@ -1,13 +1,12 @@
-//! A whole bench run: start or reach the targets, prepare the node, run every cell, report.
+//! A whole bench run: start or reach the targets, prepare the nodes, run every cell, then
+//! propagation, and report.
 
 use anyhow::{bail, Context as _};
-use prost::Message as _;
 
 use crate::cli::{RunArgs, Scenario};
-use crate::node::{self, ServerProcess};
 use crate::report::{self, Row, RunInfo};
 use crate::scenario::{run_cell, CellSpec};
-use crate::setup;
+use crate::targets::Targets;
 
 /// Runs the bench described by `args` and prints or writes its report.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -24,64 +23,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.channels == 0 || args.tenants == 0 {
         bail!("--channels and --tenants must be at least 1");
     }
-
-    let needs_node = scenarios.iter().any(|s| s.needs_node());
-    let mut node: Option<ServerProcess> = None;
-    let mut node_channels = Vec::new();
-    let mut ceiling_response = node_response_default();
-    let node_kind = match (&args.endpoint, needs_node) {
-        (_, false) => "none",
-        (Some(_), true) => "endpoint",
-        (None, true) => "spawned",
-    };
-    if needs_node {
-        let url = match &args.endpoint {
-            Some(url) => {
-                setup::ensure_loopback(url)?;
-                url.clone()
-            }
-            None => {
-                let bin = match &args.allot_bin {
-                    Some(bin) => bin.clone(),
-                    None => node::default_allot_bin()?,
-                };
-                let started = node::start_allot(&bin, &args.node_args).await?;
-                eprintln!("node: started {} on {}", bin.display(), started.addr());
-                let url = started.url();
-                node = Some(started);
-                url
-            }
-        };
-        node_channels = setup::connect(&url, args.channels).await?;
-        setup::prepare(
-            node_channels[0].clone(),
-            args.tenants,
-            args.endpoint.is_none(),
-        )
-        .await
-        .context("preparing the node")?;
-        eprintln!(
-            "node: catalog applied, {} tenants subscribed to plan `{}`",
-            args.tenants,
-            setup::PLAN
+    let uses_redis = scenarios
+        .iter()
+        .any(|s| s.needs_redis_node() || *s == Scenario::Propagation);
+    if uses_redis && args.endpoint.is_some() {
+        bail!(
+            "--endpoint cannot be used with hard-reserve, redis-script or propagation: they \
+             start their own redis-server and nodes"
         );
-        ceiling_response = setup::probe(node_channels[0].clone())
-            .await?
-            .encode_to_vec();
     }
-
-    let mut noop: Option<ServerProcess> = None;
-    let mut noop_channels = Vec::new();
-    if scenarios.contains(&Scenario::Ceiling) {
-        let started = node::start_noop(&ceiling_response).await?;
-        eprintln!(
-            "ceiling: no-op server on {} (request {} bytes, response {} bytes, as Check's)",
-            started.addr(),
-            setup::check_request(0).encoded_len(),
-            ceiling_response.len()
-        );
-        noop_channels = setup::connect(&started.url(), args.channels).await?;
-        noop = Some(started);
+    if scenarios.contains(&Scenario::Propagation) && args.changes == 0 {
+        bail!("--changes must be at least 1");
     }
 
     let info = RunInfo {
@@ -90,13 +42,52 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         warmup_s: args.warmup.as_secs_f64(),
         channels: args.channels,
         tenants: args.tenants,
-        node: node_kind.to_owned(),
+        node: node_kind(&args, &scenarios).to_owned(),
+        redis: if uses_redis {
+            Some(crate::redis::version(&args.redis_server)?)
+        } else {
+            None
+        },
     };
+    let cells: Vec<Scenario> = scenarios
+        .iter()
+        .copied()
+        .filter(|s| *s != Scenario::Propagation)
+        .collect();
+    let mut rows = Vec::new();
+    if !cells.is_empty() {
+        rows = run_cells(&args, &cells, &info).await?;
+    }
+    if scenarios.contains(&Scenario::Propagation) {
+        rows.extend(crate::propagation::run(&args, &info).await?);
+    }
+    output(&args, &rows)
+}
+
+fn node_kind(args: &RunArgs, scenarios: &[Scenario]) -> &'static str {
+    let embedded = scenarios.iter().any(|s| s.needs_node());
+    let spawns = scenarios
+        .iter()
+        .any(|s| s.needs_redis_node() || *s == Scenario::Propagation);
+    match (embedded, args.endpoint.is_some(), spawns) {
+        (true, true, _) => "endpoint",
+        (true, false, _) | (false, _, true) => "spawned",
+        (false, _, false) => "none",
+    }
+}
+
+/// Every scenario but propagation at every concurrency; the children live as long as this.
+async fn run_cells(
+    args: &RunArgs,
+    scenarios: &[Scenario],
+    info: &RunInfo,
+) -> anyhow::Result<Vec<Row>> {
     let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let mut targets = Targets::start(args, scenarios, &run_id).await?;
     let mut rows = Vec::new();
     for &concurrency in &args.concurrency {
-        let mut ceiling_ops = None;
-        for &scenario in &scenarios {
+        let mut basis_ops: Vec<(Scenario, f64)> = Vec::new();
+        for &scenario in scenarios {
             let spec = CellSpec {
                 scenario,
                 concurrency,
@@ -111,22 +102,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 args.warmup,
                 args.duration
             );
-            let channels = if scenario == Scenario::Ceiling {
-                &noop_channels
-            } else {
-                &node_channels
-            };
-            let cell = run_cell(&spec, channels).await?;
+            let cell = run_cell(&spec, targets.target(scenario)?)
+                .await
+                .with_context(|| format!("{} at concurrency {concurrency}", scenario.name()))?;
             for (kind, e) in &cell.error_kinds {
                 eprintln!("  {} errors of kind {kind}, e.g.: {}", e.count, e.example);
             }
-            for child in [node.as_mut(), noop.as_mut()].into_iter().flatten() {
-                child.ensure_running()?;
-            }
-            if scenario == Scenario::Ceiling {
-                ceiling_ops = Some(cell.ops_per_sec());
-            }
-            let row = Row::new(&cell, ceiling_ops, &info);
+            targets.ensure_running()?;
+            basis_ops.push((scenario, cell.ops_per_sec()));
+            let basis = scenario
+                .ratio_basis()
+                .and_then(|b| basis_ops.iter().find(|(s, _)| *s == b).map(|(_, ops)| *ops));
+            let row = Row::new(&cell, basis, info);
             eprintln!(
                 "  {:.0} ops/s, p50 {:.0} µs, p99 {:.0} µs, {} errors",
                 row.ops_per_sec,
@@ -137,35 +124,35 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             rows.push(row);
         }
     }
-
-    for child in [node, noop].into_iter().flatten() {
-        child.stop().await;
-    }
-    output(&args, &rows)
+    targets.stop().await;
+    Ok(rows)
 }
 
-/// The scenarios once each, ceiling first (the others' ratio needs it), then as given.
+/// The scenarios once each: the ceilings first (the others' ratios need them; hard-reserve
+/// brings redis-script along), then as given, propagation last.
 fn ordered(given: &[Scenario]) -> Vec<Scenario> {
     let mut out = Vec::new();
     if given.contains(&Scenario::Ceiling) {
         out.push(Scenario::Ceiling);
     }
-    for s in given {
+    if given.contains(&Scenario::RedisScript) || given.contains(&Scenario::HardReserve) {
+        out.push(Scenario::RedisScript);
+    }
+    for s in given.iter().filter(|s| **s != Scenario::Propagation) {
         if !out.contains(s) {
             out.push(*s);
         }
     }
+    if given.contains(&Scenario::Propagation) {
+        out.push(Scenario::Propagation);
+    }
     out
-}
-
-fn node_response_default() -> Vec<u8> {
-    crate::noop::typical_check_response().encode_to_vec()
 }
 
 fn output(args: &RunArgs, rows: &[Row]) -> anyhow::Result<()> {
     let json = report::json(rows)?;
     if !args.json {
-        println!("{}", report::table(rows));
+        println!("{}", report::tables(rows));
     }
     match &args.out {
         Some(path) => {
@@ -190,5 +177,9 @@ mod tests {
             vec![Ceiling, Check, ReserveCommit]
         );
         assert_eq!(ordered(&[Check]), vec![Check]);
+        assert_eq!(
+            ordered(&[Propagation, HardReserve, Check, Ceiling]),
+            vec![Ceiling, RedisScript, HardReserve, Check, Propagation]
+        );
     }
 }

@@ -104,7 +104,9 @@ impl Targets {
     }
 
     fn redis_side(&self) -> anyhow::Result<&RedisSide> {
-        self.redis.as_ref().context("the bench's Redis was not started")
+        self.redis
+            .as_ref()
+            .context("the bench's Redis was not started")
     }
 
     /// Fails, with the end of its log, if any child has exited.
@@ -143,12 +145,20 @@ impl Targets {
 async fn start_redis_side(args: &RunArgs, run_id: &str) -> anyhow::Result<RedisSide> {
     let server = redis::start_server(&args.redis_server).await?;
     let url = redis::url(&server);
-    eprintln!("redis: started {} on {}", args.redis_server.display(), server.addr());
+    eprintln!(
+        "redis: started {} on {}",
+        args.redis_server.display(),
+        server.addr()
+    );
     let bin = node::allot_bin(args.allot_bin.as_deref())?;
     let mut node_args = vec!["--redis".to_owned(), url.clone()];
     node_args.extend(args.node_args.iter().cloned());
     let node = node::start_allot(&bin, "allot node on Redis", &node_args).await?;
-    eprintln!("node: started {} --redis {url} on {}", bin.display(), node.addr());
+    eprintln!(
+        "node: started {} --redis {url} on {}",
+        bin.display(),
+        node.addr()
+    );
     let channels = setup::connect(&node.url(), args.channels).await?;
     setup::prepare(channels[0].clone(), args.tenants, true)
         .await

@@ -16,6 +16,7 @@
 //! - [`hint`]: which plans or add-ons would have allowed a denied request.
 //! - [`store`]: the storage traits every backend implements; [`conformance`] (feature
 //!   `conformance`) is the suite they all pass.
+//! - [`soft`]: soft-limit counters (CRDTs) each node keeps and gossips.
 //! - [`keys`]: what valid codes, tenant ids and keys look like.
 
 pub mod catalog;
@@ -29,5 +30,6 @@ pub mod keys;
 pub mod lifecycle;
 pub mod quota;
 pub mod resolve;
+pub mod soft;
 pub mod store;
 pub mod window;
