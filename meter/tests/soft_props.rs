@@ -123,8 +123,8 @@ proptest! {
             }
             // Usage is never over-counted, whatever arrived.
             for n in &nodes {
-                for k in 0..3 {
-                    prop_assert!(n.value(&slot(k as u8)) <= truth[k]);
+                for (k, total) in truth.iter().take(3).enumerate() {
+                    prop_assert!(n.value(&slot(k as u8)) <= *total);
                 }
             }
         }
