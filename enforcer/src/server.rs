@@ -26,6 +26,9 @@ const SWEEP_BATCH: usize = 10_000;
 /// Sweeps between prunings of full token buckets (they key on client-chosen dimension
 /// values, so the map must not wait long to shrink).
 const SWEEPS_PER_PRUNE: u64 = 10;
+/// Sweeps between full checks of the Redis sweep index (the backstop for an index update
+/// lost with a node).
+const SWEEPS_PER_REINDEX: u64 = 60;
 /// Sweeps between compactions of the store.
 const SWEEPS_PER_COMPACTION: u64 = 600;
 
@@ -290,6 +293,16 @@ async fn sweep(
         }
         if let Backend::Redis(redis) = &backend {
             reconcile(&engine, redis).await;
+            if n.is_multiple_of(SWEEPS_PER_REINDEX) {
+                match redis.reindex_pending().await {
+                    Ok(0) => {}
+                    Ok(restored) => tracing::warn!(
+                        restored,
+                        "tenants with open reservations were missing from the sweep index"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "sweep index check failed"),
+                }
+            }
         }
         if let (Some(store), true) = (&embedded, n.is_multiple_of(SWEEPS_PER_COMPACTION)) {
             if let Err(e) = store.compact(engine.now(), retention).await {

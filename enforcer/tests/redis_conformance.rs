@@ -40,3 +40,55 @@ async fn redis_cluster_store_conforms() {
     let cluster = RedisCluster::start().await;
     meter::conformance::run_all(|| fresh(&cluster.url)).await;
 }
+
+#[tokio::test]
+async fn lost_sweep_index_entries_are_restored() {
+    use meter::lifecycle::{PlanRef, Status, Subscription};
+    use meter::store::{ControlStore, ReserveOp, SlotSpec, UsageStore};
+    let server = RedisServer::start().await;
+    let store = fresh(&server.url).await;
+    let now = chrono::Utc::now();
+    let sub = Subscription {
+        tenant: "acme".into(),
+        plan: PlanRef {
+            code: "p".into(),
+            version: 1,
+        },
+        plan_since: now,
+        addons: vec![],
+        status: Status::Active,
+        status_since: now,
+        billing_anchor: now,
+        time_zone: "UTC".into(),
+        trial_ends_at: None,
+        post_trial_plan: None,
+        scheduled_change: None,
+        cancel_at: None,
+    };
+    store.save_subscription(&sub).await.unwrap();
+    let op = ReserveOp {
+        tenant: "acme".into(),
+        metric: "calls".into(),
+        amount: 2,
+        reservation_id: "r1".into(),
+        idempotency_key: "k1".into(),
+        slots: vec![SlotSpec {
+            key: "calls|day|0".into(),
+            cap: Some(10),
+            ends_at: None,
+        }],
+        expires_at: now + chrono::Duration::seconds(1),
+        context: String::new(),
+    };
+    assert!(store.reserve(op).await.unwrap().granted);
+    // As if the node died before indexing the tenant.
+    let _: i64 = store.client().srem("al:pending", "acme").await.unwrap();
+    let later = now + chrono::Duration::seconds(2);
+    assert!(store.expire_due(later, 100).await.unwrap().is_empty());
+    assert_eq!(store.reindex_pending().await.unwrap(), 1);
+    assert_eq!(store.expire_due(later, 100).await.unwrap().len(), 1);
+    assert_eq!(
+        store.usage("acme", &["calls|day|0".into()]).await.unwrap()[0].reserved,
+        0
+    );
+}

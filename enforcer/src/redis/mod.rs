@@ -336,6 +336,29 @@ impl RedisStore {
         )))
     }
 
+    /// Puts back into the sweeper's index every tenant that has open reservations but fell
+    /// out of it (a node died between a grant and the index update). Returns how many.
+    pub async fn reindex_pending(&self) -> Result<usize, StoreError> {
+        let tenants: Vec<String> = self.client.smembers(TENANTS).await.map_err(unavailable)?;
+        let mut restored = 0;
+        for tenant in tenants {
+            let open: i64 = self
+                .client
+                .zcard(tenant_key(&tenant, "x"))
+                .await
+                .map_err(unavailable)?;
+            if open > 0 {
+                let added: i64 = self
+                    .client
+                    .sadd(PENDING, tenant.as_str())
+                    .await
+                    .map_err(unavailable)?;
+                restored += added as usize;
+            }
+        }
+        Ok(restored)
+    }
+
     /// Counts usage that was admitted while this store was unreachable: no cap is
     /// checked (it already happened), and `event_id` makes a repeated replay count once.
     /// Returns false when the event id was counted before.
