@@ -159,8 +159,19 @@ pub struct ScriptTarget {
     context: String,
     /// The metric.
     metric: String,
-    /// Per counter: key within the tenant (`api_calls|day|…`), cap, period end in ms.
-    slots: Vec<(String, String, String)>,
+    /// The counters, in the node's order.
+    slots: Vec<Slot>,
+}
+
+/// One counter as the scripts get it, in the node's words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Slot {
+    /// Key within the tenant (`api_calls|day|<period start>`).
+    key: String,
+    /// Cap (`''` for none).
+    cap: String,
+    /// End of the period, Unix ms (`''` for none).
+    end_ms: String,
 }
 
 impl ScriptTarget {
@@ -206,13 +217,13 @@ impl ScriptTarget {
 
     /// The counter keys, for the first line of the report on stderr.
     pub fn describe(&self) -> String {
-        let keys: Vec<&str> = self.slots.iter().map(|s| s.0.as_str()).collect();
+        let keys: Vec<&str> = self.slots.iter().map(|s| s.key.as_str()).collect();
         format!("counters {}", keys.join(", "))
     }
 }
 
-/// Metric and slots (key, cap, end ms) of the node's replay context.
-fn parse_context(text: &str) -> anyhow::Result<(String, Vec<(String, String, String)>)> {
+/// Metric and slots of the node's replay context.
+fn parse_context(text: &str) -> anyhow::Result<(String, Vec<Slot>)> {
     let v: serde_json::Value =
         serde_json::from_str(text).context("the node's replay context is not JSON")?;
     let metric = v["metric"].as_str().unwrap_or_default().to_owned();
@@ -237,7 +248,11 @@ fn parse_context(text: &str) -> anyhow::Result<(String, Vec<(String, String, Str
                     .to_string(),
                 None => String::new(),
             };
-            Ok((key, cap, end))
+            Ok(Slot {
+                key,
+                cap,
+                end_ms: end,
+            })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     anyhow::ensure!(!slots.is_empty(), "the node's replay context has no slots");
@@ -270,7 +285,7 @@ impl ScriptPair {
         let counters = target
             .slots
             .iter()
-            .map(|(k, _, _)| key(&tenant, "c", k))
+            .map(|s| key(&tenant, "c", &s.key))
             .collect();
         ScriptPair {
             target,
@@ -303,9 +318,9 @@ impl ScriptPair {
             self.target.metric.clone(),
             KEEP_MS.to_string(),
         ];
-        for (_, cap, end) in &self.target.slots {
-            args.push(cap.clone());
-            args.push(end.clone());
+        for slot in &self.target.slots {
+            args.push(slot.cap.clone());
+            args.push(slot.end_ms.clone());
         }
         let v: Value = self
             .target
@@ -364,16 +379,16 @@ mod tests {
         assert_eq!(
             slots,
             vec![
-                (
-                    "api_calls|day|1795305600".to_owned(),
-                    "9000000000000".to_owned(),
-                    "1795392000000".to_owned()
-                ),
-                (
-                    "api_calls|month|1793491200".to_owned(),
-                    String::new(),
-                    "1796083200000".to_owned()
-                ),
+                Slot {
+                    key: "api_calls|day|1795305600".to_owned(),
+                    cap: "9000000000000".to_owned(),
+                    end_ms: "1795392000000".to_owned()
+                },
+                Slot {
+                    key: "api_calls|month|1793491200".to_owned(),
+                    cap: String::new(),
+                    end_ms: "1796083200000".to_owned()
+                },
             ]
         );
         assert!(parse_context(r#"{"slots":[]}"#).is_err());

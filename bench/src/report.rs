@@ -72,6 +72,10 @@ pub struct Row {
     /// resolution of the delays).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub poll_p50_us: Option<f64>,
+    /// propagation: changes that the first Check sent after the Admin call already showed
+    /// (then the delay is at most one Check's time, and the real lag is hidden in it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seen_by_first_poll: Option<u64>,
     /// Run facts.
     #[serde(flatten)]
     pub run: RunInfo,
@@ -129,6 +133,7 @@ impl Row {
             rpcs_per_op: scenario.rpcs_per_op(),
             target: None,
             poll_p50_us: None,
+            seen_by_first_poll: None,
             run: run.clone(),
         }
     }
@@ -163,7 +168,8 @@ pub fn tables(rows: &[Row]) -> String {
 }
 
 /// Per node: changes timed, changes/s, delay percentiles and max, errors (waits that hit
-/// the cap), and the median time of one polling Check.
+/// the cap), the median time of one polling Check, and how many changes the first Check
+/// already showed.
 fn propagation_table(rows: &[Row]) -> String {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
@@ -177,6 +183,7 @@ fn propagation_table(rows: &[Row]) -> String {
         "max µs",
         "errors",
         "poll p50 µs",
+        "1st poll",
     ]);
     for r in rows {
         t.add_row(vec![
@@ -190,9 +197,11 @@ fn propagation_table(rows: &[Row]) -> String {
             us_text(r.max_us),
             r.errors_text(),
             us_text(r.poll_p50_us),
+            r.seen_by_first_poll
+                .map_or_else(|| "-".to_owned(), |n| n.to_string()),
         ]);
     }
-    for i in 2..10 {
+    for i in 2..11 {
         if let Some(col) = t.column_mut(i) {
             col.set_cell_alignment(CellAlignment::Right);
         }
@@ -333,6 +342,7 @@ mod tests {
         let mut prop = Row::of_histogram(Scenario::Propagation, &h, 150.0, &info());
         prop.target = Some("node2".into());
         prop.poll_p50_us = Some(80.0);
+        prop.seen_by_first_poll = Some(2);
 
         let rows = [ceiling, check, empty, hard, prop];
         let text = tables(&rows);
@@ -346,6 +356,8 @@ mod tests {
         assert!(v[1].get("target").is_none());
         assert_eq!(v[4]["target"], "node2");
         assert_eq!(v[4]["ops"], 3);
+        assert_eq!(v[4]["seen_by_first_poll"], 2);
+        assert!(v[0].get("seen_by_first_poll").is_none());
         assert!((v[4]["max_us"].as_f64().unwrap() - 900.0).abs() < 1.0);
     }
 

@@ -506,7 +506,15 @@ impl UsageStore for RedisStore {
             self.keep_ms(),
         ];
         args.extend(slot_args(&op.slots));
-        let out = self.eval(&self.reserve, keys, args).await?;
+        // The sweeper's index is updated in the same round trip as the script (the client
+        // pipelines both). Indexing a tenant whose reserve is then refused is harmless;
+        // an index update lost with a node is restored by the periodic full check.
+        let index = self.client.sadd::<(), _, _>(PENDING, op.tenant.as_str());
+        let (out, indexed) = tokio::join!(self.eval(&self.reserve, keys, args), index);
+        if let Err(e) = indexed {
+            tracing::warn!(error = %e, tenant = %op.tenant, "pending index not updated");
+        }
+        let out = out?;
         match out.first().map(String::as_str) {
             Some("1") => Ok(ReserveOutcome {
                 granted: true,
@@ -519,15 +527,6 @@ impl UsageStore for RedisStore {
             Some(code @ ("0" | "2")) => {
                 let granted = code == "2";
                 if granted {
-                    // After the grant: a crash before this line leaves the reservation out of
-                    // the sweeper's fast path only; the full scan still finds it.
-                    if let Err(e) = self
-                        .client
-                        .sadd::<(), _, _>(PENDING, op.tenant.as_str())
-                        .await
-                    {
-                        tracing::warn!(error = %e, tenant = %op.tenant, "pending index not updated");
-                    }
                     self.replicate(&key(&op.tenant, "r", &op.reservation_id))
                         .await?;
                 }
