@@ -25,7 +25,8 @@ pub struct ServeArgs {
     /// Address to serve gRPC on; port 0 picks a free one. [default: 127.0.0.1:7411]
     #[arg(long, env = "ALLOT_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Directory of the embedded store (created if missing). [default: allot-data]
+    /// Directory of the embedded store (created if missing); with --redis it holds only
+    /// the journal of usage admitted while Redis was unreachable. [default: allot-data]
     #[arg(long, env = "ALLOT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Catalog file (YAML) to apply at start. A catalog that changes a published plan
@@ -33,8 +34,9 @@ pub struct ServeArgs {
     /// when that file exists, else the catalog stored by an earlier run]
     #[arg(long, env = "ALLOT_CATALOG")]
     pub catalog: Option<PathBuf>,
-    /// Longest time a tenant's cached entitlements are used without a fresh read; changes
-    /// made through this node apply at once regardless. [default: 30s]
+    /// Longest time a tenant's cached entitlements are used without a fresh read. Changes
+    /// made through this node apply at once regardless, and with --redis so do changes
+    /// announced by other nodes; this is the backstop for a lost announcement. [default: 30s]
     #[arg(long, env = "ALLOT_CACHE_TTL", value_parser = humantime::parse_duration)]
     pub cache_ttl: Option<Duration>,
     /// How often reservations past their TTL are released. [default: 1s]

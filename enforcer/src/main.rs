@@ -18,7 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a node: gRPC Enforcer and Admin services over the embedded store in --data-dir.
+    /// Run a node: gRPC Enforcer and Admin services over the embedded store in --data-dir,
+    /// or over Redis shared with other nodes (--redis).
     Serve(ServeArgs),
     #[command(flatten)]
     Client(cli::ClientCommand),
