@@ -98,10 +98,22 @@ pub struct Entry {
     pub id: String,
     /// Metric.
     pub metric: String,
+    /// Units asked for: held by a reservation, or the signed amount of a record.
+    pub amount: i64,
     /// The counters it belongs in (caps are not checked when replayed).
     pub slots: Vec<SlotSpec>,
     /// Where it stands.
     pub state: EntryState,
+    /// The idempotency key of a reservation.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// The engine's replay context, stored with the record in the shared store so that a
+    /// client's retry there gets its first answer.
+    #[serde(default)]
+    pub context: String,
+    /// When the shared store got it; kept until the retention passes so retries replay.
+    #[serde(default)]
+    pub reconciled_at: Option<DateTime<Utc>>,
 }
 
 /// Where a journal entry stands.
@@ -110,23 +122,33 @@ pub struct Entry {
 pub enum EntryState {
     /// A degraded reservation still held (until `expires_at`).
     Held {
-        /// Units held.
-        amount: u64,
         /// When it lapses.
         expires_at: DateTime<Utc>,
     },
     /// A degraded reservation committed with this many units.
     Committed(u64),
-    /// A degraded reservation released (or lapsed): nothing to count.
+    /// A degraded reservation released, or lapsed at its TTL: nothing to count.
     Released,
-    /// A record of this signed amount.
-    Recorded(i64),
+    /// A record.
+    Recorded,
+}
+
+impl Entry {
+    /// The state in force at `now`: a hold past its TTL has lapsed.
+    pub fn state_at(&self, now: DateTime<Utc>) -> EntryState {
+        match self.state {
+            EntryState::Held { expires_at } if expires_at <= now => EntryState::Released,
+            s => s,
+        }
+    }
 }
 
 const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
 const KEYS: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
 
-/// The journal: a redb database beside the node's data, synced on every write.
+/// The journal: a redb database beside the node's data, synced on every write. Each
+/// change reads and writes in one write transaction, so a settle and the reconciler never
+/// act on a stale copy.
 pub struct Journal {
     db: Database,
 }
@@ -139,6 +161,14 @@ fn io(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("degraded journal: {e}"))
 }
 
+fn decode(bytes: &[u8]) -> Result<Entry, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("degraded journal: {e}")))
+}
+
+fn encode(e: &Entry) -> Vec<u8> {
+    serde_json::to_vec(e).expect("entries serialize")
+}
+
 impl Journal {
     /// Opens or creates `journal.redb` in `dir`.
     pub fn open(dir: &Path) -> Result<Journal, StoreError> {
@@ -147,35 +177,35 @@ impl Journal {
         Ok(Journal { db })
     }
 
-    fn get(&self, tenant: &str, id: &str) -> Result<Option<Entry>, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
-        let table = match txn.open_table(ENTRIES) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(io(e)),
-        };
-        let found = table.get(row(tenant, id).as_str()).map_err(io)?;
-        found
-            .map(|v| {
-                serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt(e.to_string()))
-            })
-            .transpose()
-    }
-
-    fn put(&self, e: &Entry, key: Option<&str>) -> Result<(), StoreError> {
+    /// Runs `f` on the stored entry (if any) inside one write transaction; `f` returns
+    /// the entry to store (or `None` to leave it) and the answer.
+    fn update<T>(
+        &self,
+        tenant: &str,
+        id: &str,
+        f: impl FnOnce(Option<Entry>) -> Result<(Option<Entry>, T), StoreError>,
+    ) -> Result<T, StoreError> {
         let txn = self.db.begin_write().map_err(io)?;
-        {
+        let answer = {
             let mut t = txn.open_table(ENTRIES).map_err(io)?;
-            let v = serde_json::to_vec(e).expect("entries serialize");
-            t.insert(row(&e.tenant, &e.id).as_str(), v.as_slice())
-                .map_err(io)?;
-            if let Some(k) = key {
-                let mut keys = txn.open_table(KEYS).map_err(io)?;
-                keys.insert(row(&e.tenant, k).as_str(), e.id.as_str())
-                    .map_err(io)?;
+            let key = row(tenant, id);
+            let current = t
+                .get(key.as_str())
+                .map_err(io)?
+                .map(|v| decode(v.value()))
+                .transpose()?;
+            let (new, answer) = f(current)?;
+            if let Some(e) = new {
+                t.insert(key.as_str(), encode(&e).as_slice()).map_err(io)?;
+                if let Some(k) = &e.key {
+                    let mut keys = txn.open_table(KEYS).map_err(io)?;
+                    keys.insert(row(tenant, k).as_str(), id).map_err(io)?;
+                }
             }
-        }
-        txn.commit().map_err(io)
+            answer
+        };
+        txn.commit().map_err(io)?;
+        Ok(answer)
     }
 
     /// The degraded reservation made earlier with this idempotency key, if any.
@@ -193,25 +223,27 @@ impl Journal {
             Err(redb::TableError::TableDoesNotExist(_)) => None,
             Err(e) => return Err(io(e)),
         };
-        drop(txn);
-        match id {
-            Some(id) => self.get(tenant, &id),
-            None => Ok(None),
-        }
+        let Some(id) = id else { return Ok(None) };
+        let entries = match txn.open_table(ENTRIES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(io(e)),
+        };
+        let found = entries.get(row(tenant, &id).as_str()).map_err(io)?;
+        found.map(|v| decode(v.value())).transpose()
     }
 
     /// Holds units locally; durable before it returns.
-    pub fn reserve(&self, e: &Entry, key: &str) -> Result<(), StoreError> {
-        self.put(e, Some(key))
+    pub fn reserve(&self, e: &Entry) -> Result<(), StoreError> {
+        self.update(&e.tenant, &e.id, |_| Ok((Some(e.clone()), ())))
     }
 
     /// Counts a record locally; returns false if the event id was already journaled.
     pub fn record(&self, e: &Entry) -> Result<bool, StoreError> {
-        if self.get(&e.tenant, &e.id)?.is_some() {
-            return Ok(false);
-        }
-        self.put(e, None)?;
-        Ok(true)
+        self.update(&e.tenant, &e.id, |current| match current {
+            Some(_) => Ok((None, false)),
+            None => Ok((Some(e.clone()), true)),
+        })
     }
 
     /// Commits (`Some(actual)`) or releases (`None`) a degraded reservation. Returns the
@@ -223,43 +255,38 @@ impl Journal {
         actual: Option<u64>,
         now: DateTime<Utc>,
     ) -> Result<(u64, bool), StoreError> {
-        let mut e = self.get(tenant, id)?.ok_or_else(|| StoreError::NotFound {
-            field: "reservation_id".into(),
-            reason: format!("no reservation {id:?} for tenant {tenant:?}"),
-        })?;
-        let EntryState::Held { amount, expires_at } = e.state else {
-            return match (e.state, actual) {
-                (EntryState::Committed(a), Some(b)) if a == b => Ok((a, true)),
-                (EntryState::Released, None) => Ok((0, true)),
-                _ => Err(StoreError::Conflict(format!(
-                    "reservation {id} was already settled"
-                ))),
-            };
-        };
-        if now >= expires_at && actual.is_some() {
-            e.state = EntryState::Released;
-            self.put(&e, None)?;
-            return Err(StoreError::Conflict(format!(
-                "reservation {id} expired at its TTL before this commit; its units were released"
-            )));
-        }
-        if let Some(a) = actual {
-            if a > amount {
-                return Err(StoreError::Invalid {
+        self.update(tenant, id, |current| {
+            let mut e = current.ok_or_else(|| StoreError::NotFound {
+                field: "reservation_id".into(),
+                reason: format!(
+                    "no reservation {id:?} for tenant {tenant:?} on this node (reservations made \
+                     while the shared store was down are settled on the node that made them)"
+                ),
+            })?;
+            let held = e.amount.unsigned_abs();
+            match (e.state_at(now), actual) {
+                (EntryState::Held { .. }, Some(a)) if a > held => Err(StoreError::Invalid {
                     field: "actual_amount".into(),
-                    reason: format!(
-                        "{a} is more than the {amount} reserved; record the excess separately"
-                    ),
-                });
+                    reason: format!("{a} is more than the {held} reserved; record the excess separately"),
+                }),
+                (EntryState::Held { .. }, _) => {
+                    e.state = actual.map_or(EntryState::Released, EntryState::Committed);
+                    Ok((Some(e), (held, false)))
+                }
+                (EntryState::Committed(a), Some(b)) if a == b => Ok((None, (held, true))),
+                (EntryState::Released, None) => Ok((None, (held, true))),
+                (EntryState::Released, Some(_)) if matches!(e.state, EntryState::Held { .. }) => {
+                    Err(StoreError::Conflict(format!(
+                        "reservation {id} expired at its TTL before this commit; its units were released"
+                    )))
+                }
+                _ => Err(StoreError::Conflict(format!("reservation {id} was already settled"))),
             }
-        }
-        e.state = actual.map_or(EntryState::Released, EntryState::Committed);
-        self.put(&e, None)?;
-        Ok((amount, false))
+        })
     }
 
-    /// Entries ready to be counted in the shared store (records, commits) or dropped
-    /// (releases, lapsed holds), at most `max`.
+    /// Entries ready to be counted in the shared store (records, commits) or closed
+    /// (releases, lapsed holds), at most `max`, as stored.
     pub fn settled(&self, now: DateTime<Utc>, max: usize) -> Result<Vec<Entry>, StoreError> {
         let txn = self.db.begin_read().map_err(io)?;
         let table = match txn.open_table(ENTRIES) {
@@ -270,14 +297,9 @@ impl Journal {
         let mut out = Vec::new();
         for item in table.iter().map_err(io)? {
             let (_, v) = item.map_err(io)?;
-            let mut e: Entry = serde_json::from_slice(v.value())
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            match e.state {
-                EntryState::Held { expires_at, .. } if expires_at <= now => {
-                    e.state = EntryState::Released
-                }
-                EntryState::Held { .. } => continue,
-                _ => {}
+            let e = decode(v.value())?;
+            if e.reconciled_at.is_some() || matches!(e.state_at(now), EntryState::Held { .. }) {
+                continue;
             }
             out.push(e);
             if out.len() >= max {
@@ -287,23 +309,53 @@ impl Journal {
         Ok(out)
     }
 
-    /// Forgets an entry once the shared store has it.
-    pub fn remove(&self, tenant: &str, id: &str) -> Result<(), StoreError> {
+    /// Marks an entry as in the shared store, if it is still exactly as `seen` (a settle
+    /// that landed since is reconciled on the next pass). Returns whether it was marked.
+    pub fn mark_reconciled(&self, seen: &Entry, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        self.update(&seen.tenant, &seen.id, |current| match current {
+            Some(e) if e == *seen => {
+                let mut done = e;
+                done.state = done.state_at(now);
+                done.reconciled_at = Some(now);
+                Ok((Some(done), true))
+            }
+            _ => Ok((None, false)),
+        })
+    }
+
+    /// Forgets entries reconciled more than `retention` ago, with their idempotency keys.
+    pub fn prune(
+        &self,
+        now: DateTime<Utc>,
+        retention: chrono::Duration,
+    ) -> Result<usize, StoreError> {
         let txn = self.db.begin_write().map_err(io)?;
+        let mut gone = 0;
         {
             let mut t = txn.open_table(ENTRIES).map_err(io)?;
-            t.remove(row(tenant, id).as_str()).map_err(io)?;
+            let mut keys = txn.open_table(KEYS).map_err(io)?;
+            let mut old = Vec::new();
+            for item in t.iter().map_err(io)? {
+                let (k, v) = item.map_err(io)?;
+                let e = decode(v.value())?;
+                if e.reconciled_at.is_some_and(|at| at + retention < now) {
+                    old.push((k.value().to_string(), e));
+                }
+            }
+            for (k, e) in old {
+                t.remove(k.as_str()).map_err(io)?;
+                if let Some(key) = &e.key {
+                    keys.remove(row(&e.tenant, key).as_str()).map_err(io)?;
+                }
+                gone += 1;
+            }
         }
-        txn.commit().map_err(io)
+        txn.commit().map_err(io)?;
+        Ok(gone)
     }
 
-    /// Number of entries (for tests and logs).
-    pub fn len(&self) -> Result<usize, StoreError> {
+    /// Entries not yet in the shared store (for tests and logs).
+    pub fn pending(&self) -> Result<usize, StoreError> {
         Ok(self.settled(DateTime::<Utc>::MAX_UTC, usize::MAX)?.len())
-    }
-
-    /// Whether the journal holds nothing.
-    pub fn is_empty(&self) -> Result<bool, StoreError> {
-        Ok(self.len()? == 0)
     }
 }

@@ -165,29 +165,34 @@ fn incoming(
 }
 
 /// Replays into Redis what was admitted while it was unreachable, once it answers again.
-async fn reconcile(engine: &Engine, redis: &RedisStore) {
+async fn reconcile(engine: &Engine, redis: &RedisStore, retention: chrono::Duration) {
     let Some(d) = engine.degraded() else { return };
     if !d.breaker.closed() {
         return;
     }
-    let entries = match d.journal.settled(engine.now(), SWEEP_BATCH) {
+    let now = engine.now();
+    if let Err(e) = d.journal.prune(now, retention) {
+        tracing::warn!(error = %e, "degraded journal not pruned");
+    }
+    let entries = match d.journal.settled(now, SWEEP_BATCH) {
         Ok(e) if e.is_empty() => return,
         Ok(e) => e,
         Err(e) => return tracing::warn!(error = %e, "degraded journal unreadable"),
     };
     let mut counted = 0;
     for e in entries {
-        let (amount, event_id) = match e.state {
+        let (amount, event_id, context) = match e.state_at(now) {
             EntryState::Committed(a) => (
                 a as i64,
                 format!("{}{}", crate::engine::enforce::DEGRADED_PREFIX, e.id),
+                String::new(),
             ),
-            EntryState::Recorded(a) => (a, e.id.clone()),
-            EntryState::Released | EntryState::Held { .. } => (0, String::new()),
+            EntryState::Recorded => (e.amount, e.id.clone(), e.context.clone()),
+            EntryState::Released | EntryState::Held { .. } => (0, String::new(), String::new()),
         };
         if amount != 0 {
             if let Err(err) = redis
-                .record_forced(&e.tenant, amount, &event_id, &e.slots)
+                .record_forced(&e.tenant, amount, &event_id, &e.slots, &context)
                 .await
             {
                 // Still down after all: keep the entry for the next sweep.
@@ -195,7 +200,9 @@ async fn reconcile(engine: &Engine, redis: &RedisStore) {
             }
             counted += 1;
         }
-        if let Err(err) = d.journal.remove(&e.tenant, &e.id) {
+        // A settle that landed meanwhile leaves the entry for the next pass; its record in
+        // Redis is keyed by event id, so counting it again there is a no-op.
+        if let Err(err) = d.journal.mark_reconciled(&e, now) {
             return tracing::warn!(error = %err, "degraded journal not updated");
         }
     }
@@ -292,7 +299,7 @@ async fn sweep(
             engine.prune();
         }
         if let Backend::Redis(redis) = &backend {
-            reconcile(&engine, redis).await;
+            reconcile(&engine, redis, retention).await;
             if n.is_multiple_of(SWEEPS_PER_REINDEX) {
                 match redis.reindex_pending().await {
                     Ok(0) => {}

@@ -34,6 +34,7 @@ struct Ledger {
     closed_acked: u64,
     closed_refused: u64,
     errors: u64,
+    degraded_event: Option<(String, u64)>,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,6 +88,7 @@ async fn redis_outage_follows_policies_and_reconciles_exactly() {
                                     l.open_acked += amount;
                                     if reason == "degraded_fail_open" {
                                         l.degraded += amount;
+                                        l.degraded_event = Some((event.clone(), amount));
                                     }
                                 }
                                 ("closed_calls", true) => l.closed_acked += amount,
@@ -160,6 +162,28 @@ async fn redis_outage_follows_policies_and_reconciles_exactly() {
     assert_eq!(
         window_usage(&mut e, "acme", "closed_calls", "day").await.0,
         l.closed_acked
+    );
+    // Late retries of what was admitted while degraded replay, from Redis or the journal.
+    let (event, amount) = l.degraded_event.clone().expect("a degraded record");
+    let again = e
+        .record(record("acme", "open_calls", amount as i64, &event))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.recorded && again.replayed, "{again:?}");
+    let c = pb::CommitRequest {
+        tenant: "acme".into(),
+        reservation_id: r.reservation_id.clone(),
+        actual_amount: 3,
+    };
+    let replay = e.commit(c).await.unwrap().into_inner();
+    assert!(
+        replay.replayed && replay.reserved == 5 && replay.refunded == 2,
+        "{replay:?}"
+    );
+    assert_eq!(
+        window_usage(&mut e, "acme", "open_calls", "day").await.0,
+        expected_open
     );
     println!(
         "admitted {} open units ({} while degraded), {} closed refused, {} errors",

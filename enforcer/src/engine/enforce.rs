@@ -565,10 +565,19 @@ impl Engine {
             .expect("checked by the caller")
             .journal;
         if let Some(first) = journal.reservation_for_key(&op.tenant, &op.idempotency_key)? {
+            if first.metric != op.metric || first.amount != op.amount as i64 {
+                return Err(EngineError::invalid(
+                    "idempotency_key",
+                    format!(
+                        "already used for {} {}; a retry must repeat the same request",
+                        first.amount, first.metric
+                    ),
+                ));
+            }
             let mut d = quota::degraded(plan);
             d.message = "replayed: first granted while the shared store was unreachable".into();
             let expires_at = match first.state {
-                EntryState::Held { expires_at, .. } => Some(expires_at),
+                EntryState::Held { expires_at } => Some(expires_at),
                 _ => None,
             };
             return Ok(Reserved {
@@ -587,13 +596,16 @@ impl Engine {
             tenant: op.tenant.clone(),
             id: id.clone(),
             metric: op.metric.clone(),
+            amount: op.amount as i64,
             slots: op.slots.clone(),
             state: EntryState::Held {
-                amount: op.amount,
                 expires_at: op.expires_at,
             },
+            key: Some(op.idempotency_key.clone()),
+            context: String::new(),
+            reconciled_at: None,
         };
-        journal.reserve(&entry, &op.idempotency_key)?;
+        journal.reserve(&entry)?;
         tracing::warn!(tenant = %op.tenant, metric = %op.metric, amount = op.amount, "reserved while degraded (fail open)");
         Ok(Reserved {
             decision: d,
@@ -622,8 +634,12 @@ impl Engine {
             tenant: op.tenant.clone(),
             id: op.event_id.clone(),
             metric: op.metric.clone(),
+            amount: op.amount,
             slots: op.slots.clone(),
-            state: EntryState::Recorded(op.amount),
+            state: EntryState::Recorded,
+            key: None,
+            context: op.context.clone(),
+            reconciled_at: None,
         };
         let fresh = journal.record(&entry)?;
         if fresh {

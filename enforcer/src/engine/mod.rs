@@ -55,6 +55,8 @@ pub struct Engine {
     admin_lock: tokio::sync::Mutex<()>,
     /// With a shared store: what decides while it is unreachable.
     degraded: Option<Degraded>,
+    /// Serializes catalog reloads.
+    reload_lock: tokio::sync::Mutex<()>,
 }
 
 /// The degraded-mode equipment of a node with a shared store.
@@ -85,6 +87,7 @@ impl Engine {
             buckets: buckets::Buckets::default(),
             admin_lock: tokio::sync::Mutex::new(()),
             degraded: None,
+            reload_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -150,6 +153,12 @@ impl Engine {
             return Ok(ctx);
         }
         let epoch = self.cache.epoch();
+        if self.degraded.as_ref().is_some_and(|d| !d.breaker.closed()) {
+            // The shared store is known to be down: no request should wait for it.
+            if let Some(ctx) = self.cache.get_stale(tenant, at) {
+                return Ok(ctx);
+            }
+        }
         match self.resolve_fresh(tenant, at, generation, catalog).await {
             Ok(ctx) => {
                 self.cache.put(tenant, generation, epoch, &ctx);
@@ -202,6 +211,9 @@ impl Engine {
     /// Loads the catalog from the control store if it differs from the one in force
     /// (another node applied it). Returns whether it changed.
     pub async fn reload_catalog(&self) -> Result<bool, EngineError> {
+        // One reload at a time: a slow one must not install an older catalog over the one
+        // a later announcement just loaded.
+        let _serial = self.reload_lock.lock().await;
         let Some(stored) = self.control.catalog().await? else {
             return Ok(false);
         };

@@ -368,12 +368,13 @@ impl RedisStore {
         amount: i64,
         event_id: &str,
         slots: &[SlotSpec],
+        context: &str,
     ) -> Result<bool, StoreError> {
         let mut keys = vec![key(tenant, "e", event_id)];
         keys.extend(slots.iter().map(|s| key(tenant, "c", &s.key)));
         let mut args = vec![
             amount.to_string(),
-            String::new(),
+            context.to_string(),
             self.keep_ms(),
             "1".into(),
         ];
