@@ -5,6 +5,31 @@ mod harness;
 
 use allot_proto::v1 as pb;
 use harness::{outcome, record, reserve, subscribe, window_usage, Node};
+
+fn feature_check(tenant: &str, feature: &str) -> pb::CheckRequest {
+    pb::CheckRequest {
+        tenant: tenant.into(),
+        feature: feature.into(),
+        ..Default::default()
+    }
+}
+
+fn metric_check(tenant: &str, metric: &str, amount: i64) -> pb::CheckRequest {
+    pb::CheckRequest {
+        tenant: tenant.into(),
+        metric: metric.into(),
+        amount,
+        ..Default::default()
+    }
+}
+
+fn status_change(tenant: &str, status: &str) -> pb::ChangeSubscriptionRequest {
+    pb::ChangeSubscriptionRequest {
+        tenant: tenant.into(),
+        status: status.into(),
+        ..Default::default()
+    }
+}
 use tonic::Code;
 
 fn assert_status<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, field: &str) {
@@ -27,11 +52,7 @@ async fn enforcer_rpcs_round_trip() {
 
     // Check a feature the plan lacks: denied, with upgrade options.
     let r = e
-        .check(pb::CheckRequest {
-            tenant: "acme".into(),
-            feature: "advanced_analytics".into(),
-            ..Default::default()
-        })
+        .check(feature_check("acme", "advanced_analytics"))
         .await
         .unwrap()
         .into_inner();
@@ -46,11 +67,7 @@ async fn enforcer_rpcs_round_trip() {
     );
     // A config value comes back.
     let r = e
-        .check(pb::CheckRequest {
-            tenant: "acme".into(),
-            feature: "export_formats".into(),
-            ..Default::default()
-        })
+        .check(feature_check("acme", "export_formats"))
         .await
         .unwrap()
         .into_inner();
@@ -166,12 +183,7 @@ async fn enforcer_rpcs_round_trip() {
         .await
         .unwrap();
     let r = e
-        .check(pb::CheckRequest {
-            tenant: "agency".into(),
-            metric: "quotations".into(),
-            amount: 11,
-            ..Default::default()
-        })
+        .check(metric_check("agency", "quotations", 11))
         .await
         .unwrap()
         .into_inner();
@@ -193,12 +205,7 @@ async fn enforcer_rpcs_round_trip() {
         d.upgrade
     );
     let r = e
-        .check(pb::CheckRequest {
-            tenant: "agency".into(),
-            metric: "quotations".into(),
-            amount: 10,
-            ..Default::default()
-        })
+        .check(metric_check("agency", "quotations", 10))
         .await
         .unwrap()
         .into_inner();
@@ -447,12 +454,7 @@ async fn bad_input_names_the_field_and_changes_nothing() {
     );
 
     assert_status(
-        e.check(pb::CheckRequest {
-            tenant: "acme".into(),
-            feature: "nope".into(),
-            ..Default::default()
-        })
-        .await,
+        e.check(feature_check("acme", "nope")).await,
         Code::NotFound,
         "feature",
     );
@@ -466,13 +468,7 @@ async fn bad_input_names_the_field_and_changes_nothing() {
         "feature",
     );
     assert_status(
-        e.check(pb::CheckRequest {
-            tenant: "acme".into(),
-            metric: "api_calls".into(),
-            amount: -1,
-            ..Default::default()
-        })
-        .await,
+        e.check(metric_check("acme", "api_calls", -1)).await,
         Code::InvalidArgument,
         "amount",
     );
@@ -719,11 +715,7 @@ async fn admin_rpcs_and_their_bad_input() {
     );
     assert_status(
         admin
-            .change_subscription(pb::ChangeSubscriptionRequest {
-                tenant: "acme".into(),
-                status: "zombie".into(),
-                ..Default::default()
-            })
+            .change_subscription(status_change("acme", "zombie"))
             .await,
         Code::InvalidArgument,
         "status",
@@ -739,11 +731,7 @@ async fn admin_rpcs_and_their_bad_input() {
         .await
         .unwrap();
     let r = e
-        .check(pb::CheckRequest {
-            tenant: "acme".into(),
-            feature: "sso".into(),
-            ..Default::default()
-        })
+        .check(feature_check("acme", "sso"))
         .await
         .unwrap()
         .into_inner();
@@ -859,11 +847,7 @@ async fn lifecycle_corner_cases_through_the_api() {
         .await
         .unwrap();
     let s = admin
-        .change_subscription(pb::ChangeSubscriptionRequest {
-            tenant: "acme".into(),
-            status: "active".into(),
-            ..Default::default()
-        })
+        .change_subscription(status_change("acme", "active"))
         .await
         .unwrap()
         .into_inner()
@@ -879,11 +863,7 @@ async fn lifecycle_corner_cases_through_the_api() {
     // Trialing needs a trial end.
     assert_status(
         admin
-            .change_subscription(pb::ChangeSubscriptionRequest {
-                tenant: "acme".into(),
-                status: "trialing".into(),
-                ..Default::default()
-            })
+            .change_subscription(status_change("acme", "trialing"))
             .await,
         Code::InvalidArgument,
         "status",
@@ -905,30 +885,17 @@ async fn lifecycle_corner_cases_through_the_api() {
 
     // Read-only (grace): Check of an amount answers as Reserve would.
     admin
-        .change_subscription(pb::ChangeSubscriptionRequest {
-            tenant: "acme".into(),
-            status: "grace".into(),
-            ..Default::default()
-        })
+        .change_subscription(status_change("acme", "grace"))
         .await
         .unwrap();
     let r = e
-        .check(pb::CheckRequest {
-            tenant: "acme".into(),
-            metric: "api_calls".into(),
-            amount: 5,
-            ..Default::default()
-        })
+        .check(metric_check("acme", "api_calls", 5))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(r.decision.unwrap().reason, "subscription_read_only");
     let r = e
-        .check(pb::CheckRequest {
-            tenant: "acme".into(),
-            feature: "advanced_analytics".into(),
-            ..Default::default()
-        })
+        .check(feature_check("acme", "advanced_analytics"))
         .await
         .unwrap()
         .into_inner();
