@@ -606,7 +606,9 @@ impl Engine {
             reconciled_at: None,
         };
         journal.reserve(&entry)?;
-        tracing::warn!(tenant = %op.tenant, metric = %op.metric, amount = op.amount, "reserved while degraded (fail open)");
+        // Per request at debug: an outage at full load would flood the log; the breaker and
+        // the reconciler report the episode.
+        tracing::debug!(tenant = %op.tenant, metric = %op.metric, amount = op.amount, "reserved while degraded (fail open)");
         Ok(Reserved {
             decision: d,
             reservation_id: Some(id),
@@ -643,7 +645,7 @@ impl Engine {
         };
         let fresh = journal.record(&entry)?;
         if fresh {
-            tracing::warn!(tenant = %op.tenant, metric = %op.metric, amount = op.amount, "recorded while degraded (fail open)");
+            tracing::debug!(tenant = %op.tenant, metric = %op.metric, amount = op.amount, "recorded while degraded (fail open)");
         }
         Ok(Recorded {
             decision: d,
