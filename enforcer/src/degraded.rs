@@ -353,9 +353,4 @@ impl Journal {
         txn.commit().map_err(io)?;
         Ok(gone)
     }
-
-    /// Entries not yet in the shared store (for tests and logs).
-    pub fn pending(&self) -> Result<usize, StoreError> {
-        Ok(self.settled(DateTime::<Utc>::MAX_UTC, usize::MAX)?.len())
-    }
 }

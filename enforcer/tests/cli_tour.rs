@@ -4,6 +4,12 @@ mod harness;
 
 use harness::Node;
 
+/// Asserts the command succeeded and parses its JSON output.
+fn json(r: (i32, String, String)) -> serde_json::Value {
+    assert_eq!(r.0, 0, "stdout: {}\nstderr: {}", r.1, r.2);
+    serde_json::from_str(&r.1).unwrap()
+}
+
 #[tokio::test]
 async fn readme_tour_works() {
     let node = Node::builder().start().await;
@@ -39,22 +45,20 @@ async fn readme_tour_works() {
         r.1
     );
 
-    let r = node
-        .cli(&[
-            "--json",
-            "reserve",
-            "--tenant",
-            "acme",
-            "--metric",
-            "api_calls",
-            "--amount",
-            "5",
-            "--key",
-            "req-1",
-        ])
-        .await;
-    ok(&r);
-    let v: serde_json::Value = serde_json::from_str(&r.1).unwrap();
+    // Twice the same reserve: the second is the first answer again.
+    let reserve_req1 = [
+        "--json",
+        "reserve",
+        "--tenant",
+        "acme",
+        "--metric",
+        "api_calls",
+        "--amount",
+        "5",
+        "--key",
+        "req-1",
+    ];
+    let v = json(node.cli(&reserve_req1).await);
     let id = v["reservation_id"].as_str().unwrap().to_string();
     assert_eq!(v["decision"]["outcome"], "ALLOW");
 
@@ -70,22 +74,7 @@ async fn readme_tour_works() {
         ])
         .await;
     ok(&r);
-    let r = node
-        .cli(&[
-            "--json",
-            "reserve",
-            "--tenant",
-            "acme",
-            "--metric",
-            "api_calls",
-            "--amount",
-            "5",
-            "--key",
-            "req-1",
-        ])
-        .await;
-    ok(&r);
-    let v: serde_json::Value = serde_json::from_str(&r.1).unwrap();
+    let v = json(node.cli(&reserve_req1).await);
     assert_eq!(
         (v["replayed"].as_bool(), v["reservation_id"].as_str()),
         (Some(true), Some(id.as_str()))
@@ -102,8 +91,8 @@ async fn readme_tour_works() {
         ])
         .await);
 
-    let r = node
-        .cli(&[
+    let v = json(
+        node.cli(&[
             "--json",
             "usage",
             "--tenant",
@@ -111,9 +100,8 @@ async fn readme_tour_works() {
             "--metric",
             "api_calls",
         ])
-        .await;
-    ok(&r);
-    let v: serde_json::Value = serde_json::from_str(&r.1).unwrap();
+        .await,
+    );
     let month = v["windows"]
         .as_array()
         .unwrap()

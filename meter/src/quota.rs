@@ -321,8 +321,8 @@ pub fn decide(plan: &RequestPlan, usage: &[SlotUsage], admitted: bool) -> Decisi
     }
 
     // Allowed: report the tightest window, and warn past thresholds or soft limits.
-    let mut best: Option<Decision> = None;
-    let mut best_fill: u128 = 0;
+    // The tightest window: overage first, then the highest fill.
+    let mut best: Option<((bool, u128), Decision)> = None;
     for (slot, u) in rows {
         let after = if plan.amount < 0 {
             u.used
@@ -378,13 +378,12 @@ pub fn decide(plan: &RequestPlan, usage: &[SlotUsage], admitted: bool) -> Decisi
                 );
             }
         }
-        let rank = percent.saturating_add(if d.overage { 1 << 100 } else { 0 });
-        if best.is_none() || rank > best_fill {
-            best_fill = rank;
-            best = Some(d);
+        let rank = (d.overage, percent);
+        if best.as_ref().is_none_or(|(r, _)| rank > *r) {
+            best = Some((rank, d));
         }
     }
-    best.unwrap_or_else(Decision::allow)
+    best.map_or_else(Decision::allow, |(_, d)| d)
 }
 
 fn fill(d: &mut Decision, slot: &QuotaSlot, u: &SlotUsage, remaining: u64) {

@@ -84,16 +84,6 @@ impl Buckets {
         }
     }
 
-    /// Number of buckets held (for tests and metrics).
-    pub fn len(&self) -> usize {
-        self.states.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    /// Whether no bucket is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Forgets buckets that are full again: a missing bucket behaves as a full one, so
     /// this changes no decision and bounds memory to the recently active buckets.
     pub fn prune(&self, now_ns: u64) {

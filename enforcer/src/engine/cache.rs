@@ -42,12 +42,8 @@ impl EntitlementCache {
     pub fn get(&self, tenant: &str, generation: u64, at: DateTime<Utc>) -> Option<TenantContext> {
         let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
         let e = entries.get(tenant)?;
-        let ent = &e.ctx.entitlements;
-        let fresh = e.generation == generation
-            && e.fetched.elapsed() < self.ttl
-            && at >= ent.at
-            && ent.valid_until.is_none_or(|until| at < until);
-        fresh.then(|| e.ctx.clone())
+        let fresh = e.generation == generation && e.fetched.elapsed() < self.ttl;
+        (fresh && holds_at(&e.ctx, at)).then(|| e.ctx.clone())
     }
 
     /// The tenant's last context whatever its age, if it is still right at `at` (same
@@ -55,8 +51,7 @@ impl EntitlementCache {
     pub fn get_stale(&self, tenant: &str, at: DateTime<Utc>) -> Option<TenantContext> {
         let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
         let e = entries.get(tenant)?;
-        let ent = &e.ctx.entitlements;
-        (at >= ent.at && ent.valid_until.is_none_or(|until| at < until)).then(|| e.ctx.clone())
+        holds_at(&e.ctx, at).then(|| e.ctx.clone())
     }
 
     /// The invalidation epoch; read it before reading the store.
@@ -95,4 +90,11 @@ impl EntitlementCache {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
     }
+}
+
+/// Whether resolved entitlements are still the answer at `at`: not asked for an earlier
+/// instant, and nothing scheduled (trial end, override expiry) has happened since.
+fn holds_at(ctx: &TenantContext, at: DateTime<Utc>) -> bool {
+    let ent = &ctx.entitlements;
+    at >= ent.at && ent.valid_until.is_none_or(|until| at < until)
 }

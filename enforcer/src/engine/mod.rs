@@ -159,7 +159,7 @@ impl Engine {
                 return Ok(ctx);
             }
         }
-        match self.resolve_fresh(tenant, at, generation, catalog).await {
+        match self.resolve_fresh(tenant, at, catalog).await {
             Ok(ctx) => {
                 self.cache.put(tenant, generation, epoch, &ctx);
                 Ok(ctx)
@@ -178,7 +178,6 @@ impl Engine {
         &self,
         tenant: &str,
         at: DateTime<Utc>,
-        _generation: u64,
         catalog: Arc<Catalog>,
     ) -> Result<TenantContext, EngineError> {
         let sub = self.control.subscription(tenant).await?.ok_or_else(|| {

@@ -213,23 +213,19 @@ impl RedisStore {
         self.opts.retention.as_millis().to_string()
     }
 
+    /// Runs a script; `on_error` says what a failure means (a write's outcome is unknown,
+    /// a read simply failed).
     async fn eval(
         &self,
         script: &Script,
         keys: Vec<String>,
         args: Vec<String>,
+        on_error: fn(Error) -> StoreError,
     ) -> Result<Vec<String>, StoreError> {
-        let writes = !std::ptr::eq(script, &self.usage);
         let v: Value = script
             .evalsha_with_reload(&self.client, keys, args)
             .await
-            .map_err(|e| {
-                if writes {
-                    write_error(e)
-                } else {
-                    unavailable(e)
-                }
-            })?;
+            .map_err(on_error)?;
         strings(v)
     }
 
@@ -379,7 +375,7 @@ impl RedisStore {
             "1".into(),
         ];
         args.extend(slot_args(slots));
-        let out = self.eval(&self.record, keys, args).await?;
+        let out = self.eval(&self.record, keys, args, write_error).await?;
         match out.first().map(String::as_str) {
             Some("2") => Ok(true),
             Some("1") => Ok(false),
@@ -432,6 +428,7 @@ impl RedisStore {
                     now.timestamp_millis().to_string(),
                     id.into(),
                 ],
+                write_error,
             )
             .await?;
         let reserved = num(out.get(1).map_or("0", |s| s.as_str()))?;
@@ -511,7 +508,7 @@ impl UsageStore for RedisStore {
         // pipelines both). Indexing a tenant whose reserve is then refused is harmless;
         // an index update lost with a node is restored by the periodic full check.
         let index = self.client.sadd::<(), _, _>(PENDING, op.tenant.as_str());
-        let (out, indexed) = tokio::join!(self.eval(&self.reserve, keys, args), index);
+        let (out, indexed) = tokio::join!(self.eval(&self.reserve, keys, args, write_error), index);
         if let Err(e) = indexed {
             tracing::warn!(error = %e, tenant = %op.tenant, "pending index not updated");
         }
@@ -581,7 +578,7 @@ impl UsageStore for RedisStore {
             "0".into(),
         ];
         args.extend(slot_args(&op.slots));
-        let out = self.eval(&self.record, keys, args).await?;
+        let out = self.eval(&self.record, keys, args, write_error).await?;
         match out.first().map(String::as_str) {
             Some("1") => Ok(RecordOutcome {
                 granted: true,
@@ -671,7 +668,9 @@ impl UsageStore for RedisStore {
             return Ok(Vec::new());
         }
         let keys = keys.iter().map(|k| key(tenant, "c", k)).collect();
-        let out = self.eval(&self.usage, keys, Vec::new()).await?;
+        let out = self
+            .eval(&self.usage, keys, Vec::new(), unavailable)
+            .await?;
         pairs(&out)
     }
 
