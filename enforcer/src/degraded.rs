@@ -10,6 +10,7 @@
 //! store as records with stable event ids, so a replay that is interrupted and repeated
 //! still counts each admission once.
 
+use std::collections::{HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -86,6 +87,61 @@ impl Breaker {
     /// Whether the breaker is closed (the store answers).
     pub fn closed(&self) -> bool {
         self.lock().open_until.is_none()
+    }
+}
+
+/// Request keys (event ids, idempotency keys) whose last write to the shared store got no
+/// answer, so it may have been applied. While the store stays down, a fail-closed refusal
+/// of a retry would tell the client "not counted" about something that may have counted;
+/// for these keys the node keeps answering "may have been applied" until the store can say.
+/// Bounded: the oldest doubts are forgotten first.
+#[derive(Default)]
+pub struct InDoubt {
+    keys: Mutex<(HashSet<(String, String)>, VecDeque<(String, String)>)>,
+}
+
+impl InDoubt {
+    /// Doubts kept at most.
+    pub const CAPACITY: usize = 65_536;
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, (HashSet<(String, String)>, VecDeque<(String, String)>)> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The write for `key` ended without an answer.
+    pub fn add(&self, tenant: &str, key: &str) {
+        let k = (tenant.to_string(), key.to_string());
+        let mut g = self.lock();
+        let (set, order) = &mut *g;
+        if set.insert(k.clone()) {
+            order.push_back(k);
+        }
+        while order.len() > Self::CAPACITY {
+            if let Some(old) = order.pop_front() {
+                set.remove(&old);
+            }
+        }
+    }
+
+    /// Whether an earlier write for `key` may have been applied.
+    pub fn contains(&self, tenant: &str, key: &str) -> bool {
+        self.lock()
+            .0
+            .contains(&(tenant.to_string(), key.to_string()))
+    }
+
+    /// The store gave a definite answer for `key`.
+    pub fn clear(&self, tenant: &str, key: &str) {
+        let mut g = self.lock();
+        if g.0.is_empty() {
+            return;
+        }
+        let k = (tenant.to_string(), key.to_string());
+        if g.0.remove(&k) {
+            g.1.retain(|o| o != &k);
+        }
     }
 }
 
@@ -352,5 +408,25 @@ impl Journal {
         }
         txn.commit().map_err(io)?;
         Ok(gone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InDoubt;
+
+    #[test]
+    fn doubts_are_per_tenant_cleared_by_an_answer_and_bounded() {
+        let d = InDoubt::default();
+        d.add("acme", "e1");
+        assert!(d.contains("acme", "e1"));
+        assert!(!d.contains("globex", "e1"));
+        d.clear("acme", "e1");
+        assert!(!d.contains("acme", "e1"));
+        for i in 0..=InDoubt::CAPACITY {
+            d.add("acme", &format!("k{i}"));
+        }
+        assert!(!d.contains("acme", "k0"), "the oldest doubt is forgotten");
+        assert!(d.contains("acme", &format!("k{}", InDoubt::CAPACITY)));
     }
 }

@@ -297,7 +297,10 @@ impl Engine {
             expires_at,
             context: Replay::of(&plan),
         };
-        let out = match self.guarded(self.usage.reserve(op.clone())).await {
+        let out = match self
+            .guarded_write(tenant, idempotency_key, self.usage.reserve(op.clone()))
+            .await
+        {
             Ok(out) => out,
             Err(StoreError::Unavailable(_)) if self.degraded.is_some() => {
                 let r = self.reserve_degraded(&plan, op)?;
@@ -427,7 +430,10 @@ impl Engine {
             at: now,
             context: Replay::of(&plan),
         };
-        let out = match self.guarded(self.usage.record(op.clone())).await {
+        let out = match self
+            .guarded_write(tenant, event_id, self.usage.record(op.clone()))
+            .await
+        {
             Ok(out) => out,
             Err(StoreError::Unavailable(_)) if self.degraded.is_some() => {
                 let r = self.record_degraded(&plan, &op)?;
@@ -556,6 +562,40 @@ impl Engine {
         }
     }
 
+    /// [`Engine::guarded`] for a write named by a request key (idempotency key or event
+    /// id), remembering whether the store may have applied it without answering.
+    async fn guarded_write<T>(
+        &self,
+        tenant: &str,
+        key: &str,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let out = self.guarded(call).await;
+        if let Some(d) = &self.degraded {
+            match &out {
+                Err(StoreError::Indeterminate(_)) => d.in_doubt.add(tenant, key),
+                // Refused before it reached the store: says nothing about earlier attempts.
+                Err(StoreError::Unavailable(_)) => {}
+                _ => d.in_doubt.clear(tenant, key),
+            }
+        }
+        out
+    }
+
+    /// A fail-closed refusal while degraded, unless an earlier attempt with the same key
+    /// may have been applied: then "not counted" could be false, and the client is told to
+    /// retry until the store can answer.
+    fn refuse_degraded(&self, tenant: &str, key: &str) -> Result<(), EngineError> {
+        let d = self.degraded.as_ref().expect("checked by the caller");
+        if d.in_doubt.contains(tenant, key) {
+            return Err(StoreError::Indeterminate(
+                "an earlier attempt with this key got no answer from the shared store, which is still unreachable".into(),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
     /// Reserve while the shared store is down: each limit's policy decides; what is
     /// admitted is journaled locally before the answer.
     fn reserve_degraded(&self, plan: &RequestPlan, op: ReserveOp) -> Result<Reserved, EngineError> {
@@ -589,6 +629,7 @@ impl Engine {
         }
         let d = quota::degraded(plan);
         if !d.outcome.allowed() {
+            self.refuse_degraded(&op.tenant, &op.idempotency_key)?;
             return Ok(denied(d));
         }
         let id = format!("{DEGRADED_PREFIX}{}", op.reservation_id);
@@ -626,6 +667,7 @@ impl Engine {
             .journal;
         let d = quota::degraded(plan);
         if !d.outcome.allowed() {
+            self.refuse_degraded(&op.tenant, &op.event_id)?;
             return Ok(Recorded {
                 decision: d,
                 recorded: false,

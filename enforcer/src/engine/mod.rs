@@ -67,6 +67,8 @@ pub struct Degraded {
     pub journal: Arc<crate::degraded::Journal>,
     /// The longest wait for the store before a limit's failure policy decides.
     pub deadline: std::time::Duration,
+    /// Writes that got no answer.
+    pub in_doubt: crate::degraded::InDoubt,
 }
 
 impl Engine {
@@ -102,6 +104,7 @@ impl Engine {
             breaker: Default::default(),
             journal,
             deadline,
+            in_doubt: Default::default(),
         });
         self
     }
