@@ -97,7 +97,14 @@ impl Breaker {
 /// Bounded: the oldest doubts are forgotten first.
 #[derive(Default)]
 pub struct InDoubt {
-    keys: Mutex<(HashSet<(String, String)>, VecDeque<(String, String)>)>,
+    keys: Mutex<Doubts>,
+}
+
+/// (tenant, key) pairs, as a set and in the order they were added.
+#[derive(Default)]
+struct Doubts {
+    set: HashSet<(String, String)>,
+    order: VecDeque<(String, String)>,
 }
 
 impl InDoubt {
@@ -114,7 +121,7 @@ impl InDoubt {
     pub fn add(&self, tenant: &str, key: &str) {
         let k = (tenant.to_string(), key.to_string());
         let mut g = self.lock();
-        let (set, order) = &mut *g;
+        let Doubts { set, order } = &mut *g;
         if set.insert(k.clone()) {
             order.push_back(k);
         }
@@ -135,12 +142,12 @@ impl InDoubt {
     /// The store gave a definite answer for `key`.
     pub fn clear(&self, tenant: &str, key: &str) {
         let mut g = self.lock();
-        if g.0.is_empty() {
+        if g.set.is_empty() {
             return;
         }
         let k = (tenant.to_string(), key.to_string());
-        if g.0.remove(&k) {
-            g.1.retain(|o| o != &k);
+        if g.set.remove(&k) {
+            g.order.retain(|o| o != &k);
         }
     }
 }
