@@ -111,9 +111,7 @@ impl InDoubt {
     /// Doubts kept at most.
     pub const CAPACITY: usize = 65_536;
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, (HashSet<(String, String)>, VecDeque<(String, String)>)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Doubts> {
         self.keys.lock().unwrap_or_else(|p| p.into_inner())
     }
 
