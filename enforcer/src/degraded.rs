@@ -133,7 +133,7 @@ impl InDoubt {
     /// Whether an earlier write for `key` may have been applied.
     pub fn contains(&self, tenant: &str, key: &str) -> bool {
         self.lock()
-            .0
+            .set
             .contains(&(tenant.to_string(), key.to_string()))
     }
 
