@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
-use crdts::{CmRDT, CvRDT, GCounter, PNCounter};
+use crdts::{CmRDT, CvRDT, Dot, GCounter, PNCounter};
 use serde::{Deserialize, Serialize};
 
 /// A node, as a CRDT actor.
@@ -30,8 +30,8 @@ pub struct SlotId {
 }
 
 /// The replicated value of one slot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SoftCounter {
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SoftCounter {
     /// Usage: only grows within its period.
     Usage(GCounter<Actor>),
     /// A gauge: moves both ways.
@@ -39,10 +39,30 @@ pub enum SoftCounter {
 }
 
 impl SoftCounter {
+    fn new(gauge: bool) -> Self {
+        if gauge {
+            SoftCounter::Gauge(PNCounter::new())
+        } else {
+            SoftCounter::Usage(GCounter::new())
+        }
+    }
+
     fn value(&self) -> i128 {
         match self {
             SoftCounter::Usage(g) => u64::try_from(&g.read()).map_or(i128::MAX, i128::from),
             SoftCounter::Gauge(p) => i64::try_from(&p.read()).map_or(i128::MAX, i128::from),
+        }
+    }
+
+    /// What `actor` contributed: (increments, decrements). The crdts types keep their
+    /// per-actor counts private; a zero-step op carries the actor's current count.
+    fn actor_counts(&self, actor: &Actor) -> (u64, u64) {
+        match self {
+            SoftCounter::Usage(g) => (g.inc_many(actor.clone(), 0).counter, 0),
+            SoftCounter::Gauge(p) => (
+                p.inc_many(actor.clone(), 0).dot.counter,
+                p.dec_many(actor.clone(), 0).dot.counter,
+            ),
         }
     }
 
@@ -56,15 +76,52 @@ impl SoftCounter {
     }
 }
 
-/// A slot as exchanged between nodes.
+/// A slot as exchanged between nodes and kept on disk: every actor's counts, so that the
+/// wire and disk formats do not depend on the crdts crate's internals.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlotState {
     /// Which slot.
     pub slot: SlotId,
-    /// Its counter.
-    pub counter: SoftCounter,
+    /// A gauge (PN-Counter) rather than usage (G-Counter).
+    pub gauge: bool,
+    /// Increments by actor.
+    pub inc: BTreeMap<Actor, u64>,
+    /// Decrements by actor (gauges only).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dec: BTreeMap<Actor, u64>,
     /// When its period ends (for garbage collection); `None` for gauges.
     pub ends_at: Option<DateTime<Utc>>,
+}
+
+impl SlotState {
+    fn counter(&self) -> Result<SoftCounter, SoftError> {
+        match self.gauge {
+            false if !self.dec.is_empty() => Err(SoftError::NegativeUsage),
+            false => {
+                let mut g = GCounter::new();
+                for (a, c) in &self.inc {
+                    g.apply(Dot::new(a.clone(), *c));
+                }
+                Ok(SoftCounter::Usage(g))
+            }
+            true => {
+                let mut p = PNCounter::new();
+                for (a, c) in &self.inc {
+                    p.apply(p.inc_many(a.clone(), *c));
+                }
+                for (a, c) in &self.dec {
+                    p.apply(p.dec_many(a.clone(), *c));
+                }
+                Ok(SoftCounter::Gauge(p))
+            }
+        }
+    }
+
+    /// The merged value it carries.
+    pub fn value(&self) -> i128 {
+        let sum = |m: &BTreeMap<Actor, u64>| m.values().map(|v| i128::from(*v)).sum::<i128>();
+        sum(&self.inc) - sum(&self.dec)
+    }
 }
 
 /// What one node sends its peers.
@@ -90,6 +147,8 @@ pub enum SoftError {
 #[derive(Debug, Clone)]
 struct Entry {
     counter: SoftCounter,
+    /// Every actor that counted here, to list their counts.
+    actors: BTreeSet<Actor>,
     ends_at: Option<DateTime<Utc>>,
 }
 
@@ -127,22 +186,78 @@ impl SoftCounters {
         if !gauge && amount < 0 {
             return Err(SoftError::NegativeUsage);
         }
-        let entry = self.slots.entry(slot.clone()).or_insert_with(|| Entry {
-            counter: if gauge {
-                SoftCounter::Gauge(PNCounter::new())
-            } else {
-                SoftCounter::Usage(GCounter::new())
-            },
-            ends_at,
-        });
+        let node = self.node.clone();
+        let entry = self.entry(slot, gauge, ends_at)?;
         let steps = amount.unsigned_abs();
         match &mut entry.counter {
-            SoftCounter::Usage(g) => g.apply(g.inc_many(self.node.clone(), steps)),
-            SoftCounter::Gauge(p) if amount >= 0 => p.apply(p.inc_many(self.node.clone(), steps)),
-            SoftCounter::Gauge(p) => p.apply(p.dec_many(self.node.clone(), steps)),
+            SoftCounter::Usage(g) => g.apply(g.inc_many(node, steps)),
+            SoftCounter::Gauge(p) if amount >= 0 => p.apply(p.inc_many(node, steps)),
+            SoftCounter::Gauge(p) => p.apply(p.dec_many(node, steps)),
         }
         self.dirty.insert(slot.clone());
         Ok(())
+    }
+
+    fn entry(
+        &mut self,
+        slot: &SlotId,
+        gauge: bool,
+        ends_at: Option<DateTime<Utc>>,
+    ) -> Result<&mut Entry, SoftError> {
+        let node = self.node.clone();
+        let entry = self.slots.entry(slot.clone()).or_insert_with(|| Entry {
+            counter: SoftCounter::new(gauge),
+            actors: BTreeSet::new(),
+            ends_at,
+        });
+        if matches!(entry.counter, SoftCounter::Gauge(_)) != gauge {
+            return Err(SoftError::KindMismatch);
+        }
+        entry.actors.insert(node);
+        Ok(entry)
+    }
+
+    /// Sets this node's own contribution to a slot to `value`, the count its durable
+    /// store holds: the store is the truth for what this node admitted, the counter only
+    /// spreads it. A usage counter never goes back (a lower value is ignored).
+    pub fn set_own(
+        &mut self,
+        slot: &SlotId,
+        value: i64,
+        gauge: bool,
+        ends_at: Option<DateTime<Utc>>,
+    ) -> Result<(), SoftError> {
+        if !gauge && value < 0 {
+            return Err(SoftError::NegativeUsage);
+        }
+        let node = self.node.clone();
+        let entry = self.entry(slot, gauge, ends_at)?;
+        let (inc, dec) = entry.counter.actor_counts(&node);
+        let own = i128::from(inc) - i128::from(dec);
+        let diff = i128::from(value) - own;
+        let steps = u64::try_from(diff.unsigned_abs()).unwrap_or(u64::MAX);
+        match &mut entry.counter {
+            SoftCounter::Usage(_) if diff <= 0 => return Ok(()),
+            SoftCounter::Gauge(_) if diff == 0 => return Ok(()),
+            SoftCounter::Usage(g) => g.apply(g.inc_many(node, steps)),
+            SoftCounter::Gauge(p) if diff > 0 => p.apply(p.inc_many(node, steps)),
+            SoftCounter::Gauge(p) => p.apply(p.dec_many(node, steps)),
+        }
+        self.dirty.insert(slot.clone());
+        Ok(())
+    }
+
+    /// This node's own contribution to a slot (0 when unknown).
+    pub fn own(&self, slot: &SlotId) -> i128 {
+        self.slots.get(slot).map_or(0, |e| {
+            let (inc, dec) = e.counter.actor_counts(&self.node);
+            i128::from(inc) - i128::from(dec)
+        })
+    }
+
+    /// What the other nodes contributed to a slot, as far as this node knows.
+    pub fn others(&self, slot: &SlotId) -> i128 {
+        self.value(slot) - self.own(slot)
     }
 
     /// The merged value of a slot as this node knows it (0 when unknown).
@@ -168,10 +283,25 @@ impl SoftCounters {
     }
 
     fn state(&self, slot: &SlotId) -> Option<SlotState> {
-        self.slots.get(slot).map(|e| SlotState {
-            slot: slot.clone(),
-            counter: e.counter.clone(),
-            ends_at: e.ends_at,
+        self.slots.get(slot).map(|e| {
+            let mut inc = BTreeMap::new();
+            let mut dec = BTreeMap::new();
+            for a in &e.actors {
+                let (i, d) = e.counter.actor_counts(a);
+                if i > 0 {
+                    inc.insert(a.clone(), i);
+                }
+                if d > 0 {
+                    dec.insert(a.clone(), d);
+                }
+            }
+            SlotState {
+                slot: slot.clone(),
+                gauge: matches!(e.counter, SoftCounter::Gauge(_)),
+                inc,
+                dec,
+                ends_at: e.ends_at,
+            }
         })
     }
 
@@ -180,13 +310,22 @@ impl SoftCounters {
     pub fn merge(&mut self, delta: &Delta) -> Result<(), SoftError> {
         let mut result = Ok(());
         for s in &delta.slots {
+            let incoming = match s.counter() {
+                Ok(c) => c,
+                Err(err) => {
+                    result = Err(err);
+                    continue;
+                }
+            };
+            let actors = s.inc.keys().chain(s.dec.keys()).cloned();
             match self.slots.get_mut(&s.slot) {
                 Some(e) => {
                     let before = e.counter.clone();
-                    if let Err(err) = e.counter.merge(s.counter.clone()) {
+                    if let Err(err) = e.counter.merge(incoming) {
                         result = Err(err);
                         continue;
                     }
+                    e.actors.extend(actors);
                     if e.counter != before {
                         // Merged news travels on: peers that missed the sender learn it here.
                         self.dirty.insert(s.slot.clone());
@@ -197,7 +336,8 @@ impl SoftCounters {
                     self.slots.insert(
                         s.slot.clone(),
                         Entry {
-                            counter: s.counter.clone(),
+                            counter: incoming,
+                            actors: actors.collect(),
                             ends_at: s.ends_at,
                         },
                     );

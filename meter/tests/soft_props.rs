@@ -165,3 +165,25 @@ fn ended_windows_are_forgotten_after_the_grace_time() {
     assert_eq!(a.len(), 1);
     assert_eq!(a.value(&gauge_slot()), 5);
 }
+
+#[test]
+fn own_contribution_follows_the_store_and_others_are_the_rest() {
+    let mut a = SoftCounters::new("a");
+    a.set_own(&slot(0), 7, false, None).unwrap();
+    // Usage never goes back: a lower store value (a stale read) is ignored.
+    a.set_own(&slot(0), 5, false, None).unwrap();
+    assert_eq!(a.own(&slot(0)), 7);
+    assert!(a.set_own(&slot(0), -1, false, None).is_err());
+    let mut b = SoftCounters::new("b");
+    b.set_own(&slot(0), 3, false, None).unwrap();
+    b.merge(&a.full_state()).unwrap();
+    assert_eq!((b.value(&slot(0)), b.own(&slot(0)), b.others(&slot(0))), (10, 3, 7));
+    // Gauges follow the store both ways, and peers see the net value.
+    a.set_own(&gauge_slot(), 5, true, None).unwrap();
+    a.set_own(&gauge_slot(), 2, true, None).unwrap();
+    assert_eq!(a.own(&gauge_slot()), 2);
+    b.merge(&a.full_state()).unwrap();
+    assert_eq!(b.value(&gauge_slot()), 2);
+    // A slot cannot change kind.
+    assert!(a.set_own(&slot(0), 1, true, None).is_err());
+}
