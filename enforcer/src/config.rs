@@ -19,14 +19,17 @@ pub const DEFAULT_CATALOG: &str = "examples/catalog.yaml";
 pub struct ServeArgs {
     /// TOML config file with the same keys as the flags (listen, data_dir, catalog,
     /// cache_ttl, sweep_interval, retention, log_format, redis, redis_wait_replicas,
-    /// redis_wait_timeout, backend_deadline). Unknown keys are refused.
+    /// redis_wait_timeout, backend_deadline, node_id, advertise, peers (a list),
+    /// sync_interval, peer_timeout, soft_grace). Unknown keys are refused.
     #[arg(long, env = "ALLOT_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to serve gRPC on; port 0 picks a free one. [default: 127.0.0.1:7411]
     #[arg(long, env = "ALLOT_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Directory of the embedded store (created if missing); with --redis it holds only
-    /// the journal of usage admitted while Redis was unreachable. [default: allot-data]
+    /// Directory of the embedded store (created if missing); with --redis it holds the
+    /// journal of usage admitted while Redis was unreachable and the node's local store
+    /// for soft-only requests. Soft-limit counters (soft.redb) live here in both modes.
+    /// [default: allot-data]
     #[arg(long, env = "ALLOT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Catalog file (YAML) to apply at start. A catalog that changes a published plan
@@ -66,6 +69,28 @@ pub struct ServeArgs {
     /// With --redis-wait-replicas: the longest wait for them. [default: 50ms]
     #[arg(long, env = "ALLOT_REDIS_WAIT_TIMEOUT", value_parser = humantime::parse_duration)]
     pub redis_wait_timeout: Option<Duration>,
+    /// This node's name in soft-limit counters and membership; keep it across restarts.
+    /// Letters, digits and `.:_-`. [default: the advertised address]
+    #[arg(long, env = "ALLOT_NODE_ID")]
+    pub node_id: Option<String>,
+    /// host:port at which peers reach this node. [default: the listen address]
+    #[arg(long, env = "ALLOT_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Peers (host:port, comma-separated) to exchange soft-limit counters with. With
+    /// --redis, nodes also find each other through a membership list in Redis.
+    #[arg(long, env = "ALLOT_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// How often changed soft-limit counters are sent to peers. [default: 100ms]
+    #[arg(long, env = "ALLOT_SYNC_INTERVAL", value_parser = humantime::parse_duration)]
+    pub sync_interval: Option<Duration>,
+    /// A peer not heard from for this long is not live: it no longer takes a share of
+    /// `scope: node` rate limits, and a peer found through Redis is forgotten (its counts
+    /// stay). [default: 3s]
+    #[arg(long, env = "ALLOT_PEER_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub peer_timeout: Option<Duration>,
+    /// How long soft-limit counters of an ended window are kept. [default: 10m]
+    #[arg(long, env = "ALLOT_SOFT_GRACE", value_parser = humantime::parse_duration)]
+    pub soft_grace: Option<Duration>,
 }
 
 /// Log output format.
@@ -99,6 +124,16 @@ struct FileConfig {
     redis_wait_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     backend_deadline: Option<Duration>,
+    node_id: Option<String>,
+    advertise: Option<String>,
+    #[serde(default)]
+    peers: Vec<String>,
+    #[serde(default, with = "humantime_serde_opt")]
+    sync_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    peer_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    soft_grace: Option<Duration>,
 }
 
 mod humantime_serde_opt {
@@ -134,6 +169,25 @@ pub struct ServeConfig {
     pub redis: Option<crate::redis::RedisOptions>,
     /// Longest wait for the shared store before failure policies decide.
     pub backend_deadline: Duration,
+    /// Soft-limit counter exchange.
+    pub peering: Peering,
+}
+
+/// How a node exchanges soft-limit counters.
+#[derive(Debug, Clone)]
+pub struct Peering {
+    /// Node id; `None`: the advertised address.
+    pub node_id: Option<String>,
+    /// Advertised address; `None`: the bound listen address.
+    pub advertise: Option<String>,
+    /// Static peers.
+    pub peers: Vec<String>,
+    /// Send interval.
+    pub interval: Duration,
+    /// Liveness timeout.
+    pub timeout: Duration,
+    /// How long ended windows are kept.
+    pub grace: Duration,
 }
 
 /// Why the configuration could not be built.
@@ -203,6 +257,27 @@ impl ServeArgs {
                 .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             redis: None,
+            peering: Peering {
+                node_id: self.node_id.clone().or(file.node_id),
+                advertise: self.advertise.clone().or(file.advertise),
+                peers: if self.peers.is_empty() {
+                    file.peers
+                } else {
+                    self.peers.clone()
+                },
+                interval: self
+                    .sync_interval
+                    .or(file.sync_interval)
+                    .unwrap_or(Duration::from_millis(100)),
+                timeout: self
+                    .peer_timeout
+                    .or(file.peer_timeout)
+                    .unwrap_or(Duration::from_secs(3)),
+                grace: self
+                    .soft_grace
+                    .or(file.soft_grace)
+                    .unwrap_or(Duration::from_secs(600)),
+            },
             backend_deadline: self
                 .backend_deadline
                 .or(file.backend_deadline)
@@ -245,6 +320,33 @@ impl ServeArgs {
                 reason: "must be more than 0".into(),
             });
         }
+        let p = &cfg.peering;
+        if let Some(id) = &p.node_id {
+            check_node_id(id)?;
+        }
+        if p.interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "sync_interval",
+                reason: "must be more than 0".into(),
+            });
+        }
+        if p.timeout <= p.interval {
+            return Err(ConfigError::Invalid {
+                field: "peer_timeout",
+                reason: format!(
+                    "must be longer than sync_interval ({})",
+                    humantime::format_duration(p.interval)
+                ),
+            });
+        }
+        for (i, peer) in p.peers.iter().chain(&p.advertise).enumerate() {
+            if peer.rsplit_once(':').is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err()) {
+                return Err(ConfigError::Invalid {
+                    field: if p.advertise.as_ref() == Some(peer) { "advertise" } else { "peers" },
+                    reason: format!("{peer:?} (entry {}) is not host:port", i + 1),
+                });
+            }
+        }
         if cfg.retention < Duration::from_secs(24 * 3600) {
             return Err(ConfigError::Invalid {
                 field: "retention",
@@ -252,6 +354,23 @@ impl ServeArgs {
             });
         }
         Ok(cfg)
+    }
+}
+
+/// Node ids name CRDT actors and appear in reservation ids, so they are short and plain.
+pub fn check_node_id(id: &str) -> Result<(), ConfigError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".:_-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            field: "node_id",
+            reason: format!("{id:?} must be 1 to 128 letters, digits or .:_-"),
+        })
     }
 }
 
@@ -318,5 +437,31 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(err.to_string().starts_with("sweep_interval:"), "{err}");
+        for (args, field) in [
+            (
+                ServeArgs {
+                    peers: vec!["localhost".into()],
+                    ..Default::default()
+                },
+                "peers:",
+            ),
+            (
+                ServeArgs {
+                    node_id: Some("a@b".into()),
+                    ..Default::default()
+                },
+                "node_id:",
+            ),
+            (
+                ServeArgs {
+                    peer_timeout: Some(Duration::from_millis(50)),
+                    ..Default::default()
+                },
+                "peer_timeout:",
+            ),
+        ] {
+            let err = args.resolve().unwrap_err();
+            assert!(err.to_string().starts_with(field), "{err}");
+        }
     }
 }

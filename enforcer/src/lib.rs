@@ -17,5 +17,7 @@ pub mod degraded;
 pub mod embedded;
 pub mod engine;
 pub mod grpc;
+pub mod peer;
 pub mod redis;
 pub mod server;
+pub mod soft;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use allot_proto::v1::admin_server::AdminServer;
 use allot_proto::v1::enforcer_server::EnforcerServer;
+use allot_proto::v1::peer_server::PeerServer;
 use meter::store::{ControlStore, UsageStore};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -19,6 +20,8 @@ use crate::embedded::EmbeddedStore;
 use crate::engine::{Engine, SystemClock};
 use crate::grpc::admin::AdminService;
 use crate::grpc::enforcer::EnforcerService;
+use crate::peer::{PeerService, Peers};
+use crate::soft::SoftState;
 use crate::redis::RedisStore;
 
 /// Most reservations released per sweep; the rest wait for the next one.
@@ -65,6 +68,29 @@ pub async fn run(
         Some(opts) => Backend::Redis(Box::new(RedisStore::connect(opts.clone()).await?)),
         None => Backend::Embedded(EmbeddedStore::open(&cfg.data_dir)?),
     };
+    // The node's own disk store: the whole store when embedded, else the one that keeps
+    // requests needing no network (soft windows only) beside Redis.
+    let disk = match &backend {
+        Backend::Embedded(s) => s.clone(),
+        Backend::Redis(_) => EmbeddedStore::open(&cfg.data_dir.join("local"))?,
+    };
+    let advertise = match &cfg.peering.advertise {
+        Some(a) => a.clone(),
+        None => listener
+            .local_addr()
+            .map_err(|e| crate::engine::EngineError::Internal(format!("listen address: {e}")))?
+            .to_string(),
+    };
+    let node_id = cfg.peering.node_id.clone().unwrap_or_else(|| advertise.clone());
+    crate::config::check_node_id(&node_id)
+        .map_err(|e| crate::engine::EngineError::Internal(format!("{e} (set --node-id)")))?;
+    let soft = Arc::new(SoftState::open(&node_id, &cfg.data_dir)?);
+    let peers = Arc::new(Peers::new(
+        &node_id,
+        &advertise,
+        cfg.peering.timeout,
+        &cfg.peering.peers,
+    ));
     let (usage, control): (Arc<dyn UsageStore>, Arc<dyn ControlStore>) = match &backend {
         Backend::Embedded(s) => (Arc::new(s.clone()), Arc::new(s.clone())),
         Backend::Redis(s) => (Arc::new((**s).clone()), Arc::new((**s).clone())),
@@ -76,6 +102,11 @@ pub async fn run(
         cfg.cache_ttl,
     )
     .await?;
+    let local: Option<Arc<dyn UsageStore>> = match &backend {
+        Backend::Embedded(_) => None,
+        Backend::Redis(_) => Some(Arc::new(disk.clone())),
+    };
+    engine = engine.with_soft(soft.clone(), local, peers.clone());
     if let Backend::Redis(_) = &backend {
         let journal = Arc::new(Journal::open(&cfg.data_dir)?);
         // WAIT happens after the write: its time must not turn a done write into a timeout.
@@ -87,6 +118,7 @@ pub async fn run(
         engine = engine.with_degraded(journal, cfg.backend_deadline + wait);
     }
     let engine = Arc::new(engine);
+    engine.resync_soft().await?;
 
     if let Some((path, explicit)) = &cfg.catalog {
         let text = std::fs::read_to_string(path).map_err(|source| ServeError::CatalogFile {
@@ -114,21 +146,35 @@ pub async fn run(
         .set_serving::<EnforcerServer<EnforcerService>>()
         .await;
     health.set_serving::<AdminServer<AdminService>>().await;
-    let listener_task = match &backend {
-        Backend::Redis(store) => Some(tokio::spawn(follow_changes(
+    let mut tasks = vec![tokio::spawn(crate::peer::run(
+        soft.clone(),
+        peers.clone(),
+        cfg.peering.interval,
+    ))];
+    if let Backend::Redis(store) = &backend {
+        tasks.push(tokio::spawn(follow_changes(
             engine.clone(),
             store.options().clone(),
-        ))),
-        Backend::Embedded(_) => None,
-    };
-    let sweeper = tokio::spawn(sweep(
+        )));
+        tasks.push(tokio::spawn(crate::peer::follow_membership(
+            (**store).clone(),
+            peers.clone(),
+            cfg.peering.timeout / 3,
+            cfg.peering.timeout,
+        )));
+    }
+    tasks.push(tokio::spawn(sweep(
         engine.clone(),
         backend,
+        disk,
         health,
-        cfg.sweep_interval,
-        cfg.retention,
-        cfg.cache_ttl,
-    ));
+        Timing {
+            every: cfg.sweep_interval,
+            retention: cfg.retention,
+            cache_ttl: cfg.cache_ttl,
+            soft_grace: cfg.peering.grace,
+        },
+    )));
 
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(allot_proto::FILE_DESCRIPTOR_SET)
@@ -141,10 +187,10 @@ pub async fn run(
         .add_service(reflection)
         .add_service(EnforcerServer::new(EnforcerService::new(engine.clone())))
         .add_service(AdminServer::new(AdminService::new(engine)))
+        .add_service(PeerServer::new(PeerService::new(soft, peers)))
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
-    sweeper.abort();
-    if let Some(t) = listener_task {
+    for t in tasks {
         t.abort();
     }
     result?;
@@ -252,19 +298,30 @@ async fn follow_changes(engine: Arc<Engine>, opts: crate::redis::RedisOptions) {
     }
 }
 
+/// The sweeper's intervals.
+struct Timing {
+    every: std::time::Duration,
+    retention: std::time::Duration,
+    cache_ttl: std::time::Duration,
+    soft_grace: std::time::Duration,
+}
+
 /// Releases reservations past their TTL, and now and then forgets what expired.
 async fn sweep(
     engine: Arc<Engine>,
     backend: Backend,
+    disk: EmbeddedStore,
     health: tonic_health::server::HealthReporter,
-    every: std::time::Duration,
-    retention: std::time::Duration,
-    cache_ttl: std::time::Duration,
+    t: Timing,
 ) {
-    let embedded = match &backend {
-        Backend::Embedded(s) => Some(s.clone()),
-        Backend::Redis(_) => None,
-    };
+    let Timing {
+        every,
+        retention,
+        cache_ttl,
+        soft_grace,
+    } = t;
+    let shared = matches!(backend, Backend::Redis(_));
+    let soft_grace = chrono::Duration::from_std(soft_grace).unwrap_or(chrono::Duration::MAX);
     let sweeps_per_refresh = (cache_ttl.as_millis() / every.as_millis().max(1)).max(1) as u64;
     let retention =
         chrono::Duration::from_std(retention).unwrap_or(crate::embedded::DEFAULT_RETENTION);
@@ -274,7 +331,7 @@ async fn sweep(
     loop {
         tick.tick().await;
         n += 1;
-        if embedded.as_ref().is_some_and(|s| !s.healthy()) {
+        if !disk.healthy() {
             // Load balancers stop sending traffic; the node needs a restart to reload.
             health
                 .set_not_serving::<EnforcerServer<EnforcerService>>()
@@ -295,8 +352,16 @@ async fn sweep(
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "expiring reservations failed"),
         }
+        if let Some(local) = engine.local_store() {
+            if let Err(e) = local.expire_due(engine.now(), SWEEP_BATCH).await {
+                tracing::warn!(error = %e, "expiring local reservations failed");
+            }
+        }
         if n.is_multiple_of(SWEEPS_PER_PRUNE) {
             engine.prune();
+            if let Err(e) = engine.soft().forget_ended(engine.now(), soft_grace) {
+                tracing::warn!(error = %e, "ended soft counters not forgotten");
+            }
         }
         if let Backend::Redis(redis) = &backend {
             reconcile(&engine, redis, retention).await;
@@ -311,12 +376,12 @@ async fn sweep(
                 }
             }
         }
-        if let (Some(store), true) = (&embedded, n.is_multiple_of(SWEEPS_PER_COMPACTION)) {
-            if let Err(e) = store.compact(engine.now(), retention).await {
+        if n.is_multiple_of(SWEEPS_PER_COMPACTION) {
+            if let Err(e) = disk.compact(engine.now(), retention).await {
                 tracing::warn!(error = %e, "compaction failed");
             }
         }
-        if embedded.is_none() && n.is_multiple_of(sweeps_per_refresh) {
+        if shared && n.is_multiple_of(sweeps_per_refresh) {
             // The backstop for a missed catalog announcement.
             if let Err(e) = engine.reload_catalog().await {
                 tracing::warn!(error = %e, "catalog reload failed");

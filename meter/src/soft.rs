@@ -247,6 +247,13 @@ impl SoftCounters {
         Ok(())
     }
 
+    /// Whether a slot is held, and if so whether it is a gauge.
+    pub fn is_gauge(&self, slot: &SlotId) -> Option<bool> {
+        self.slots
+            .get(slot)
+            .map(|e| matches!(e.counter, SoftCounter::Gauge(_)))
+    }
+
     /// This node's own contribution to a slot (0 when unknown).
     pub fn own(&self, slot: &SlotId) -> i128 {
         self.slots.get(slot).map_or(0, |e| {
@@ -348,13 +355,21 @@ impl SoftCounters {
         result
     }
 
-    /// Forgets slots whose period ended before `now - grace`; gauges are kept.
-    pub fn forget_ended(&mut self, now: DateTime<Utc>, grace: chrono::Duration) {
+    /// Forgets slots whose period ended before `now - grace`; gauges are kept. Returns
+    /// the slots forgotten.
+    pub fn forget_ended(&mut self, now: DateTime<Utc>, grace: chrono::Duration) -> Vec<SlotId> {
         let horizon = now - grace;
-        self.slots
-            .retain(|_, e| e.ends_at.is_none_or(|end| end > horizon));
+        let mut gone = Vec::new();
+        self.slots.retain(|s, e| {
+            let keep = e.ends_at.is_none_or(|end| end > horizon);
+            if !keep {
+                gone.push(s.clone());
+            }
+            keep
+        });
         let slots = &self.slots;
         self.dirty.retain(|s| slots.contains_key(s));
+        gone
     }
 
     /// Number of slots held.

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::degraded::{Entry, EntryState};
 
+use super::soft_route::LOCAL_PREFIX;
 use super::{Engine, EngineError, TenantContext};
 
 /// Reservation ids made while the shared store was unreachable start with this.
@@ -225,13 +226,17 @@ impl Engine {
         };
         let n = amount.max(0) as u64;
         let keys: Vec<String> = plan.slots.iter().map(|s| s.spec.key.clone()).collect();
-        let usage = match self.guarded(self.usage.usage(tenant, &keys)).await {
+        let route = self.route(&plan);
+        let read = route.store.usage(tenant, &keys);
+        let read = if route.local { read.await } else { self.guarded(read).await };
+        let mut usage = match read {
             Ok(u) => u,
-            Err(StoreError::Unavailable(_)) if self.degraded.is_some() => {
+            Err(StoreError::Unavailable(_)) if self.degraded.is_some() && !route.local => {
                 return Ok((quota::degraded(&plan), version));
             }
             Err(e) => return Err(e.into()),
         };
+        self.share_usage(tenant, &plan, &route, &mut usage, 0);
         let fits = plan.slots.iter().zip(&usage).all(|(s, u)| {
             s.spec
                 .cap
@@ -287,22 +292,31 @@ impl Engine {
         };
         let n = amount as u64;
         let expires_at = now + chrono::Duration::from_std(ttl).expect("ttl bounded");
+        let route = self.route(&plan);
+        let reservation_id = if route.local {
+            format!("{LOCAL_PREFIX}{reservation_id}@{}", self.node_id())
+        } else {
+            reservation_id
+        };
         let op = ReserveOp {
             tenant: tenant.to_string(),
             metric: metric.to_string(),
             amount: n,
             reservation_id,
             idempotency_key: idempotency_key.to_string(),
-            slots: plan.slots.iter().map(|s| s.spec.clone()).collect(),
+            slots: self.store_slots(tenant, &plan, &route),
             expires_at,
             context: Replay::of(&plan),
         };
-        let out = match self
-            .guarded_write(tenant, idempotency_key, self.usage.reserve(op.clone()))
-            .await
-        {
+        let write = route.store.reserve(op.clone());
+        let out = if route.local {
+            write.await
+        } else {
+            self.guarded_write(tenant, idempotency_key, write).await
+        };
+        let mut out = match out {
             Ok(out) => out,
-            Err(StoreError::Unavailable(_)) if self.degraded.is_some() => {
+            Err(StoreError::Unavailable(_)) if self.degraded.is_some() && !route.local => {
                 let r = self.reserve_degraded(&plan, op)?;
                 if !r.decision.outcome.allowed() {
                     self.buckets.refund(tenant, &plan.rates, mono, n);
@@ -331,6 +345,7 @@ impl Engine {
                 replayed: true,
             });
         }
+        self.share_usage(tenant, &plan, &route, &mut out.usage, 0);
         let d = quota::decide(&plan, &out.usage, out.granted);
         if !out.granted {
             return Ok(denied(self.with_hint(
@@ -368,12 +383,13 @@ impl Engine {
         if let Some(out) = self.settle_degraded(tenant, reservation_id, Some(actual as u64))? {
             return Ok(out);
         }
-        Ok(self
-            .guarded(
-                self.usage
-                    .commit(tenant, reservation_id, actual as u64, self.now()),
-            )
-            .await?)
+        let (store, local) = self.store_of(reservation_id)?;
+        let write = store.commit(tenant, reservation_id, actual as u64, self.now());
+        let out = if local { write.await? } else { self.guarded(write).await? };
+        if !out.replayed && (local || self.local.is_none()) {
+            self.share_settled(store, tenant, reservation_id).await?;
+        }
+        Ok(out)
     }
 
     /// Returns a reservation's units.
@@ -387,9 +403,9 @@ impl Engine {
         if let Some(out) = self.settle_degraded(tenant, reservation_id, None)? {
             return Ok(out);
         }
-        Ok(self
-            .guarded(self.usage.release(tenant, reservation_id, self.now()))
-            .await?)
+        let (store, local) = self.store_of(reservation_id)?;
+        let write = store.release(tenant, reservation_id, self.now());
+        Ok(if local { write.await? } else { self.guarded(write).await? })
     }
 
     /// Counts units at once, deduplicated by event id.
@@ -421,21 +437,25 @@ impl Engine {
             Admission::Proceed { plan, mono } => (plan, mono),
         };
         let n = amount.max(0) as u64;
+        let route = self.route(&plan);
         let op = RecordOp {
             tenant: tenant.to_string(),
             metric: metric.to_string(),
             amount,
             event_id: event_id.to_string(),
-            slots: plan.slots.iter().map(|s| s.spec.clone()).collect(),
+            slots: self.store_slots(tenant, &plan, &route),
             at: now,
             context: Replay::of(&plan),
         };
-        let out = match self
-            .guarded_write(tenant, event_id, self.usage.record(op.clone()))
-            .await
-        {
+        let write = route.store.record(op.clone());
+        let out = if route.local {
+            write.await
+        } else {
+            self.guarded_write(tenant, event_id, write).await
+        };
+        let mut out = match out {
             Ok(out) => out,
-            Err(StoreError::Unavailable(_)) if self.degraded.is_some() => {
+            Err(StoreError::Unavailable(_)) if self.degraded.is_some() && !route.local => {
                 let r = self.record_degraded(&plan, &op)?;
                 if !r.recorded {
                     self.buckets.refund(tenant, &plan.rates, mono, n);
@@ -457,6 +477,8 @@ impl Engine {
                 replayed: true,
             });
         }
+        let added = if out.granted { amount } else { 0 };
+        self.share_usage(tenant, &plan, &route, &mut out.usage, added);
         let d = quota::decide(&plan, &out.usage, out.granted);
         let d = if out.granted {
             d
@@ -505,7 +527,27 @@ impl Engine {
             .zip(&periods)
             .map(|(l, p)| format!("{metric}|{}|{}", l.window, p.start.timestamp()))
             .collect();
-        let usage = self.guarded(self.usage.usage(tenant, &keys)).await?;
+        let mut usage = self.guarded(self.usage.usage(tenant, &keys)).await?;
+        // Soft windows: what this node's stores hold plus what peers counted. With Redis,
+        // a soft window may be counted in both places (requests with a hard window go to
+        // Redis whole), and the two count different requests.
+        for ((l, k), u) in limits.iter().zip(&keys).zip(usage.iter_mut()) {
+            if l.enforcement != meter::catalog::Enforcement::Soft || l.window.is_rate() {
+                continue;
+            }
+            if let Some(local) = &self.local {
+                let mine = local.usage(tenant, std::slice::from_ref(k)).await?;
+                if let Some(m) = mine.first() {
+                    u.used = u.used.saturating_add(m.used);
+                    u.reserved = u.reserved.saturating_add(m.reserved);
+                }
+            }
+            let id = meter::soft::SlotId {
+                tenant: tenant.to_string(),
+                key: k.clone(),
+            };
+            u.used = u.used.saturating_add(self.soft.others(&id));
+        }
         Ok(Some(
             limits
                 .iter()
@@ -751,11 +793,18 @@ impl Engine {
         (metric, amount): (&str, i64),
         d: Decision,
     ) -> Result<Reserved, EngineError> {
-        match self
-            .guarded(self.usage.find_reserve(tenant, key))
-            .await
-            .unwrap_or(None)
-        {
+        let local = match &self.local {
+            Some(l) => l.find_reserve(tenant, key).await.unwrap_or(None),
+            None => None,
+        };
+        let first = match local {
+            Some(f) => Some(f),
+            None => self
+                .guarded(self.usage.find_reserve(tenant, key))
+                .await
+                .unwrap_or(None),
+        };
+        match first {
             Some(first) => Ok(Reserved {
                 decision: Replay::decide(
                     &first.context,
@@ -780,11 +829,18 @@ impl Engine {
         (metric, amount): (&str, i64),
         d: Decision,
     ) -> Result<Recorded, EngineError> {
-        match self
-            .guarded(self.usage.find_record(tenant, event_id))
-            .await
-            .unwrap_or(None)
-        {
+        let local = match &self.local {
+            Some(l) => l.find_record(tenant, event_id).await.unwrap_or(None),
+            None => None,
+        };
+        let first = match local {
+            Some(f) => Some(f),
+            None => self
+                .guarded(self.usage.find_record(tenant, event_id))
+                .await
+                .unwrap_or(None),
+        };
+        match first {
             Some(first) => Ok(Recorded {
                 decision: Replay::decide(&first.context, &first.usage, "event_id", metric, amount)?,
                 recorded: true,

@@ -15,6 +15,7 @@ pub mod cache;
 pub mod clock;
 pub mod enforce;
 pub mod error;
+pub mod soft_route;
 
 use std::sync::{Arc, RwLock};
 
@@ -57,6 +58,13 @@ pub struct Engine {
     degraded: Option<Degraded>,
     /// Serializes catalog reloads.
     reload_lock: tokio::sync::Mutex<()>,
+    /// Soft-limit counters shared with peers.
+    soft: Arc<crate::soft::SoftState>,
+    /// With a shared store: the node's own store for requests that need no network.
+    local: Option<Arc<dyn UsageStore>>,
+    node_id: String,
+    /// The peers the counters are exchanged with.
+    peers: Option<Arc<crate::peer::Peers>>,
 }
 
 /// The degraded-mode equipment of a node with a shared store.
@@ -90,7 +98,46 @@ impl Engine {
             admin_lock: tokio::sync::Mutex::new(()),
             degraded: None,
             reload_lock: tokio::sync::Mutex::new(()),
+            soft: Arc::new(crate::soft::SoftState::in_memory("local")),
+            local: None,
+            node_id: "local".into(),
+            peers: None,
         })
+    }
+
+    /// Shares soft-limit windows through `soft` (this node's counters); with a shared
+    /// store, `local` keeps the requests that need no network (see [`soft_route`]).
+    pub fn with_soft(
+        mut self,
+        soft: Arc<crate::soft::SoftState>,
+        local: Option<Arc<dyn UsageStore>>,
+        peers: Arc<crate::peer::Peers>,
+    ) -> Self {
+        self.node_id = soft.node();
+        self.soft = soft;
+        self.local = local;
+        self.peers = Some(peers);
+        self
+    }
+
+    /// The peers, when the node exchanges counters.
+    pub fn peers(&self) -> Option<&Arc<crate::peer::Peers>> {
+        self.peers.as_ref()
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// This node's soft-limit counters.
+    pub fn soft(&self) -> &Arc<crate::soft::SoftState> {
+        &self.soft
+    }
+
+    /// With a shared store, the node's local store.
+    pub fn local_store(&self) -> Option<&Arc<dyn UsageStore>> {
+        self.local.as_ref()
     }
 
     /// Decides by each limit's failure policy when the store fails or passes `deadline`,

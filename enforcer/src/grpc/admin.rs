@@ -232,6 +232,32 @@ impl Admin for AdminService {
         Ok(Response::new(pb::RevokeOverrideResponse { revoked }))
     }
 
+    async fn get_peers(
+        &self,
+        _req: Request<pb::GetPeersRequest>,
+    ) -> Result<Response<pb::GetPeersResponse>, Status> {
+        let peers = self
+            .engine
+            .peers()
+            .map(|p| p.status())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| pb::PeerStatus {
+                node: p.node,
+                address: p.address,
+                live: p.live,
+                last_merge_age: p.last_merge_age.map(super::convert::duration),
+                source: p.source.to_string(),
+                error: p.error.unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(pb::GetPeersResponse {
+            node: self.engine.node_id().to_string(),
+            peers,
+            slots: self.engine.soft().len() as u64,
+        }))
+    }
+
     async fn get_tenant(
         &self,
         req: Request<pb::GetTenantRequest>,

@@ -41,6 +41,8 @@ pub const EVERYTHING_CHANGED: &str = "*all";
 const PENDING: &str = "al:pending";
 const TENANTS: &str = "al:tenants";
 const CATALOG: &str = "al:catalog";
+/// Membership: node id → "address\theartbeat unix ms".
+const MEMBERS: &str = "al:members";
 
 /// How a [`RedisStore`] connects and what it waits for.
 #[derive(Debug, Clone)]
@@ -353,6 +355,38 @@ impl RedisStore {
             }
         }
         Ok(restored)
+    }
+
+    /// Says that `node` is alive at `address`, and returns every member with the address
+    /// and time (unix ms) of its last heartbeat. Members silent for `forget_after` are
+    /// removed on the way.
+    pub async fn heartbeat(
+        &self,
+        node: &str,
+        address: &str,
+        now_ms: i64,
+        forget_after_ms: i64,
+    ) -> Result<Vec<(String, String, i64)>, StoreError> {
+        self.client
+            .hset::<(), _, _>(MEMBERS, (node, format!("{address}\t{now_ms}")))
+            .await
+            .map_err(unavailable)?;
+        let all: std::collections::HashMap<String, String> =
+            self.client.hgetall(MEMBERS).await.map_err(unavailable)?;
+        let mut members = Vec::new();
+        for (id, v) in all {
+            let Some((addr, ms)) = v.split_once('\t') else { continue };
+            let ms: i64 = ms.parse().unwrap_or(0);
+            if now_ms - ms > forget_after_ms {
+                self.client
+                    .hdel::<(), _, _>(MEMBERS, id.as_str())
+                    .await
+                    .map_err(unavailable)?;
+                continue;
+            }
+            members.push((id, addr.to_string(), ms));
+        }
+        Ok(members)
     }
 
     /// Counts usage that was admitted while this store was unreachable: no cap is
