@@ -157,7 +157,7 @@ async fn soft_limit_over_three_nodes_stays_within_the_gossip_bound() {
                 if r.recorded {
                     denied_in_a_row = 0;
                     admitted.fetch_add(AMOUNT, Ordering::SeqCst);
-                    if r.decision.unwrap().warning_percent > 0 {
+                    if r.decision.unwrap().warning_percent.is_some() {
                         warned.fetch_add(1, Ordering::SeqCst);
                     }
                 } else {
