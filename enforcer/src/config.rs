@@ -340,9 +340,16 @@ impl ServeArgs {
             });
         }
         for (i, peer) in p.peers.iter().chain(&p.advertise).enumerate() {
-            if peer.rsplit_once(':').is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err()) {
+            if peer
+                .rsplit_once(':')
+                .is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err())
+            {
                 return Err(ConfigError::Invalid {
-                    field: if p.advertise.as_ref() == Some(peer) { "advertise" } else { "peers" },
+                    field: if p.advertise.as_ref() == Some(peer) {
+                        "advertise"
+                    } else {
+                        "peers"
+                    },
                     reason: format!("{peer:?} (entry {}) is not host:port", i + 1),
                 });
             }

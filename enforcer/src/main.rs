@@ -20,7 +20,7 @@ struct Cli {
 enum Command {
     /// Run a node: gRPC Enforcer and Admin services over the embedded store in --data-dir,
     /// or over Redis shared with other nodes (--redis).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     #[command(flatten)]
     Client(cli::ClientCommand),
 }
@@ -36,7 +36,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             Command::Client(cmd) => cli::run(&cli.client, cmd).await,
         }
     });

@@ -21,8 +21,8 @@ use crate::engine::{Engine, SystemClock};
 use crate::grpc::admin::AdminService;
 use crate::grpc::enforcer::EnforcerService;
 use crate::peer::{PeerService, Peers};
-use crate::soft::SoftState;
 use crate::redis::RedisStore;
+use crate::soft::SoftState;
 
 /// Most reservations released per sweep; the rest wait for the next one.
 const SWEEP_BATCH: usize = 10_000;
@@ -81,7 +81,11 @@ pub async fn run(
             .map_err(|e| crate::engine::EngineError::Internal(format!("listen address: {e}")))?
             .to_string(),
     };
-    let node_id = cfg.peering.node_id.clone().unwrap_or_else(|| advertise.clone());
+    let node_id = cfg
+        .peering
+        .node_id
+        .clone()
+        .unwrap_or_else(|| advertise.clone());
     crate::config::check_node_id(&node_id)
         .map_err(|e| crate::engine::EngineError::Internal(format!("{e} (set --node-id)")))?;
     let soft = Arc::new(SoftState::open(&node_id, &cfg.data_dir)?);

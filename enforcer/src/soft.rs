@@ -89,13 +89,7 @@ impl SoftState {
     }
 
     /// Sets this node's contribution to what its store holds; see the module docs.
-    pub fn set_own(
-        &self,
-        slot: &SlotId,
-        used: u64,
-        gauge: bool,
-        ends_at: Option<DateTime<Utc>>,
-    ) {
+    pub fn set_own(&self, slot: &SlotId, used: u64, gauge: bool, ends_at: Option<DateTime<Utc>>) {
         let used = i64::try_from(used).unwrap_or(i64::MAX);
         if let Err(e) = self.lock().set_own(slot, used, gauge, ends_at) {
             // Only a slot that changed kind (a metric redefined as a gauge mid-period) gets
@@ -167,7 +161,11 @@ impl SoftState {
     }
 
     /// Forgets slots whose period ended more than `grace` ago, in memory and on disk.
-    pub fn forget_ended(&self, now: DateTime<Utc>, grace: chrono::Duration) -> Result<(), StoreError> {
+    pub fn forget_ended(
+        &self,
+        now: DateTime<Utc>,
+        grace: chrono::Duration,
+    ) -> Result<(), StoreError> {
         let gone = self.lock().forget_ended(now, grace);
         let Some(db) = &self.db else { return Ok(()) };
         if gone.is_empty() {

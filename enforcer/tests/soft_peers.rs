@@ -116,7 +116,11 @@ impl Cluster {
         for _ in 0..300 {
             seen.clear();
             for n in &self.nodes {
-                seen.push(window_usage(&mut n.enforcer().await, tenant, "calls", "day").await.0);
+                seen.push(
+                    window_usage(&mut n.enforcer().await, tenant, "calls", "day")
+                        .await
+                        .0,
+                );
             }
             if seen.iter().all(|u| *u == want) {
                 break;
@@ -177,7 +181,11 @@ async fn soft_limit_over_three_nodes_stays_within_the_gossip_bound() {
             while !stop.load(Ordering::SeqCst) {
                 for a in &admins {
                     let mut a = a.clone();
-                    let p = a.get_peers(pb::GetPeersRequest {}).await.unwrap().into_inner();
+                    let p = a
+                        .get_peers(pb::GetPeersRequest {})
+                        .await
+                        .unwrap()
+                        .into_inner();
                     for peer in p.peers {
                         let age = peer.last_merge_age.expect("merged at least once");
                         worst = worst.max(Duration::new(age.seconds as u64, age.nanos as u32));
@@ -204,7 +212,10 @@ async fn soft_limit_over_three_nodes_stays_within_the_gossip_bound() {
     println!(
         "admitted {admitted} of 10000 at {rate:.0} units/s; worst view lag {worst_lag:?}; bound 10000 + {bound}"
     );
-    assert!(admitted > 10_000 - AMOUNT, "stopped before the limit: {admitted}");
+    assert!(
+        admitted > 10_000 - AMOUNT,
+        "stopped before the limit: {admitted}"
+    );
     assert!(admitted <= 10_000 + bound, "over the bound: {admitted}");
     assert!(warned.load(Ordering::SeqCst) > 0, "warnings past 80%");
     // Every node ends with the exact total.
@@ -225,6 +236,21 @@ async fn futures_admins(
 async fn partitioned_nodes_keep_deciding_and_converge_when_traffic_returns() {
     let cluster = Cluster::start(None).await;
     cluster.wait_live(2).await;
+    // What an operator sees: both peers live, with the age of their last merge.
+    let (code, out, err) = cluster.nodes[0].cli(&["peers", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["node"], "n0");
+    let peers = v["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 2, "{out}");
+    assert!(
+        peers
+            .iter()
+            .all(|p| p["live"] == true && p["last_merge_age_ms"].is_number()),
+        "{out}"
+    );
+    let (code, table, _) = cluster.nodes[0].cli(&["peers"]).await;
+    assert!(code == 0 && table.contains("2 of 2 peers live"), "{table}");
     // Embedded nodes keep their own subscriptions.
     for n in &cluster.nodes {
         subscribe(&mut n.admin().await, "beta", "open").await;
@@ -255,7 +281,12 @@ async fn partitioned_nodes_keep_deciding_and_converge_when_traffic_returns() {
         for k in 0..(i + 1) * 10 {
             let amount = 300 + 7 * k as u64;
             let r = e
-                .record(record("beta", "calls", amount as i64, &format!("cut-{i}-{k}")))
+                .record(record(
+                    "beta",
+                    "calls",
+                    amount as i64,
+                    &format!("cut-{i}-{k}"),
+                ))
                 .await
                 .unwrap()
                 .into_inner();

@@ -177,7 +177,10 @@ fn own_contribution_follows_the_store_and_others_are_the_rest() {
     let mut b = SoftCounters::new("b");
     b.set_own(&slot(0), 3, false, None).unwrap();
     b.merge(&a.full_state()).unwrap();
-    assert_eq!((b.value(&slot(0)), b.own(&slot(0)), b.others(&slot(0))), (10, 3, 7));
+    assert_eq!(
+        (b.value(&slot(0)), b.own(&slot(0)), b.others(&slot(0))),
+        (10, 3, 7)
+    );
     // Gauges follow the store both ways, and peers see the net value.
     a.set_own(&gauge_slot(), 5, true, None).unwrap();
     a.set_own(&gauge_slot(), 2, true, None).unwrap();

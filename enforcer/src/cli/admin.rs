@@ -454,6 +454,32 @@ pub async fn revoke(channel: &Channel, out: Output, args: RevokeArgs) -> anyhow:
     )
 }
 
+/// `allot peers`.
+pub async fn peers(channel: &Channel, out: Output) -> anyhow::Result<()> {
+    let p = client(channel)
+        .get_peers(allot_proto::v1::GetPeersRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    out.emit(
+        || {
+            serde_json::json!({
+                "node": p.node,
+                "slots": p.slots,
+                "peers": p.peers.iter().map(|x| serde_json::json!({
+                    "node": x.node,
+                    "address": x.address,
+                    "source": x.source,
+                    "live": x.live,
+                    "last_merge_age_ms": x.last_merge_age.as_ref().map(|d| d.seconds * 1000 + i64::from(d.nanos) / 1_000_000),
+                    "error": x.error,
+                })).collect::<Vec<_>>(),
+            })
+        },
+        || render::peers(&p),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

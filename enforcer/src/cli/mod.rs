@@ -93,6 +93,9 @@ pub enum ClientCommand {
     Grant(Box<admin::GrantArgs>),
     /// Remove an override before it expires.
     Revoke(admin::RevokeArgs),
+    /// Show this node's peers and how far its view of their soft-limit counts may lag
+    /// (age of the last merge from each).
+    Peers,
 }
 
 /// Runs one client command against the node named in `opts`.
@@ -127,6 +130,7 @@ pub async fn run(opts: &ClientOptions, cmd: ClientCommand) -> anyhow::Result<()>
         ClientCommand::Catalog(cmd) => admin::catalog(channel, out, cmd).await,
         ClientCommand::Grant(args) => admin::grant(channel, out, *args).await,
         ClientCommand::Revoke(args) => admin::revoke(channel, out, args).await,
+        ClientCommand::Peers => admin::peers(channel, out).await,
     }
 }
 

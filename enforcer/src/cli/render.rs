@@ -522,6 +522,44 @@ fn usage_section(all: &[(String, Result<GetUsageResponse, String>)]) -> String {
     text
 }
 
+/// `allot peers`: this node, then one row per peer.
+pub fn peers(p: &allot_proto::v1::GetPeersResponse) -> String {
+    let mut t = table(&["peer", "address", "source", "live", "last merge", "error"]);
+    for peer in &p.peers {
+        let age = peer
+            .last_merge_age
+            .as_ref()
+            .map_or("never".to_string(), |d| {
+                let d = std::time::Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32);
+                format!(
+                    "{} ago",
+                    humantime::format_duration(std::time::Duration::from_millis(
+                        d.as_millis() as u64
+                    ))
+                )
+            });
+        t.add_row(vec![
+            if peer.node.is_empty() {
+                "?".to_string()
+            } else {
+                peer.node.clone()
+            },
+            peer.address.clone(),
+            peer.source.clone(),
+            yes_no(peer.live).to_string(),
+            age,
+            peer.error.clone(),
+        ]);
+    }
+    format!(
+        "node {} holds {} soft-limit counters; {} of {} peers live\n{t}",
+        p.node,
+        p.slots,
+        p.peers.iter().filter(|x| x.live).count(),
+        p.peers.len()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -228,7 +228,11 @@ impl Engine {
         let keys: Vec<String> = plan.slots.iter().map(|s| s.spec.key.clone()).collect();
         let route = self.route(&plan);
         let read = route.store.usage(tenant, &keys);
-        let read = if route.local { read.await } else { self.guarded(read).await };
+        let read = if route.local {
+            read.await
+        } else {
+            self.guarded(read).await
+        };
         let mut usage = match read {
             Ok(u) => u,
             Err(StoreError::Unavailable(_)) if self.degraded.is_some() && !route.local => {
@@ -385,7 +389,11 @@ impl Engine {
         }
         let (store, local) = self.store_of(reservation_id)?;
         let write = store.commit(tenant, reservation_id, actual as u64, self.now());
-        let out = if local { write.await? } else { self.guarded(write).await? };
+        let out = if local {
+            write.await?
+        } else {
+            self.guarded(write).await?
+        };
         if !out.replayed && (local || self.local.is_none()) {
             self.share_settled(store, tenant, reservation_id).await?;
         }
@@ -405,7 +413,11 @@ impl Engine {
         }
         let (store, local) = self.store_of(reservation_id)?;
         let write = store.release(tenant, reservation_id, self.now());
-        Ok(if local { write.await? } else { self.guarded(write).await? })
+        Ok(if local {
+            write.await?
+        } else {
+            self.guarded(write).await?
+        })
     }
 
     /// Counts units at once, deduplicated by event id.

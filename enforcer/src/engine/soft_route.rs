@@ -60,7 +60,12 @@ impl Engine {
     }
 
     /// The slot specs for the store: soft caps lowered by what peers counted.
-    pub(crate) fn store_slots(&self, tenant: &str, plan: &RequestPlan, route: &Route) -> Vec<SlotSpec> {
+    pub(crate) fn store_slots(
+        &self,
+        tenant: &str,
+        plan: &RequestPlan,
+        route: &Route,
+    ) -> Vec<SlotSpec> {
         plan.slots
             .iter()
             .map(|s| {
@@ -141,20 +146,27 @@ impl Engine {
         let mut by_tenant: std::collections::BTreeMap<String, Vec<(String, bool)>> =
             Default::default();
         for (slot, gauge) in self.soft.slots() {
-            by_tenant.entry(slot.tenant).or_default().push((slot.key, gauge));
+            by_tenant
+                .entry(slot.tenant)
+                .or_default()
+                .push((slot.key, gauge));
         }
         for (tenant, slots) in by_tenant {
             let keys: Vec<String> = slots.iter().map(|(k, _)| k.clone()).collect();
             let usage = store.usage(&tenant, &keys).await?;
             for ((k, gauge), u) in slots.iter().zip(usage) {
-                self.soft.set_own(&slot_id(&tenant, k), u.used, *gauge, None);
+                self.soft
+                    .set_own(&slot_id(&tenant, k), u.used, *gauge, None);
             }
         }
         Ok(())
     }
 
     /// The store holding a reservation, by its id; `Err` when another node holds it.
-    pub(crate) fn store_of(&self, reservation_id: &str) -> Result<(&Arc<dyn UsageStore>, bool), EngineError> {
+    pub(crate) fn store_of(
+        &self,
+        reservation_id: &str,
+    ) -> Result<(&Arc<dyn UsageStore>, bool), EngineError> {
         match (&self.local, reservation_id.strip_prefix(LOCAL_PREFIX)) {
             (Some(local), Some(rest)) => {
                 let owner = rest.rsplit_once('@').map_or("", |(_, n)| n);

@@ -375,7 +375,9 @@ impl RedisStore {
             self.client.hgetall(MEMBERS).await.map_err(unavailable)?;
         let mut members = Vec::new();
         for (id, v) in all {
-            let Some((addr, ms)) = v.split_once('\t') else { continue };
+            let Some((addr, ms)) = v.split_once('\t') else {
+                continue;
+            };
             let ms: i64 = ms.parse().unwrap_or(0);
             if now_ms - ms > forget_after_ms {
                 self.client
