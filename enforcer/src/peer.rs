@@ -306,7 +306,22 @@ impl pb::peer_server::Peer for PeerService {
                     continue;
                 }
                 let (node, address) = (m.node.clone(), m.address.clone());
-                soft.merge(&from_wire(m));
+                let delta = from_wire(m);
+                if !delta.slots.is_empty() {
+                    let s = soft.clone();
+                    match tokio::task::spawn_blocking(move || s.merge(&delta)).await {
+                        Ok(Ok(())) => {}
+                        // Not merged: the peer sends it again in its next full exchange.
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "peer state not written to disk");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "peer state not merged");
+                            return;
+                        }
+                    }
+                }
                 peers.heard(&node, &address);
             }
         });
@@ -345,10 +360,14 @@ pub async fn run(soft: Arc<SoftState>, peers: Arc<Peers>, interval: Duration) {
             });
         }
         let delta = soft.take_delta();
-        if let Err(e) = soft.persist(&delta) {
-            tracing::warn!(error = %e, "soft counters not written to disk");
-        }
         let _ = tx.send(Arc::new(messages(&peers.node, &peers.address, &delta)));
+        // Off the runtime threads: a synced write takes milliseconds.
+        let s = soft.clone();
+        match tokio::task::spawn_blocking(move || s.persist(&delta)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "soft counters not written to disk"),
+            Err(e) => tracing::warn!(error = %e, "soft counters not written to disk"),
+        }
     }
 }
 

@@ -22,6 +22,9 @@ const SLOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("soft_slots");
 pub struct SoftState {
     counters: Mutex<SoftCounters>,
     db: Option<Database>,
+    /// Serializes disk writes of merged state, so that a later write never carries an
+    /// older merge than an earlier one.
+    writing: Mutex<()>,
 }
 
 fn io(e: impl std::fmt::Display) -> StoreError {
@@ -38,6 +41,7 @@ impl SoftState {
         SoftState {
             counters: Mutex::new(SoftCounters::new(node)),
             db: None,
+            writing: Mutex::new(()),
         }
     }
 
@@ -71,6 +75,7 @@ impl SoftState {
         Ok(SoftState {
             counters: Mutex::new(counters),
             db: Some(db),
+            writing: Mutex::new(()),
         })
     }
 
@@ -113,11 +118,34 @@ impl SoftState {
         self.lock().full_state()
     }
 
-    /// Merges what a peer sent.
-    pub fn merge(&self, delta: &Delta) {
+    /// Merges what a peer sent, writing the merged slots to disk first: once the node
+    /// answers with a peer's counts, they survive its restart even if that peer is gone.
+    /// Blocking (a synced write).
+    pub fn merge(&self, delta: &Delta) -> Result<(), StoreError> {
+        let _w = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        if self.db.is_some() && !delta.slots.is_empty() {
+            let merged = {
+                let c = self.lock();
+                let mut next = SoftCounters::new(c.node());
+                let current: Vec<SlotState> = delta
+                    .slots
+                    .iter()
+                    .filter_map(|s| c.state(&s.slot))
+                    .collect();
+                drop(c);
+                let _ = next.merge(&Delta {
+                    from: delta.from.clone(),
+                    slots: current,
+                });
+                let _ = next.merge(delta);
+                next.full_state()
+            };
+            self.write(&merged)?;
+        }
         if let Err(e) = self.lock().merge(delta) {
             tracing::warn!(from = %delta.from, error = %e, "peer state partly refused");
         }
+        Ok(())
     }
 
     /// Number of slots held.
@@ -140,15 +168,32 @@ impl SoftState {
             .collect()
     }
 
-    /// Writes changed slots to disk. Not synced: a crash loses at most the peers' latest
-    /// changes, which they send again in the next full exchange.
+    /// Writes changed slots to disk, synced (redb's lighter durability levels keep the
+    /// write in memory until a later synced commit, so a killed process would lose it).
+    /// Called once per sync interval with what changed meanwhile.
     pub fn persist(&self, delta: &Delta) -> Result<(), StoreError> {
+        let _w = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        // What changed may have changed again: write the slots as they are now.
+        let now: Vec<SlotState> = {
+            let c = self.lock();
+            delta
+                .slots
+                .iter()
+                .filter_map(|s| c.state(&s.slot))
+                .collect()
+        };
+        self.write(&Delta {
+            from: delta.from.clone(),
+            slots: now,
+        })
+    }
+
+    fn write(&self, delta: &Delta) -> Result<(), StoreError> {
         let Some(db) = &self.db else { return Ok(()) };
         if delta.slots.is_empty() {
             return Ok(());
         }
-        let mut tx = db.begin_write().map_err(io)?;
-        tx.set_durability(redb::Durability::None);
+        let tx = db.begin_write().map_err(io)?;
         {
             let mut t = tx.open_table(SLOTS).map_err(io)?;
             for s in &delta.slots {

@@ -289,7 +289,8 @@ impl SoftCounters {
         }
     }
 
-    fn state(&self, slot: &SlotId) -> Option<SlotState> {
+    /// One slot as exchanged, if held.
+    pub fn state(&self, slot: &SlotId) -> Option<SlotState> {
         self.slots.get(slot).map(|e| {
             let mut inc = BTreeMap::new();
             let mut dec = BTreeMap::new();
