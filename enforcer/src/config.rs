@@ -13,6 +13,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7411";
 pub const DEFAULT_DATA_DIR: &str = "allot-data";
 /// Catalog loaded at start when none is given and the file exists.
 pub const DEFAULT_CATALOG: &str = "examples/catalog.yaml";
+/// Default domain of Envoy rate limit service requests this node answers.
+pub const DEFAULT_RLS_DOMAIN: &str = "allot";
 
 /// Flags (and their environment variables) of `allot serve`.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -20,7 +22,7 @@ pub struct ServeArgs {
     /// TOML config file with the same keys as the flags (listen, data_dir, catalog,
     /// cache_ttl, sweep_interval, retention, log_format, redis, redis_wait_replicas,
     /// redis_wait_timeout, backend_deadline, node_id, advertise, peers (a list),
-    /// sync_interval, peer_timeout, soft_grace). Unknown keys are refused.
+    /// sync_interval, peer_timeout, soft_grace, rls_domain). Unknown keys are refused.
     #[arg(long, env = "ALLOT_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to serve gRPC on; port 0 picks a free one. [default: 127.0.0.1:7411]
@@ -91,6 +93,11 @@ pub struct ServeArgs {
     /// How long soft-limit counters of an ended window are kept. [default: 10m]
     #[arg(long, env = "ALLOT_SOFT_GRACE", value_parser = humantime::parse_duration)]
     pub soft_grace: Option<Duration>,
+    /// The domain of Envoy rate limit service requests (envoy.service.ratelimit.v3) this
+    /// node answers; requests for another domain are refused. See docs/envoy.md.
+    /// [default: allot]
+    #[arg(long, env = "ALLOT_RLS_DOMAIN")]
+    pub rls_domain: Option<String>,
 }
 
 /// Log output format.
@@ -134,6 +141,7 @@ struct FileConfig {
     peer_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     soft_grace: Option<Duration>,
+    rls_domain: Option<String>,
 }
 
 mod humantime_serde_opt {
@@ -169,6 +177,8 @@ pub struct ServeConfig {
     pub redis: Option<crate::redis::RedisOptions>,
     /// Longest wait for the shared store before failure policies decide.
     pub backend_deadline: Duration,
+    /// The domain of Envoy rate limit service requests this node answers.
+    pub rls_domain: String,
     /// Soft-limit counter exchange.
     pub peering: Peering,
 }
@@ -282,6 +292,11 @@ impl ServeArgs {
                 .backend_deadline
                 .or(file.backend_deadline)
                 .unwrap_or(Duration::from_millis(250)),
+            rls_domain: self
+                .rls_domain
+                .clone()
+                .or(file.rls_domain)
+                .unwrap_or_else(|| DEFAULT_RLS_DOMAIN.into()),
         };
         let wait = self
             .redis_wait_replicas
@@ -354,6 +369,13 @@ impl ServeArgs {
                 });
             }
         }
+        if cfg.rls_domain.is_empty() {
+            // Envoy always sends a domain, so an empty one could never match.
+            return Err(ConfigError::Invalid {
+                field: "rls_domain",
+                reason: "must not be empty".into(),
+            });
+        }
         if cfg.retention < Duration::from_secs(24 * 3600) {
             return Err(ConfigError::Invalid {
                 field: "retention",
@@ -415,6 +437,35 @@ mod tests {
         assert_eq!(cfg.data_dir, PathBuf::from("/tmp/y"));
         assert_eq!(cfg.cache_ttl, Duration::from_secs(5));
         assert_eq!(cfg.sweep_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn rls_domain_is_layered_and_defaults_to_allot() {
+        assert_eq!(
+            ServeArgs::default().resolve().unwrap().rls_domain,
+            DEFAULT_RLS_DOMAIN
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("allot.toml");
+        std::fs::write(&path, "rls_domain = \"from-file\"\n").unwrap();
+        let from_file = ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        assert_eq!(from_file.resolve().unwrap().rls_domain, "from-file");
+        let flag = ServeArgs {
+            config: Some(path),
+            rls_domain: Some("edge".into()),
+            ..Default::default()
+        };
+        assert_eq!(flag.resolve().unwrap().rls_domain, "edge");
+        let err = ServeArgs {
+            rls_domain: Some(String::new()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().starts_with("rls_domain:"), "{err}");
     }
 
     #[test]

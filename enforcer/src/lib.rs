@@ -5,8 +5,9 @@
 //!   and reflection), the reservation sweeper.
 //! - [`engine`] holds the request logic (validation, entitlement cache, token buckets,
 //!   store calls, decisions) and knows nothing of protobuf.
-//! - [`grpc`] adapts `allot.v1` messages to the engine; [`grpc::status`] maps errors to
-//!   gRPC codes in one table.
+//! - [`grpc`] adapts `allot.v1` messages, and Envoy's rate limit service
+//!   ([`grpc::envoy_rls`]), to the engine; [`grpc::status`] maps errors to gRPC codes in
+//!   one table.
 //! - [`embedded`] is the default store: memory + redb with group commit.
 //! - [`config`] is `allot serve`'s configuration (file, environment, flags).
 //!

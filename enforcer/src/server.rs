@@ -190,6 +190,10 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(EnforcerServer::new(EnforcerService::new(engine.clone())))
+        .add_service(crate::grpc::envoy_rls::server(
+            engine.clone(),
+            &cfg.rls_domain,
+        ))
         .add_service(AdminServer::new(AdminService::new(engine)))
         .add_service(PeerServer::new(PeerService::new(soft, peers)))
         .serve_with_incoming_shutdown(incoming(listener), shutdown)

@@ -1,4 +1,5 @@
-//! The gRPC layer: `allot.v1` services as thin adapters over the [`crate::engine`].
+//! The gRPC layer: `allot.v1` services, and Envoy's rate limit service ([`envoy_rls`]), as
+//! thin adapters over the [`crate::engine`].
 //!
 //! Conversions live in [`convert`], the error → status table in [`status`]; handlers hold
 //! no logic of their own beyond reading optional proto fields.
@@ -6,4 +7,5 @@
 pub mod admin;
 pub mod convert;
 pub mod enforcer;
+pub mod envoy_rls;
 pub mod status;
