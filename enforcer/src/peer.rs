@@ -303,6 +303,11 @@ impl pb::peer_server::Peer for PeerService {
         tokio::spawn(async move {
             while let Ok(Some(m)) = inbound.message().await {
                 if m.node == peers.node() {
+                    if m.address != peers.address {
+                        // Two nodes sharing an id would take each other's counts for
+                        // their own: refuse, loudly.
+                        tracing::error!(address = %m.address, node = %m.node, "a peer uses this node's id; its messages are ignored: give every node its own --node-id");
+                    }
                     continue;
                 }
                 let (node, address) = (m.node.clone(), m.address.clone());
