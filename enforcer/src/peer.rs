@@ -487,3 +487,70 @@ pub async fn follow_membership(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meter::soft::SoftCounters;
+
+    #[test]
+    fn wire_form_round_trips_and_drops_malformed_slots() {
+        let mut a = SoftCounters::new("a");
+        let end = Utc::now();
+        let slot = |k: &str| SlotId {
+            tenant: "acme".into(),
+            key: k.into(),
+        };
+        a.set_own(&slot("calls|day|0"), 7, false, Some(end)).unwrap();
+        a.set_own(&slot("seats|none|0"), 3, true, None).unwrap();
+        a.set_own(&slot("seats|none|0"), 1, true, None).unwrap();
+        let full = a.full_state();
+        let mut m = to_wire("a", "127.0.0.1:1", &full.slots);
+        let back = from_wire(m.clone());
+        assert_eq!(back.from, "a");
+        // Timestamps travel in whole seconds.
+        let mut want = full.slots.clone();
+        want[0].ends_at = DateTime::from_timestamp(end.timestamp(), 0);
+        assert_eq!(back.slots, want);
+        m.slots[0].tenant = String::new();
+        assert_eq!(from_wire(m).slots.len(), 1);
+    }
+
+    #[test]
+    fn full_exchanges_are_split_into_bounded_messages() {
+        let mut a = SoftCounters::new("a");
+        for i in 0..(SLOTS_PER_MESSAGE + 1) {
+            let s = SlotId {
+                tenant: "t".into(),
+                key: format!("k{i}"),
+            };
+            a.set_own(&s, 1, false, None).unwrap();
+        }
+        let msgs = messages("a", "x:1", &a.full_state());
+        assert_eq!(msgs.len(), 2);
+        assert_eq!(msgs[0].slots.len(), SLOTS_PER_MESSAGE);
+        // Nothing changed: still one (empty) message, the heartbeat.
+        assert_eq!(messages("a", "x:1", &a.take_delta()).len(), 2);
+        assert_eq!(messages("a", "x:1", &a.take_delta()).len(), 1);
+    }
+
+    #[test]
+    fn liveness_counts_distinct_nodes_heard_within_the_timeout() {
+        let p = Peers::new("me", "me:1", Duration::from_secs(60), &["b:1".into()]);
+        assert_eq!(p.live_count(), 1);
+        p.heard("b", "b:1");
+        p.heard("c", "c:1");
+        p.heard("c", "c:2");
+        p.heard("me", "elsewhere:1");
+        // c at two addresses is one node; a message with this node's id is no peer.
+        assert_eq!(p.live_count(), 3);
+        let s = p.status();
+        assert_eq!(s.len(), 3, "{s:?}");
+        assert!(s.iter().all(|r| r.live));
+        // Members found through Redis and no longer listed are forgotten.
+        p.set_members(&[("d".into(), "d:1".into())]);
+        assert!(p.status().iter().any(|r| r.address == "d:1" && r.source == "redis"));
+        p.set_members(&[]);
+        assert!(!p.status().iter().any(|r| r.address == "d:1"));
+    }
+}
