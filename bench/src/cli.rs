@@ -43,7 +43,8 @@ pub struct NoopServerArgs {
 pub struct RunArgs {
     /// Scenarios to run, comma-separated. `ceiling` (and `redis-script`, which
     /// `hard-reserve` brings along) run first at each concurrency so the others can be
-    /// compared with them. `hard-reserve` and `propagation` start their own redis-server.
+    /// compared with them, and `hard-reserve` runs before `soft-reserve`. `hard-reserve`,
+    /// `soft-reserve` and `propagation` start their own redis-server.
     #[arg(
         long,
         value_delimiter = ',',
@@ -76,7 +77,8 @@ pub struct RunArgs {
     /// Extra argument for `allot serve` (repeatable), appended after the bench's own.
     #[arg(long = "node-arg", allow_hyphen_values = true)]
     pub node_args: Vec<String>,
-    /// The `redis-server` binary that hard-reserve, redis-script and propagation start.
+    /// The `redis-server` binary that hard-reserve, soft-reserve, redis-script and
+    /// propagation start.
     #[arg(long, env = "REDIS_SERVER", default_value = "redis-server")]
     pub redis_server: PathBuf,
     /// Plan changes the propagation scenario makes and times.
@@ -106,6 +108,9 @@ pub enum Scenario {
     /// hard-reserve's ceiling: the node's reserve.lua then settle.lua, sent straight to
     /// that Redis with one fred client.
     RedisScript,
+    /// hard-reserve's pairs on the same node, on a metric whose limits are all soft: the
+    /// node keeps them in its local store and never calls Redis for them.
+    SoftReserve,
     /// How long an Admin plan change on one node takes to show on two others that share
     /// its Redis (not run per concurrency).
     Propagation,
@@ -121,6 +126,7 @@ impl Scenario {
             Scenario::ReserveCommit => "reserve-commit",
             Scenario::HardReserve => "hard-reserve",
             Scenario::RedisScript => "redis-script",
+            Scenario::SoftReserve => "soft-reserve",
             Scenario::Propagation => "propagation",
         }
     }
@@ -128,7 +134,10 @@ impl Scenario {
     /// Calls (gRPC, or Redis scripts for redis-script) made per measured operation.
     pub fn rpcs_per_op(self) -> u32 {
         match self {
-            Scenario::ReserveCommit | Scenario::HardReserve | Scenario::RedisScript => 2,
+            Scenario::ReserveCommit
+            | Scenario::HardReserve
+            | Scenario::RedisScript
+            | Scenario::SoftReserve => 2,
             _ => 1,
         }
     }
@@ -143,16 +152,22 @@ impl Scenario {
 
     /// Whether the scenario needs the bench's Redis and the node that uses it.
     pub fn needs_redis_node(self) -> bool {
-        matches!(self, Scenario::HardReserve | Scenario::RedisScript)
+        matches!(
+            self,
+            Scenario::HardReserve | Scenario::RedisScript | Scenario::SoftReserve
+        )
     }
 
-    /// The scenario whose ops/s this one's is divided by in the ratio column.
+    /// The scenario whose ops/s this one's is divided by in the ratio column: the
+    /// ceiling, redis-script for hard-reserve, and hard-reserve for soft-reserve (soft
+    /// over hard on the same node; not a ceiling, it may exceed 1).
     pub fn ratio_basis(self) -> Option<Scenario> {
         match self {
             Scenario::Check | Scenario::CheckFeature | Scenario::ReserveCommit => {
                 Some(Scenario::Ceiling)
             }
             Scenario::HardReserve => Some(Scenario::RedisScript),
+            Scenario::SoftReserve => Some(Scenario::HardReserve),
             Scenario::Ceiling | Scenario::RedisScript | Scenario::Propagation => None,
         }
     }
@@ -185,6 +200,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn soft_reserve_traits() {
+        let s = Scenario::SoftReserve;
+        assert_eq!(s.name(), "soft-reserve");
+        assert_eq!(
+            Scenario::from_str("soft-reserve", false),
+            Ok(Scenario::SoftReserve)
+        );
+        assert_eq!(s.rpcs_per_op(), 2);
+        assert!(s.needs_redis_node() && !s.needs_node());
+        assert_eq!(s.ratio_basis(), Some(Scenario::HardReserve));
+        // Every value's command-line name is the name the reports use.
+        for v in Scenario::value_variants() {
+            let name = v.to_possible_value().unwrap().get_name().to_owned();
+            assert_eq!(name, v.name());
+        }
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
@@ -213,6 +246,12 @@ mod tests {
         assert_eq!(
             cli.run.scenario,
             vec![Scenario::HardReserve, Scenario::Propagation]
+        );
+        let cli =
+            Cli::try_parse_from(["bench", "--scenario", "soft-reserve,hard-reserve"]).unwrap();
+        assert_eq!(
+            cli.run.scenario,
+            vec![Scenario::SoftReserve, Scenario::HardReserve]
         );
         let cli = Cli::try_parse_from(["bench", "noop-server", "--listen", "127.0.0.1:0"]).unwrap();
         assert!(matches!(cli.command, Some(Command::NoopServer(_))));

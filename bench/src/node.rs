@@ -29,7 +29,7 @@ pub struct ServerProcess {
     child: Child,
     addr: SocketAddr,
     log: Option<PathBuf>,
-    _dir: Option<tempfile::TempDir>,
+    dir: Option<tempfile::TempDir>,
 }
 
 impl ServerProcess {
@@ -47,13 +47,19 @@ impl ServerProcess {
             child,
             addr,
             log,
-            _dir: dir,
+            dir,
         }
     }
 
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The `--data-dir` of a node started by [`start_allot`] (`data` in its temporary
+    /// directory).
+    pub fn data_dir(&self) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.path().join("data"))
     }
 
     /// Its gRPC URL.

@@ -60,10 +60,11 @@ pub struct Row {
     pub error_kinds: BTreeMap<String, u64>,
     /// ops_per_sec over the ceiling's at the same concurrency in the same run.
     pub ratio_to_ceiling: Option<f64>,
-    /// The scenario the ratio is taken against: `ceiling`, or `redis-script` for
-    /// hard-reserve.
+    /// The scenario the ratio is taken against: `ceiling`, `redis-script` for
+    /// hard-reserve, or `hard-reserve` for soft-reserve.
     pub ratio_basis: Option<String>,
-    /// Calls per operation (2 for reserve-commit, hard-reserve and redis-script).
+    /// Calls per operation (2 for reserve-commit, hard-reserve, soft-reserve and
+    /// redis-script).
     pub rpcs_per_op: u32,
     /// propagation: the node whose delays the row gives (`node2`, `node3`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -147,6 +148,15 @@ impl Row {
     }
 }
 
+/// The ratio column: the bare figure against the ceiling, else followed by its basis.
+fn ratio_text(ratio: Option<f64>, basis: Option<&str>) -> String {
+    match (ratio, basis) {
+        (Some(x), Some(b)) if b != Scenario::Ceiling.name() => format!("{x:.2} ({b})"),
+        (Some(x), _) => format!("{x:.2}"),
+        (None, _) => "-".to_owned(),
+    }
+}
+
 fn us_text(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"))
 }
@@ -210,7 +220,8 @@ fn propagation_table(rows: &[Row]) -> String {
 }
 
 /// The rows as a table: scenario, concurrency, ops/s, percentiles, errors, ratio (to
-/// `ceiling`, or to `redis-script` for hard-reserve).
+/// `ceiling`; to the scenario named after it otherwise: `redis-script` for hard-reserve,
+/// `hard-reserve` for soft-reserve).
 fn table(rows: &[Row]) -> String {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
@@ -225,11 +236,7 @@ fn table(rows: &[Row]) -> String {
         "ratio_to_ceiling",
     ]);
     for r in rows {
-        let ratio = match (r.ratio_to_ceiling, r.ratio_basis.as_deref()) {
-            (Some(x), Some("redis-script")) => format!("{x:.2} (redis-script)"),
-            (Some(x), _) => format!("{x:.2}"),
-            (None, _) => "-".to_owned(),
-        };
+        let ratio = ratio_text(r.ratio_to_ceiling, r.ratio_basis.as_deref());
         t.add_row(vec![
             r.scenario.clone(),
             r.concurrency.to_string(),
@@ -335,6 +342,17 @@ mod tests {
         assert_eq!(hard.ratio_basis.as_deref(), Some("redis-script"));
         assert_eq!(hard.rpcs_per_op, 2);
 
+        let soft = Row::new(
+            &cell(Scenario::SoftReserve, &[300; 150], 0),
+            Some(hard.ops_per_sec),
+            &info(),
+        );
+        assert_eq!(soft.ratio_to_ceiling, Some(1.5));
+        assert_eq!(soft.ratio_basis.as_deref(), Some("hard-reserve"));
+        assert_eq!(soft.rpcs_per_op, 2);
+        let alone = Row::new(&cell(Scenario::SoftReserve, &[300; 150], 0), None, &info());
+        assert_eq!((alone.ratio_to_ceiling, alone.ratio_basis), (None, None));
+
         let mut h = Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap();
         for d in [300_000, 500_000, 900_000] {
             h.record(d).unwrap();
@@ -344,10 +362,11 @@ mod tests {
         prop.poll_p50_us = Some(80.0);
         prop.seen_by_first_poll = Some(2);
 
-        let rows = [ceiling, check, empty, hard, prop];
+        let rows = [ceiling, check, empty, hard, prop, soft];
         let text = tables(&rows);
         assert!(text.contains("ratio_to_ceiling") && text.contains("250 (50.00%)"));
         assert!(text.contains("0.50 (redis-script)") && text.contains("max µs"));
+        assert!(text.contains("soft-reserve") && text.contains("1.50 (hard-reserve)"));
         let v: serde_json::Value = serde_json::from_str(&json(&rows).unwrap()).unwrap();
         assert_eq!(v[1]["ratio_to_ceiling"], 0.25);
         assert_eq!(v[1]["ratio_basis"], "ceiling");
@@ -359,6 +378,22 @@ mod tests {
         assert_eq!(v[4]["seen_by_first_poll"], 2);
         assert!(v[0].get("seen_by_first_poll").is_none());
         assert!((v[4]["max_us"].as_f64().unwrap() - 900.0).abs() < 1.0);
+        assert_eq!(v[5]["scenario"], "soft-reserve");
+        assert_eq!(v[5]["ratio_basis"], "hard-reserve");
+    }
+
+    #[test]
+    fn ratio_texts() {
+        assert_eq!(ratio_text(Some(0.912), Some("ceiling")), "0.91");
+        assert_eq!(
+            ratio_text(Some(0.3), Some("redis-script")),
+            "0.30 (redis-script)"
+        );
+        assert_eq!(
+            ratio_text(Some(1.25), Some("hard-reserve")),
+            "1.25 (hard-reserve)"
+        );
+        assert_eq!(ratio_text(None, None), "-");
     }
 
     #[test]

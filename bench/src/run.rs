@@ -28,8 +28,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .any(|s| s.needs_redis_node() || *s == Scenario::Propagation);
     if uses_redis && args.endpoint.is_some() {
         bail!(
-            "--endpoint cannot be used with hard-reserve, redis-script or propagation: they \
-             start their own redis-server and nodes"
+            "--endpoint cannot be used with hard-reserve, soft-reserve, redis-script or \
+             propagation: they start their own redis-server and nodes"
         );
     }
     if scenarios.contains(&Scenario::Propagation) && args.changes == 0 {
@@ -129,7 +129,8 @@ async fn run_cells(
 }
 
 /// The scenarios once each: the ceilings first (the others' ratios need them; hard-reserve
-/// brings redis-script along), then as given, propagation last.
+/// brings redis-script along), then as given, except that hard-reserve comes before
+/// soft-reserve (soft-reserve's ratio is to it), propagation last.
 fn ordered(given: &[Scenario]) -> Vec<Scenario> {
     let mut out = Vec::new();
     if given.contains(&Scenario::Ceiling) {
@@ -139,6 +140,12 @@ fn ordered(given: &[Scenario]) -> Vec<Scenario> {
         out.push(Scenario::RedisScript);
     }
     for s in given.iter().filter(|s| **s != Scenario::Propagation) {
+        if *s == Scenario::SoftReserve
+            && given.contains(&Scenario::HardReserve)
+            && !out.contains(&Scenario::HardReserve)
+        {
+            out.push(Scenario::HardReserve);
+        }
         if !out.contains(s) {
             out.push(*s);
         }
@@ -181,5 +188,15 @@ mod tests {
             ordered(&[Propagation, HardReserve, Check, Ceiling]),
             vec![Ceiling, RedisScript, HardReserve, Check, Propagation]
         );
+        assert_eq!(
+            ordered(&[SoftReserve, Check, HardReserve]),
+            vec![RedisScript, HardReserve, SoftReserve, Check]
+        );
+        assert_eq!(
+            ordered(&[HardReserve, SoftReserve]),
+            vec![RedisScript, HardReserve, SoftReserve]
+        );
+        // Alone, soft-reserve brings nothing along (and has no ratio).
+        assert_eq!(ordered(&[SoftReserve]), vec![SoftReserve]);
     }
 }

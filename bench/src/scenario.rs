@@ -20,7 +20,7 @@ use crate::cli::Scenario;
 use crate::noop::pb::noop_client::NoopClient;
 use crate::noop::pb::EchoRequest;
 use crate::redis::{ScriptPair, ScriptTarget};
-use crate::setup::{check_request, tenant, FEATURE, METRIC};
+use crate::setup::{check_request, is_local_reservation, tenant, FEATURE, METRIC, SOFT_METRIC};
 
 /// Highest latency the histograms track: one minute, in nanoseconds.
 pub const MAX_NANOS: u64 = 60_000_000_000;
@@ -146,6 +146,9 @@ enum Driver {
     ReserveCommit {
         client: EnforcerClient<Channel>,
         tenant: String,
+        metric: &'static str,
+        /// soft-reserve: the reservation must come from the node's local store.
+        expect_local: bool,
         key_prefix: String,
         seq: u64,
     },
@@ -194,12 +197,17 @@ impl Driver {
                     ..Default::default()
                 },
             },
-            Scenario::ReserveCommit | Scenario::HardReserve => Driver::ReserveCommit {
-                client: EnforcerClient::new(channel),
-                tenant: tenant(t),
-                key_prefix,
-                seq: 0,
-            },
+            Scenario::ReserveCommit | Scenario::HardReserve | Scenario::SoftReserve => {
+                let soft = spec.scenario == Scenario::SoftReserve;
+                Driver::ReserveCommit {
+                    client: EnforcerClient::new(channel),
+                    tenant: tenant(t),
+                    metric: if soft { SOFT_METRIC } else { METRIC },
+                    expect_local: soft,
+                    key_prefix,
+                    seq: 0,
+                }
+            }
             Scenario::RedisScript | Scenario::Propagation => unreachable!("matched above"),
         })
     }
@@ -217,6 +225,8 @@ impl Driver {
             Driver::ReserveCommit {
                 client,
                 tenant,
+                metric,
+                expect_local,
                 key_prefix,
                 seq,
             } => {
@@ -224,7 +234,7 @@ impl Driver {
                 let reserved = client
                     .reserve(ReserveRequest {
                         tenant: tenant.clone(),
-                        metric: METRIC.to_owned(),
+                        metric: (*metric).to_owned(),
                         amount: 1,
                         idempotency_key: format!("{key_prefix}-{seq}"),
                         ..Default::default()
@@ -238,6 +248,7 @@ impl Driver {
                         detail: "Reserve was allowed but returned no reservation id".into(),
                     });
                 }
+                local_as_expected(*expect_local, &reserved.reservation_id)?;
                 client
                     .commit(CommitRequest {
                         tenant: tenant.clone(),
@@ -252,11 +263,28 @@ impl Driver {
     }
 }
 
+/// soft-reserve measures the local path only: a reservation that Redis made (the
+/// node sent the request to Redis after all) is a failure, not a sample.
+fn local_as_expected(expect_local: bool, reservation_id: &str) -> Result<(), Failure> {
+    if expect_local && !is_local_reservation(reservation_id) {
+        return Err(Failure {
+            kind: "not_local".into(),
+            detail: format!(
+                "reservation {reservation_id:?} was not made by the node's local store \
+                 (expected an id starting with {:?})",
+                crate::setup::LOCAL_PREFIX
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Keeps idempotency keys of different scenarios apart (they may share a Redis).
 fn key_tag(s: Scenario) -> &'static str {
     match s {
         Scenario::HardReserve => "hr",
         Scenario::RedisScript => "rs",
+        Scenario::SoftReserve => "sr",
         _ => "rc",
     }
 }
@@ -336,4 +364,32 @@ pub async fn run_cell(spec: &CellSpec, target: Target<'_>) -> anyhow::Result<Cel
         }
     }
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn soft_reserve_wants_local_ids() {
+        assert!(local_as_expected(true, "sf-0193@127.0.0.1:1").is_ok());
+        let err = local_as_expected(true, "0193c0de").err().unwrap();
+        assert_eq!(err.kind, "not_local");
+        assert!(local_as_expected(false, "0193c0de").is_ok());
+        assert!(local_as_expected(false, "sf-0193@n").is_ok());
+    }
+
+    #[test]
+    fn key_tags_are_distinct() {
+        let tags: std::collections::BTreeSet<_> = [
+            Scenario::ReserveCommit,
+            Scenario::HardReserve,
+            Scenario::RedisScript,
+            Scenario::SoftReserve,
+        ]
+        .into_iter()
+        .map(key_tag)
+        .collect();
+        assert_eq!(tags.len(), 4);
+    }
 }

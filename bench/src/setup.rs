@@ -19,8 +19,18 @@ use crate::node::CATALOG_YAML;
 pub const PLAN: &str = "bench";
 /// The same plan without feature `reports` (propagation flips between the two).
 pub const PLAN_PLAIN: &str = "bench_plain";
-/// The metric the check and reserve-commit scenarios consume.
+/// The metric the check, reserve-commit and hard-reserve scenarios consume (hard limits).
 pub const METRIC: &str = "api_calls";
+/// The metric of the soft-reserve scenario: the same windows as [`METRIC`], all soft.
+pub const SOFT_METRIC: &str = "soft_calls";
+/// How the ids of reservations kept in a node's local store begin (soft-only requests on
+/// a node with `--redis`; `enforcer/src/engine/soft_route.rs`).
+pub const LOCAL_PREFIX: &str = "sf-";
+
+/// Whether a reservation id was made by the node's local store, not by Redis.
+pub fn is_local_reservation(id: &str) -> bool {
+    id.starts_with(LOCAL_PREFIX)
+}
 /// The boolean feature of the check-feature scenario.
 pub const FEATURE: &str = "reports";
 
@@ -188,14 +198,15 @@ pub async fn probe(channel: Channel) -> anyhow::Result<CheckResponse> {
     Ok(response)
 }
 
-/// One Reserve (amount 1, idempotency key `key`) for tenant 0, which must be allowed, then
-/// its Commit: proves the write path works before anything is measured.
-pub async fn probe_reserve(channel: Channel, key: &str) -> anyhow::Result<()> {
+/// One Reserve of `metric` (amount 1, idempotency key `key`) for tenant 0, which must be
+/// allowed, then its Commit: proves the write path works before anything is measured.
+/// Returns the reservation id.
+pub async fn probe_reserve(channel: Channel, metric: &str, key: &str) -> anyhow::Result<String> {
     let mut enforcer = EnforcerClient::new(channel);
     let reserved = enforcer
         .reserve(ReserveRequest {
             tenant: tenant(0),
-            metric: METRIC.to_owned(),
+            metric: metric.to_owned(),
             amount: 1,
             idempotency_key: key.to_owned(),
             ..Default::default()
@@ -204,17 +215,21 @@ pub async fn probe_reserve(channel: Channel, key: &str) -> anyhow::Result<()> {
         .map_err(|s| status_error("probe Enforcer.Reserve", &s))?
         .into_inner();
     if let Err(f) = crate::scenario::allowed(reserved.decision.as_ref()) {
-        bail!("probe Enforcer.Reserve was not allowed: {}", f.detail);
+        bail!(
+            "probe Enforcer.Reserve of {metric} was not allowed: {}",
+            f.detail
+        );
     }
+    let id = reserved.reservation_id;
     enforcer
         .commit(CommitRequest {
             tenant: tenant(0),
-            reservation_id: reserved.reservation_id,
+            reservation_id: id.clone(),
             actual_amount: 1,
         })
         .await
         .map_err(|s| status_error("probe Enforcer.Commit", &s))?;
-    Ok(())
+    Ok(id)
 }
 
 #[cfg(test)]
@@ -234,6 +249,36 @@ mod tests {
         assert_eq!(v["features"]["reports"]["kind"], "boolean");
         assert!(v["plans"]["free"].is_mapping() && v["plans"]["bench"].is_mapping());
         assert_eq!(merge_catalog(&merged, CATALOG_YAML).unwrap(), None);
+    }
+
+    #[test]
+    fn soft_metric_is_soft_only() {
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(CATALOG_YAML).unwrap();
+        assert!(v["metrics"][SOFT_METRIC].is_mapping());
+        for plan in [PLAN, PLAN_PLAIN] {
+            let limits = &v["plans"][plan]["versions"][1]["limits"];
+            let soft = limits[SOFT_METRIC].as_sequence().unwrap();
+            let hard = limits[METRIC].as_sequence().unwrap();
+            // The same windows as the hard metric, so that both paths count two slots.
+            let windows = |ls: &[serde_yaml_ng::Value]| -> Vec<_> {
+                ls.iter().map(|l| l["window"].clone()).collect()
+            };
+            assert_eq!(windows(soft), windows(hard), "{plan}");
+            for l in soft {
+                assert_eq!(l["enforcement"], "soft", "{plan}: {l:?}");
+            }
+            for l in hard {
+                assert!(l.get("enforcement").is_none_or(|e| e == "hard"), "{plan}");
+            }
+        }
+    }
+
+    #[test]
+    fn local_reservation_ids() {
+        assert!(is_local_reservation("sf-0193c0de-1234@127.0.0.1:4242"));
+        assert!(!is_local_reservation("0193c0de-1234"));
+        assert!(!is_local_reservation("dg-0193c0de@node"));
+        assert!(!is_local_reservation(""));
     }
 
     #[test]

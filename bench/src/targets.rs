@@ -1,6 +1,8 @@
 //! The targets of the per-concurrency cells, started (or reached) before measuring:
 //! the node over the embedded store, the no-op ceiling server, and the bench's Redis with
-//! the node that uses it. Dropping [`Targets`] kills every child.
+//! the node that uses it (hard-reserve and soft-reserve share that node; soft-reserve's
+//! pairs stay in its local store, under its own temporary `--data-dir`). Dropping
+//! [`Targets`] kills every child.
 
 use std::sync::Arc;
 
@@ -14,7 +16,7 @@ use crate::redis::{self, ScriptTarget};
 use crate::scenario::Target;
 use crate::setup;
 
-/// hard-reserve's node and Redis, and the redis-script client.
+/// The node on Redis (hard-reserve, soft-reserve), the Redis, and the redis-script client.
 struct RedisSide {
     /// The node, declared before the server so that it is killed first.
     node: ServerProcess,
@@ -88,7 +90,8 @@ impl Targets {
         }
 
         if scenarios.iter().any(|s| s.needs_redis_node()) {
-            t.redis = Some(start_redis_side(args, run_id).await?);
+            let soft = scenarios.contains(&Scenario::SoftReserve);
+            t.redis = Some(start_redis_side(args, run_id, soft).await?);
         }
         Ok(t)
     }
@@ -97,7 +100,9 @@ impl Targets {
     pub fn target(&self, scenario: Scenario) -> anyhow::Result<Target<'_>> {
         Ok(match scenario {
             Scenario::Ceiling => Target::Grpc(&self.noop_channels),
-            Scenario::HardReserve => Target::Grpc(&self.redis_side()?.channels),
+            Scenario::HardReserve | Scenario::SoftReserve => {
+                Target::Grpc(&self.redis_side()?.channels)
+            }
             Scenario::RedisScript => Target::Script(&self.redis_side()?.script),
             _ => Target::Grpc(&self.node_channels),
         })
@@ -140,9 +145,10 @@ impl Targets {
 }
 
 /// Starts the bench's Redis and a node on it, prepares the node like the embedded one,
-/// proves Reserve/Commit work, and connects the redis-script client using the slots of
-/// that probe's grant.
-async fn start_redis_side(args: &RunArgs, run_id: &str) -> anyhow::Result<RedisSide> {
+/// proves Reserve/Commit work (and, with `soft`, that a soft-only Reserve stays in the
+/// node's local store), and connects the redis-script client using the slots of the
+/// hard probe's grant.
+async fn start_redis_side(args: &RunArgs, run_id: &str, soft: bool) -> anyhow::Result<RedisSide> {
     let server = redis::start_server(&args.redis_server).await?;
     let url = redis::url(&server);
     eprintln!(
@@ -155,9 +161,11 @@ async fn start_redis_side(args: &RunArgs, run_id: &str) -> anyhow::Result<RedisS
     node_args.extend(args.node_args.iter().cloned());
     let node = node::start_allot(&bin, "allot node on Redis", &node_args).await?;
     eprintln!(
-        "node: started {} --redis {url} on {}",
+        "node: started {} --redis {url} on {}, --data-dir {}",
         bin.display(),
-        node.addr()
+        node.addr(),
+        node.data_dir()
+            .map_or_else(|| "?".to_owned(), |d| d.display().to_string())
     );
     let channels = setup::connect(&node.url(), args.channels).await?;
     setup::prepare(channels[0].clone(), args.tenants, true)
@@ -165,7 +173,27 @@ async fn start_redis_side(args: &RunArgs, run_id: &str) -> anyhow::Result<RedisS
         .context("preparing the node on Redis")?;
     setup::probe(channels[0].clone()).await?;
     let probe_key = format!("bench-{run_id}-probe");
-    setup::probe_reserve(channels[0].clone(), &probe_key).await?;
+    let id = setup::probe_reserve(channels[0].clone(), setup::METRIC, &probe_key).await?;
+    anyhow::ensure!(
+        !setup::is_local_reservation(&id),
+        "the probe Reserve of {} (hard limits) was kept in the node's local store \
+         (reservation {id}), not sent to Redis",
+        setup::METRIC
+    );
+    if soft {
+        let soft_key = format!("bench-{run_id}-soft-probe");
+        let id = setup::probe_reserve(channels[0].clone(), setup::SOFT_METRIC, &soft_key).await?;
+        anyhow::ensure!(
+            setup::is_local_reservation(&id),
+            "the probe Reserve of {} (soft limits only) went to Redis (reservation {id}), \
+             not to the node's local store: does this node decide soft limits at the edge?",
+            setup::SOFT_METRIC
+        );
+        eprintln!(
+            "soft-reserve: probe Reserve of {} kept in the node's local store ({id})",
+            setup::SOFT_METRIC
+        );
+    }
     let script = ScriptTarget::connect(&url, &setup::tenant(0), &probe_key).await?;
     eprintln!(
         "redis-script: reserve.lua + settle.lua over one fred client, {}",
