@@ -76,7 +76,7 @@ pub async fn run(
         cfg.cache_ttl,
     )
     .await?;
-    if let Backend::Redis(_) = &backend {
+    if let Backend::Redis(store) = &backend {
         let journal = Arc::new(Journal::open(&cfg.data_dir)?);
         // WAIT happens after the write: its time must not turn a done write into a timeout.
         let wait = cfg
@@ -84,7 +84,9 @@ pub async fn run(
             .as_ref()
             .and_then(|r| r.wait_replicas)
             .map_or(Duration::ZERO, |(_, t)| t);
-        engine = engine.with_degraded(journal, cfg.backend_deadline + wait);
+        engine = engine
+            .with_degraded(journal, cfg.backend_deadline + wait)
+            .with_global_rates(Arc::new((**store).clone()));
     }
     let engine = Arc::new(engine);
 
