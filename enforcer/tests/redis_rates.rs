@@ -310,3 +310,113 @@ async fn redis_outage_follows_each_global_limits_policy() {
     }
     assert_eq!(granted, 3);
 }
+
+fn bucket(name: &str, rate: u64, burst: u64) -> meter::quota::RateSlot {
+    meter::quota::RateSlot {
+        window: meter::window::Window::Minute,
+        bucket: name.into(),
+        gcra: meter::gcra::Gcra::new(rate, Duration::from_secs(60), burst).unwrap(),
+        scope: meter::catalog::Scope::Global,
+        fail_open: false,
+    }
+}
+
+/// The script itself, through the store: peeks change nothing, refunds never overfill,
+/// a limit that changes keeps the instant the bucket is full again, idle buckets expire,
+/// and limits past the exact range are clamped rather than refused.
+#[tokio::test]
+async fn the_gcra_script_keeps_its_promises() {
+    use enforcer::redis::{RedisOptions, RedisStore};
+    use fred::prelude::*;
+    use meter::store::{RateOutcome, RateStore};
+
+    let server = RedisServer::start().await;
+    let store = RedisStore::connect(RedisOptions {
+        url: server.url.clone(),
+        retention: Duration::from_secs(86_400),
+        wait_replicas: None,
+        command_timeout: Duration::from_secs(2),
+    })
+    .await
+    .unwrap();
+    let one = [bucket("calls|minute", 1, 10)];
+    let allowed = |o: RateOutcome| o == RateOutcome::Allowed;
+
+    // A missing bucket is full; more than the burst never fits.
+    assert!(allowed(
+        store.take_rate("acme", &one, 10, true).await.unwrap()
+    ));
+    assert_eq!(
+        store.take_rate("acme", &one, 11, false).await.unwrap(),
+        RateOutcome::Denied {
+            index: 0,
+            retry_after: None
+        }
+    );
+    assert!(allowed(
+        store.take_rate("acme", &one, 10, false).await.unwrap()
+    ));
+    for peek in [true, true, false] {
+        match store.take_rate("acme", &one, 1, peek).await.unwrap() {
+            RateOutcome::Denied {
+                index: 0,
+                retry_after: Some(wait),
+            } => assert!(wait > Duration::ZERO && wait <= Duration::from_secs(60)),
+            other => panic!("{other:?}"),
+        }
+    }
+    // Empty for 10 minutes at 1 per minute: the key lives that long, and a second more.
+    let key = "al:{acme}:b:calls|minute";
+    let ttl: i64 = store.client().pttl(key).await.unwrap();
+    assert!(ttl > 590_000 && ttl <= 601_000, "{ttl}");
+
+    // Refunds give back what was taken, never more than the burst.
+    store.refund_rate("acme", &one, 3).await.unwrap();
+    assert!(allowed(
+        store.take_rate("acme", &one, 3, false).await.unwrap()
+    ));
+    assert!(!allowed(
+        store.take_rate("acme", &one, 1, false).await.unwrap()
+    ));
+    store.refund_rate("acme", &one, 1_000).await.unwrap();
+    let gone: i64 = store.client().exists(key).await.unwrap();
+    assert_eq!(gone, 0, "a full bucket is no key at all");
+    assert!(allowed(
+        store.take_rate("acme", &one, 10, false).await.unwrap()
+    ));
+    assert!(!allowed(
+        store.take_rate("acme", &one, 1, false).await.unwrap()
+    ));
+
+    // The limit doubles: the emptied bucket stays empty (full again at the same instant),
+    // it does not read its old debt at the new rate as half a bucket.
+    let doubled = [bucket("calls|minute", 2, 20)];
+    assert!(!allowed(
+        store.take_rate("acme", &doubled, 1, false).await.unwrap()
+    ));
+
+    // All or none across buckets: the refusal names the bucket that refuses.
+    let two = [bucket("a|minute", 1, 5), bucket("b|minute", 1, 2)];
+    assert!(allowed(
+        store.take_rate("acme", &two, 2, false).await.unwrap()
+    ));
+    match store.take_rate("acme", &two, 1, false).await.unwrap() {
+        RateOutcome::Denied { index: 1, .. } => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(allowed(
+        store.take_rate("acme", &two[..1], 3, false).await.unwrap()
+    ));
+    assert!(!allowed(
+        store.take_rate("acme", &two[..1], 1, false).await.unwrap()
+    ));
+
+    // Absurd limits (reachable through merges and overrides) are clamped, not refused.
+    let huge = [bucket("huge|minute", u64::MAX, u64::MAX)];
+    assert!(allowed(
+        store
+            .take_rate("acme", &huge, 1_000_000, false)
+            .await
+            .unwrap()
+    ));
+}
