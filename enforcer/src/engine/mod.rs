@@ -140,7 +140,7 @@ impl Engine {
             tracing::info!(
                 before,
                 now = n,
-                "live nodes changed; node rate limits rescaled"
+                "live nodes changed; node rate limit shares follow"
             );
         }
     }

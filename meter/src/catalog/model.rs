@@ -335,7 +335,8 @@ pub enum Enforcement {
 #[serde(rename_all = "snake_case")]
 pub enum Scope {
     /// Each of the `n` live nodes runs its own bucket with `rate / n` and
-    /// `ceil(burst / n)`: no network on the hot path, exact only in total.
+    /// `ceil(burst / n)`: no network on the hot path, and a bound on the total, not one
+    /// bucket (see [`crate::gcra::Gcra::per_node`]).
     #[default]
     Node,
     /// One bucket in the shared store (Redis) for every node, taken atomically; on a
