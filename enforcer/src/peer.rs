@@ -336,8 +336,14 @@ impl pb::peer_server::Peer for PeerService {
 }
 
 /// Runs the exchange: every `interval`, takes the changed slots, writes them to disk and
-/// pushes them to every peer; keeps one pushing task per peer address.
-pub async fn run(soft: Arc<SoftState>, peers: Arc<Peers>, interval: Duration) {
+/// pushes them to every peer; keeps one pushing task per peer address, and tells
+/// `on_live` how many nodes are live (this one included).
+pub async fn run(
+    soft: Arc<SoftState>,
+    peers: Arc<Peers>,
+    interval: Duration,
+    on_live: impl Fn(usize) + Send + 'static,
+) {
     let (tx, _) = broadcast::channel::<Arc<Vec<pb::SyncMessage>>>(64);
     let mut pushers: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut tick = tokio::time::interval(interval);
@@ -345,6 +351,7 @@ pub async fn run(soft: Arc<SoftState>, peers: Arc<Peers>, interval: Duration) {
     loop {
         tick.tick().await;
         peers.expire();
+        on_live(peers.live_count());
         let addresses = peers.addresses();
         pushers.retain(|a, h| {
             let keep = addresses.contains(a) && !h.is_finished();

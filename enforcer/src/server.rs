@@ -111,7 +111,7 @@ pub async fn run(
         Backend::Redis(_) => Some(Arc::new(disk.clone())),
     };
     engine = engine.with_soft(soft.clone(), local, peers.clone());
-    if let Backend::Redis(_) = &backend {
+    if let Backend::Redis(store) = &backend {
         let journal = Arc::new(Journal::open(&cfg.data_dir)?);
         // WAIT happens after the write: its time must not turn a done write into a timeout.
         let wait = cfg
@@ -119,7 +119,9 @@ pub async fn run(
             .as_ref()
             .and_then(|r| r.wait_replicas)
             .map_or(Duration::ZERO, |(_, t)| t);
-        engine = engine.with_degraded(journal, cfg.backend_deadline + wait);
+        engine = engine
+            .with_degraded(journal, cfg.backend_deadline + wait)
+            .with_global_rates(Arc::new((**store).clone()));
     }
     let engine = Arc::new(engine);
     engine.resync_soft().await?;
@@ -150,10 +152,12 @@ pub async fn run(
         .set_serving::<EnforcerServer<EnforcerService>>()
         .await;
     health.set_serving::<AdminServer<AdminService>>().await;
+    let live = engine.clone();
     let mut tasks = vec![tokio::spawn(crate::peer::run(
         soft.clone(),
         peers.clone(),
         cfg.peering.interval,
+        move |n| live.set_live_nodes(n),
     ))];
     if let Backend::Redis(store) = &backend {
         tasks.push(tokio::spawn(follow_changes(

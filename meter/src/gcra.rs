@@ -15,10 +15,24 @@
 //! Arithmetic that could overflow `u128` (only with absurd rates, bursts,
 //! periods or clock values) saturates or fails closed: it never panics and
 //! never admits more than the exact computation would.
+//!
+//! Two scopes build on it. With `scope: node` each of `n` live nodes runs
+//! [`Gcra::per_node`], a share of the limit, so that the fleet together admits
+//! at most `floor(rate × E / period) + n × ceil(burst / n)` over a span `E`
+//! (derived there). With `scope: global` one bucket lives in a shared store
+//! that computes in doubles; [`GLOBAL_EXACT_MAX`] is the range in which it is
+//! still exact.
 
 use std::time::Duration;
 
 const NANOS_PER_SEC: u128 = 1_000_000_000;
+
+/// The largest `burst × period` (in microseconds) and the largest `rate` of a bucket
+/// kept in a shared store that computes in IEEE doubles (Redis Lua), whose integers are
+/// exact below 2^53. Such a bucket keeps its debt in microseconds × rate, at most
+/// `2 × burst × period` mid-computation, so 2^51 leaves a factor of two to spare:
+/// a burst of 37,529,996 per minute, or 2,251,799,813 per second.
+pub const GLOBAL_EXACT_MAX: u128 = 1 << 51;
 
 /// A rate limit: `rate` units per `period`, bursting up to `burst` units at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,8 +69,11 @@ impl GcraState {
     }
 
     /// The same theoretical arrival time expressed for `to`, when a bucket's limit
-    /// changes (a downgrade, an override that ends): without it the old units would be
-    /// read with the new rate and the bucket would look empty for hours, or full.
+    /// changes (a downgrade, an override that ends, another node count for a node
+    /// share): without it the old units would be read with the new rate and the bucket
+    /// would look empty for hours, or full. The instant the bucket is full again is
+    /// kept, so a node share keeps its fill fraction when the count of nodes changes
+    /// (exactly when the burst divides evenly).
     pub fn rescaled(self, from: &Gcra, to: &Gcra) -> GcraState {
         if from.rate == to.rate {
             return self;
@@ -145,6 +162,60 @@ impl Gcra {
     /// The period over which `rate` units are admitted.
     pub fn period(&self) -> Duration {
         self.period
+    }
+
+    /// This node's share of the limit when `nodes` live nodes each run their own
+    /// bucket (`scope: node`): the same rate over `nodes` times the period (so
+    /// `rate / nodes` per period, exactly, in integers) and a burst of
+    /// `ceil(burst / nodes)`, which is at least 1. `nodes` of 0 counts as 1.
+    ///
+    /// The bound: node `i` admits at most `ceil(burst / n) + floor(rate × E_i /
+    /// (n × period))` units over the span `E_i` from its first admission to its
+    /// last (the single-bucket bound of this module). With `E` the span from
+    /// the first admission on any node to the last one, `E_i <= E`, and
+    /// `n × floor(x / n) <= floor(x)`, so the `n` nodes together admit at most
+    ///
+    /// `floor(rate × E / period) + n × ceil(burst / n)`
+    ///
+    /// units, whatever the schedule: at most `n - 1` more than one shared bucket
+    /// at once, and the same rate over time. The price of needing no
+    /// coordination is that a node receiving all the traffic admits only its
+    /// share: the whole limit is available only when the load is spread.
+    ///
+    /// A period that would pass [`Duration::MAX`] saturates there, which only
+    /// slows the share down.
+    pub fn per_node(&self, nodes: usize) -> Gcra {
+        let n = u64::try_from(nodes.max(1)).unwrap_or(u64::MAX);
+        if n == 1 {
+            return *self;
+        }
+        let period = u32::try_from(n)
+            .ok()
+            .and_then(|m| self.period.checked_mul(m))
+            .unwrap_or(Duration::MAX);
+        Gcra::new(self.rate, period, self.burst.div_ceil(n)).expect("a share of a valid limit")
+    }
+
+    /// Whether a store computing in doubles keeps this bucket exactly (see
+    /// [`GLOBAL_EXACT_MAX`]).
+    pub fn global_exact(&self) -> bool {
+        let period_us = self.period.as_micros();
+        u128::from(self.rate) <= GLOBAL_EXACT_MAX
+            && u128::from(self.burst).saturating_mul(period_us) <= GLOBAL_EXACT_MAX
+    }
+
+    /// The limit lowered into the range a store computing in doubles keeps exactly:
+    /// rate at most [`GLOBAL_EXACT_MAX`], `burst × period_µs` at most that too. Only
+    /// ever stricter than `self`; unchanged when [`Gcra::global_exact`].
+    pub fn clamped_for_global(&self) -> Gcra {
+        if self.global_exact() {
+            return *self;
+        }
+        let max = GLOBAL_EXACT_MAX as u64;
+        let period_us = u64::try_from(self.period.as_micros().max(1)).unwrap_or(u64::MAX);
+        let burst = self.burst.min(max / period_us).max(1);
+        let rate = self.rate.min(max);
+        Gcra::new(rate, self.period, burst).expect("a clamp of a valid limit")
     }
 
     /// Take `n` units at `now` (nanoseconds on any monotonic clock chosen by

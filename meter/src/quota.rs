@@ -5,6 +5,11 @@
 //! token bucket (rate windows, kept at the edge). The store then reserves in all slots or
 //! in none, and [`decide`] turns what it saw into a [`Decision`]. The same plan serves
 //! Check (nothing is consumed), Reserve and Record.
+//!
+//! A token bucket is a node's share of the limit (`scope: node`, see
+//! [`Gcra::per_node`]) or one bucket in the shared store (`scope: global`); the caller
+//! runs it, and [`rate_limited`], [`rate_unavailable`] and [`rate_degraded`] say what
+//! came of it.
 
 use std::collections::BTreeMap;
 
@@ -12,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::AccessLevel;
-use crate::catalog::{Catalog, MetricKind};
+use crate::catalog::{Catalog, MetricKind, Scope};
 use crate::decision::{Decision, Outcome, Reason};
 use crate::gcra::Gcra;
 use crate::resolve::{Entitlements, ResolvedLimit};
@@ -102,8 +107,14 @@ pub struct RateSlot {
     pub window: Window,
     /// Bucket key within the tenant: metric, window and dimension value.
     pub bucket: String,
-    /// The bucket's parameters.
+    /// The limit as granted, for the whole fleet: a node runs
+    /// [`Gcra::per_node`] of it under `scope: node`.
     pub gcra: Gcra,
+    /// A share per node, or one bucket in the shared store.
+    pub scope: Scope,
+    /// A global bucket falls back to the node's share when the shared store cannot be
+    /// reached, instead of refusing.
+    pub fail_open: bool,
 }
 
 /// What a request needs from storage and buckets.
@@ -271,6 +282,8 @@ fn rate_slot(
         window: l.window,
         bucket,
         gcra,
+        scope: l.scope,
+        fail_open: l.on_backend_failure == crate::catalog::FailurePolicy::FailOpen,
     })
 }
 
@@ -395,9 +408,13 @@ fn fill(d: &mut Decision, slot: &QuotaSlot, u: &SlotUsage, remaining: u64) {
     d.resets_at = slot.resets_at;
 }
 
-/// The decision for a request stopped by a token bucket.
+/// The decision for a request stopped by a token bucket: `retry_after` is the wait the
+/// bucket named, `None` when `amount` never fits its burst. `nodes` is how many nodes
+/// share the limit (1 for a global bucket or a single node), so that a request larger
+/// than a node's share of the burst, though within the burst, says why.
 pub fn rate_limited(
     slot: &RateSlot,
+    nodes: usize,
     retry_after: Option<std::time::Duration>,
     amount: u64,
 ) -> Decision {
@@ -408,6 +425,14 @@ pub fn rate_limited(
                 "rate limit of {} per {} reached",
                 slot.gcra.rate(),
                 slot.window
+            ),
+        ),
+        None if nodes > 1 && amount <= slot.gcra.burst() => (
+            Reason::ExceedsBurst,
+            format!(
+                "{amount} at once is more than this node's share of the burst ({} of {} over {nodes} nodes)",
+                slot.gcra.per_node(nodes).burst(),
+                slot.gcra.burst()
             ),
         ),
         None => (
@@ -422,6 +447,33 @@ pub fn rate_limited(
     d.window = Some(slot.window);
     d.limit = Some(slot.gcra.rate());
     d.retry_after = retry_after;
+    d
+}
+
+/// The decision when a global bucket's store cannot be reached and its limit fails
+/// closed.
+pub fn rate_unavailable(slot: &RateSlot, metric: &str) -> Decision {
+    let mut d = Decision::deny(
+        Reason::BackendUnavailable,
+        format!(
+            "the shared store is unreachable and the global {} rate limit of {metric} fails closed",
+            slot.window
+        ),
+    );
+    d.window = Some(slot.window);
+    d.limit = Some(slot.gcra.rate());
+    d
+}
+
+/// `d` for a request whose global buckets were passed on the node's own share because
+/// the shared store could not be reached (their limits fail open): an allowance says
+/// so, a denial stands as it is.
+pub fn rate_degraded(mut d: Decision) -> Decision {
+    if d.outcome.allowed() && d.reason != Reason::DegradedFailOpen {
+        d.outcome = Outcome::AllowWithWarning;
+        d.reason = Reason::DegradedFailOpen;
+        d.message = "the shared store is unreachable; allowed on this node's share of the global rate limits, which fail open".into();
+    }
     d
 }
 

@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::catalog::{
     default_access, AccessLevel, Catalog, Enforcement, FailurePolicy, FeatureKind, FeatureValue,
-    LimitDef, MergeRule, MAX_AMOUNT,
+    LimitDef, MergeRule, Scope, MAX_AMOUNT,
 };
 use crate::grant::{Change, Override};
 use crate::lifecycle::{PlanRef, Status, Subscription};
@@ -95,6 +95,9 @@ pub struct ResolvedLimit {
     pub burst: Option<u64>,
     /// Rate windows: a dimension that gets its own bucket.
     pub per: Option<String>,
+    /// Rate windows: a share of the limit per node, or one bucket shared by every node.
+    /// `node` for other windows.
+    pub scope: Scope,
     /// Hard or soft.
     pub enforcement: Enforcement,
     /// Warning thresholds in percent, ascending.
@@ -480,6 +483,7 @@ fn merge_limits(
                                 amount,
                                 burst,
                                 per: l.per.clone(),
+                                scope: l.scope(),
                                 enforcement: l.enforcement,
                                 warn_at: sorted(l.warn_at()),
                                 overage: l.overage,
@@ -504,6 +508,7 @@ fn merge_limits(
                         // The strictest setting wins where grants disagree on policy.
                         r.enforcement = r.enforcement.min(l.enforcement);
                         r.on_backend_failure = r.on_backend_failure.min(l.on_backend_failure);
+                        r.scope = r.scope.max(l.scope());
                         r.warn_at = sorted(r.warn_at.iter().copied().chain(l.warn_at()).collect());
                         r.overage = match (r.overage, l.overage) {
                             (Some(a), Some(b)) => Some(a.max(b)),
@@ -600,6 +605,7 @@ fn new_limit(window: Window, amount: u64, o: &Override) -> ResolvedLimit {
         amount,
         burst: window.is_rate().then_some(amount),
         per: None,
+        scope: Scope::Node,
         enforcement: Enforcement::Hard,
         warn_at: if window.is_rate() { vec![] } else { vec![80] },
         overage: None,

@@ -3,7 +3,8 @@
 //! [`UsageStore`] keeps counters, reservations and dedup keys, and must make each call
 //! atomic: a reserve takes room in every slot or in none, and is durable before it returns
 //! `Ok` (an acknowledged answer survives a crash). [`ControlStore`] keeps the catalog,
-//! subscriptions and overrides. The embedded store (enforcer) is the default; every
+//! subscriptions and overrides. [`RateStore`] keeps the token buckets of rate limits with
+//! `scope: global`, when there is a shared store to keep them in. The embedded store (enforcer) is the default; every
 //! backend passes the same suite, [`crate::conformance`].
 
 use chrono::{DateTime, Utc};
@@ -252,6 +253,45 @@ pub trait UsageStore: Send + Sync {
         now: DateTime<Utc>,
         max: usize,
     ) -> Result<Vec<Reservation>, StoreError>;
+}
+
+/// The answer of a [`RateStore`] to a take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateOutcome {
+    /// Every bucket had room (for a take: the units are taken from all of them).
+    Allowed,
+    /// Nothing was taken: bucket `index` (of those given) refuses.
+    Denied {
+        /// Which bucket, in the order given: the one with the longest wait.
+        index: usize,
+        /// The shortest wait after which it would have room; `None` when the amount is
+        /// more than its burst and never fits.
+        retry_after: Option<std::time::Duration>,
+    },
+}
+
+/// Token buckets shared by every node (`scope: global`), on the store's own clock so
+/// that nodes with skewed clocks agree.
+#[async_trait::async_trait]
+pub trait RateStore: Send + Sync {
+    /// Takes `n` units from every bucket, or from none; with `peek`, only says whether
+    /// it would, and changes nothing.
+    async fn take_rate(
+        &self,
+        tenant: &str,
+        buckets: &[crate::quota::RateSlot],
+        n: u64,
+        peek: bool,
+    ) -> Result<RateOutcome, StoreError>;
+
+    /// Gives back `n` units taken earlier from every bucket (a later step refused the
+    /// request); never fills a bucket past its burst.
+    async fn refund_rate(
+        &self,
+        tenant: &str,
+        buckets: &[crate::quota::RateSlot],
+        n: u64,
+    ) -> Result<(), StoreError>;
 }
 
 /// Catalog, subscriptions and overrides.

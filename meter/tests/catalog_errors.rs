@@ -92,3 +92,43 @@ fn published_versions_are_immutable() {
     let old = parse(&draft, "e").unwrap();
     assert!(validate_successor(&old, &parse(&changed, "f").unwrap()).is_ok());
 }
+
+#[test]
+fn scope_belongs_to_rate_limits() {
+    let e = err(&format!("{HEAD}plans:\n  free: {{versions: {{1: {{limits: {{api_calls: [{{window: month, amount: 5, scope: global}}], seats: [{{window: none, amount: 3, scope: node}}]}}}}}}}}\n"));
+    assert!(
+        e.contains("plans.free.versions.1.limits.api_calls[0].scope: only rate limits (second, minute) have a scope"),
+        "{e}"
+    );
+    assert!(e.contains("seats[0].scope: only rate limits"), "{e}");
+    let e = err(&format!("{HEAD}plans:\n  free: {{versions: {{1: {{limits: {{api_calls: [{{window: second, rate: 5, scope: everywhere}}]}}}}}}}}\n"));
+    assert!(e.contains("api_calls[0].scope"), "{e}");
+    assert!(e.contains("unknown variant `everywhere`"), "{e}");
+    for scope in ["node", "global"] {
+        let ok = format!("{HEAD}plans:\n  free: {{versions: {{1: {{limits: {{api_calls: [{{window: minute, rate: 5, burst: 9, scope: {scope}}}]}}}}}}}}\n");
+        parse(&ok, "cat.yaml").unwrap();
+    }
+}
+
+#[test]
+fn global_scope_stays_in_the_exact_range_of_the_shared_store() {
+    // 37,529,996 per minute is the largest burst a Lua number keeps exact.
+    let at = |rate: &str, burst: &str| {
+        format!("{HEAD}plans:\n  free: {{versions: {{1: {{limits: {{api_calls: [{{window: minute, rate: {rate}{burst}, scope: global}}]}}}}}}}}\n")
+    };
+    parse(&at("100", ", burst: 37529996"), "cat.yaml").unwrap();
+    let e = err(&at("100", ", burst: 37529997"));
+    assert!(
+        e.contains("api_calls[0].burst: a burst of 37529997 per minute is too large for scope global (at most 37529996"),
+        "{e}"
+    );
+    // The burst defaults to the rate: the rate is named then.
+    let e = err(&at("40000000", ""));
+    assert!(e.contains("api_calls[0].rate: a burst of 40000000"), "{e}");
+    // The same limit is fine on a node.
+    parse(
+        &at("40000000", "").replace("scope: global", "scope: node"),
+        "cat.yaml",
+    )
+    .unwrap();
+}

@@ -1,9 +1,9 @@
 //! Properties of `meter::gcra`: the admission bound, liveness, and
-//! robustness at extreme values.
+//! robustness at extreme values; the fleet bound of node shares (`scope: node`).
 
 use std::time::Duration;
 
-use meter::gcra::{Gcra, GcraError, GcraOutcome, GcraState};
+use meter::gcra::{Gcra, GcraError, GcraOutcome, GcraState, GLOBAL_EXACT_MAX};
 use proptest::prelude::*;
 
 const MS: u64 = 1_000_000;
@@ -40,7 +40,84 @@ fn scenario() -> impl Strategy<Value = (Gcra, u64, Vec<(u64, u64)>)> {
     })
 }
 
+/// The most units `nodes` nodes, each running [`Gcra::per_node`] of `g`, admit
+/// together over `elapsed_ns` from the first admission on any of them:
+/// `floor(rate × elapsed / period) + nodes × ceil(burst / nodes)`.
+fn fleet_bound(g: &Gcra, nodes: u64, elapsed_ns: u64) -> u128 {
+    let earned = u128::from(g.rate()) * u128::from(elapsed_ns) / g.period().as_nanos();
+    earned + u128::from(nodes) * u128::from(g.burst().div_ceil(nodes))
+}
+
+/// A limit, a number of nodes, and a schedule of (delta_ns, node, n) steps that hits
+/// the nodes in any order, `n` running past the share's burst.
+fn fleet_scenario() -> impl Strategy<Value = (Gcra, usize, u64, Vec<(u64, usize, u64)>)> {
+    (limit(), 1usize..=8).prop_flat_map(|(g, nodes)| {
+        let share = g.per_node(nodes);
+        let period = nanos(share.period());
+        // Simultaneous steps and whole-burst takes are weighted up: that is where a
+        // share too large would show.
+        let step = (
+            prop_oneof![
+                2 => Just(0),
+                2 => 0..=period / share.rate(),
+                1 => 0..=3 * period,
+            ],
+            0..nodes,
+            prop_oneof![Just(share.burst()), 0..=share.burst() + 1],
+        );
+        (
+            Just(g),
+            Just(nodes),
+            0..u64::MAX / 4,
+            prop::collection::vec(step, 1..80),
+        )
+    })
+}
+
 proptest! {
+    #[test]
+    fn node_shares_never_exceed_the_fleet_bound((g, nodes, start, steps) in fleet_scenario()) {
+        let share = g.per_node(nodes);
+        let mut states = vec![GcraState::default(); nodes];
+        let mut now = start;
+        let mut admitted: u128 = 0;
+        let mut first: Option<u64> = None;
+        for (delta, node, n) in steps {
+            now += delta;
+            if share.take(&mut states[node], now, n).is_allowed() && n > 0 {
+                let t0 = *first.get_or_insert(now);
+                admitted += u128::from(n);
+                let bound = fleet_bound(&g, nodes as u64, now - t0);
+                prop_assert!(admitted <= bound, "{:?} on {} nodes admitted {} by {}", g, nodes, admitted, now - t0);
+            }
+        }
+    }
+
+    #[test]
+    fn greedy_nodes_reach_their_share_of_the_bound((g, nodes, start, steps) in fleet_scenario()) {
+        // Every node taking all it can at every step admits exactly the sum of the
+        // single-bucket bounds of its share: rounding loses nothing, and the fleet bound
+        // is that sum's upper bound.
+        let share = g.per_node(nodes);
+        let max_wait = (share.burst() - 1) * nanos(share.period()) / share.rate();
+        let mut states = vec![GcraState::default(); nodes];
+        let mut now = start;
+        let mut admitted: u128 = 0;
+        for (i, (delta, _, _)) in steps.into_iter().take(20).enumerate() {
+            if i > 0 {
+                now += delta.min(max_wait);
+            }
+            for s in &mut states {
+                while share.take(s, now, 1).is_allowed() {
+                    admitted += 1;
+                }
+            }
+            let per_node = bound(&share, now - start);
+            prop_assert_eq!(admitted, per_node * nodes as u128);
+            prop_assert!(admitted <= fleet_bound(&g, nodes as u64, now - start));
+        }
+    }
+
     #[test]
     fn admitted_units_never_exceed_bound((g, start, steps) in scenario()) {
         let mut state = GcraState::default();
@@ -378,4 +455,68 @@ fn extreme_values_are_exact_or_fail_closed() {
     assert_eq!(s, GcraState::default());
     assert!(g.take(&mut s, u64::MAX, 1_000).is_allowed());
     assert_eq!(remaining_now(&g, &s, u64::MAX), u64::MAX - 1_000);
+}
+
+#[test]
+fn node_share_keeps_the_rate_and_divides_period_and_burst() {
+    let g = Gcra::new(10, Duration::from_secs(1), 5).unwrap();
+    assert_eq!(g.per_node(0), g);
+    assert_eq!(g.per_node(1), g);
+    let two = g.per_node(2);
+    assert_eq!(
+        (two.rate(), two.period(), two.burst()),
+        (10, Duration::from_secs(2), 3)
+    );
+    // More nodes than burst: each still gets one unit.
+    let many = g.per_node(7);
+    assert_eq!((many.period(), many.burst()), (Duration::from_secs(7), 1));
+    // Three nodes at one instant admit 3 × ceil(5 / 3) = 6, then 10/s between them.
+    let three = g.per_node(3);
+    let mut states = [GcraState::default(); 3];
+    let t0 = 1_000 * MS;
+    let mut admitted = 0;
+    for s in &mut states {
+        while three.take(s, t0, 1).is_allowed() {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 6);
+    // Each share earns a unit every 300 ms.
+    for s in &mut states {
+        assert!(!three.take(s, t0 + 300 * MS - 1, 1).is_allowed());
+        assert!(three.take(s, t0 + 300 * MS, 1).is_allowed());
+    }
+    // Periods past Duration::MAX saturate (slower, never faster).
+    let huge = Gcra::new(1, Duration::MAX, 1).unwrap().per_node(2);
+    assert_eq!(huge.period(), Duration::MAX);
+}
+
+#[test]
+fn a_share_rescales_when_the_node_count_changes() {
+    // A node emptied its whole bucket; a second node joins. Its share is emptied too,
+    // and full again at the same instant as before.
+    let g = Gcra::new(10, Duration::from_secs(1), 10).unwrap();
+    let mut s = GcraState::default();
+    let t0 = 5_000 * MS;
+    assert!(g.take(&mut s, t0, 10).is_allowed());
+    let half = g.per_node(2);
+    let moved = s.rescaled(&g, &half);
+    assert_eq!(remaining_now(&half, &moved, t0), 0);
+    assert_eq!(remaining_now(&half, &moved, t0 + 500 * MS), 2);
+    assert_eq!(remaining_now(&half, &moved, t0 + 1_000 * MS), 5);
+}
+
+#[test]
+fn global_buckets_are_clamped_into_the_exact_range() {
+    let minute = Duration::from_secs(60);
+    let fine = Gcra::new(1_000, minute, 37_529_996).unwrap();
+    assert!(fine.global_exact());
+    assert_eq!(fine.clamped_for_global(), fine);
+    let big = Gcra::new(u64::MAX, minute, u64::MAX).unwrap();
+    assert!(!big.global_exact());
+    let c = big.clamped_for_global();
+    assert!(c.global_exact());
+    assert_eq!(u128::from(c.rate()), GLOBAL_EXACT_MAX);
+    assert_eq!(c.burst(), 37_529_996);
+    assert!(c.rate() <= big.rate() && c.burst() <= big.burst());
 }

@@ -7,9 +7,13 @@ use std::collections::BTreeMap;
 use chrono::Duration;
 use common::{example, sub, t0};
 use meter::catalog::Catalog;
+use meter::catalog::{parse, Scope};
 use meter::decision::{Outcome, Reason};
-use meter::lifecycle::{ChangeTiming, PlanRef, Status};
-use meter::quota::{decide, plan_request, Demand, Intent, Planned, RequestError, RequestPlan};
+use meter::lifecycle::{AddonRef, ChangeTiming, PlanRef, Status};
+use meter::quota::{
+    decide, plan_request, rate_degraded, rate_limited, rate_unavailable, Demand, Intent, Planned,
+    RequestError, RequestPlan,
+};
 use meter::resolve::{resolve, Entitlements};
 use meter::store::SlotUsage;
 use meter::window::Window;
@@ -270,4 +274,115 @@ fn metric_not_in_plan_is_denied() {
         (d.outcome, d.reason),
         (Outcome::Deny, Reason::FeatureNotInPlan)
     );
+}
+
+#[test]
+fn rate_scope_is_resolved_into_the_bucket() {
+    let c = parse(
+        "version: 1
+metrics: {calls: {unit: call}, pages: {unit: page}}
+plans:
+  base:
+    versions:
+      1:
+        limits:
+          calls: [{window: minute, rate: 60, burst: 10, scope: global, on_backend_failure: fail_open}]
+          pages: [{window: second, rate: 5}, {window: day, amount: 100}]
+addons:
+  boost:
+    limits:
+      pages: [{window: second, rate: 50, scope: global}]
+",
+        "cat.yaml",
+    )
+    .unwrap();
+    let e = resolve(&c, &sub("acme", "base"), &[], t0());
+    assert_eq!(
+        e.limit("calls", Window::Minute).unwrap().scope,
+        Scope::Global
+    );
+    assert_eq!(e.limit("pages", Window::Second).unwrap().scope, Scope::Node);
+    assert_eq!(e.limit("pages", Window::Day).unwrap().scope, Scope::Node);
+    let p = must_plan(&c, &e, "calls", 1, Intent::Reserve);
+    let r = &p.rates[0];
+    assert_eq!((r.scope, r.fail_open), (Scope::Global, true));
+    assert_eq!((r.gcra.rate(), r.gcra.burst()), (60, 10));
+    let p = must_plan(&c, &e, "pages", 1, Intent::Reserve);
+    assert_eq!(
+        (p.rates[0].scope, p.rates[0].fail_open),
+        (Scope::Node, false)
+    );
+
+    // A grant of a shared bucket wins over a node share: it is the stricter reading.
+    let mut s = sub("acme", "base");
+    s.addons = vec![AddonRef {
+        code: "boost".into(),
+        quantity: 1,
+        since: t0(),
+    }];
+    let e = resolve(&c, &s, &[], t0());
+    let l = e.limit("pages", Window::Second).unwrap();
+    assert_eq!((l.amount, l.scope), (50, Scope::Global));
+}
+
+#[test]
+fn rate_decisions_name_the_share_the_outage_and_the_fallback() {
+    let c = parse(
+        "version: 1
+metrics: {calls: {unit: call}}
+plans:
+  base:
+    versions:
+      1:
+        limits:
+          calls: [{window: minute, rate: 60, burst: 10}]
+",
+        "cat.yaml",
+    )
+    .unwrap();
+    let e = resolve(&c, &sub("acme", "base"), &[], t0());
+    let p = must_plan(&c, &e, "calls", 1, Intent::Reserve);
+    let slot = &p.rates[0];
+    let wait = std::time::Duration::from_secs(2);
+    let d = rate_limited(slot, 3, Some(wait), 1);
+    assert_eq!(
+        (d.reason, d.retry_after, d.limit),
+        (Reason::RateLimited, Some(wait), Some(60))
+    );
+    // 6 fits the burst of 10 but not a third of it.
+    let d = rate_limited(slot, 3, None, 6);
+    assert_eq!(d.reason, Reason::ExceedsBurst);
+    assert!(
+        d.message
+            .contains("this node's share of the burst (4 of 10 over 3 nodes)"),
+        "{}",
+        d.message
+    );
+    let d = rate_limited(slot, 1, None, 11);
+    assert!(
+        d.message.contains("more than the burst of 10"),
+        "{}",
+        d.message
+    );
+
+    let d = rate_unavailable(slot, "calls");
+    assert_eq!(
+        (d.outcome, d.reason),
+        (Outcome::Deny, Reason::BackendUnavailable)
+    );
+    assert!(
+        d.message
+            .contains("global minute rate limit of calls fails closed"),
+        "{}",
+        d.message
+    );
+
+    let allowed = decide(&p, &[], true);
+    let d = rate_degraded(allowed);
+    assert_eq!(
+        (d.outcome, d.reason),
+        (Outcome::AllowWithWarning, Reason::DegradedFailOpen)
+    );
+    let denied = rate_limited(slot, 1, Some(wait), 1);
+    assert_eq!(rate_degraded(denied.clone()), denied);
 }

@@ -125,6 +125,7 @@ fn window_usage(w: &WindowUsage) -> Json {
         "enforcement": text(&w.enforcement),
         "burst": w.burst,
         "per": text(&w.per),
+        "scope": text(&w.scope),
     })
 }
 
@@ -205,6 +206,7 @@ fn limit(l: &LimitEntitlement) -> Json {
         "amount": l.amount,
         "burst": l.burst,
         "per": text(&l.per),
+        "scope": text(&l.scope),
         "enforcement": text(&l.enforcement),
         "warn_at": l.warn_at,
         "overage": l.overage,

@@ -371,6 +371,10 @@ fn enforcement_text(l: &LimitEntitlement) -> String {
     if let Some(max) = l.max_per_request {
         lines.push(format!("max {max}/request"));
     }
+    // Node shares are the default; only a shared bucket is worth a line.
+    if l.scope == "global" {
+        lines.push("global".into());
+    }
     // Failing closed is what people expect; only the exception is worth a line.
     if l.on_backend_failure == "fail_open" {
         lines.push("fail_open".into());
@@ -635,5 +639,14 @@ mod tests {
         };
         assert_eq!(limit_amount(&l), "10/s");
         assert_eq!(enforcement_text(&l), "soft (+5 overage)\nwarn at 80%, 90%");
+        let global = LimitEntitlement {
+            scope: "global".into(),
+            on_backend_failure: "fail_open".into(),
+            ..l
+        };
+        assert_eq!(
+            enforcement_text(&global),
+            "soft (+5 overage)\nwarn at 80%, 90%\nglobal\nfail_open"
+        );
     }
 }

@@ -1,7 +1,11 @@
-//! The node's token buckets (rate limits with `scope: node`), in memory.
+//! The node's token buckets, in memory: its share of each `scope: node` rate limit, and
+//! `scope: global` ones when there is no shared store to keep them (a single node, or a
+//! shared store that is down and a limit that fails open).
 //!
 //! A request passes all of its buckets or takes from none; a request refused later (by a
-//! quota) gives its tokens back.
+//! quota) gives its tokens back. The caller passes each bucket with the limit it runs now
+//! (a share depends on the count of live nodes); a stored state made under another limit
+//! is carried over by [`GcraState::rescaled`] at its next use.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -16,28 +20,28 @@ pub struct Buckets {
 }
 
 /// The first bucket that refused, and when to retry (`None`: never fits the burst).
-pub struct Refusal<'a> {
-    /// The bucket.
-    pub slot: &'a RateSlot,
+pub struct Refusal {
+    /// The bucket's place among those given.
+    pub index: usize,
     /// When to retry.
     pub retry_after: Option<std::time::Duration>,
 }
 
 impl Buckets {
     /// Takes `n` from every bucket, or from none. With `peek`, changes nothing.
-    pub fn take<'a>(
+    pub fn take(
         &self,
         tenant: &str,
-        slots: &'a [RateSlot],
+        slots: &[RateSlot],
         now_ns: u64,
         n: u64,
         peek: bool,
-    ) -> Result<(), Refusal<'a>> {
+    ) -> Result<(), Refusal> {
         if slots.is_empty() || n == 0 {
             return Ok(());
         }
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        for slot in slots {
+        for (index, slot) in slots.iter().enumerate() {
             let state = states
                 .get(&(tenant.to_string(), slot.bucket.clone()))
                 .map(|(g, s)| s.rescaled(g, &slot.gcra))
@@ -46,13 +50,13 @@ impl Buckets {
                 GcraOutcome::Allowed { .. } => {}
                 GcraOutcome::Denied { retry_after, .. } => {
                     return Err(Refusal {
-                        slot,
+                        index,
                         retry_after: Some(retry_after),
                     })
                 }
                 GcraOutcome::TooLarge => {
                     return Err(Refusal {
-                        slot,
+                        index,
                         retry_after: None,
                     })
                 }
@@ -100,6 +104,7 @@ impl Buckets {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meter::catalog::Scope;
     use meter::gcra::Gcra;
     use meter::window::Window;
 
@@ -108,7 +113,43 @@ mod tests {
             window: Window::Second,
             bucket: "calls|second".into(),
             gcra: Gcra::new(rate, std::time::Duration::from_secs(1), rate).unwrap(),
+            scope: Scope::Node,
+            fail_open: false,
         }
+    }
+
+    fn share(rate: u64, nodes: usize) -> RateSlot {
+        let mut s = slot(rate);
+        s.gcra = s.gcra.per_node(nodes);
+        s
+    }
+
+    #[test]
+    fn a_share_follows_the_node_count() {
+        let b = Buckets::default();
+        let t0 = 10_000_000_000u64;
+        // Alone, the node has the whole burst of 10.
+        assert!(b.take("acme", &[share(10, 1)], t0, 10, false).is_ok());
+        assert!(b.take("acme", &[share(10, 1)], t0, 1, false).is_err());
+        // A second node joins: this one's share is 5 per second, bursting 5, and the
+        // bucket it emptied is still empty, full again at the same instant as before.
+        let half = [share(10, 2)];
+        assert!(b.take("acme", &half, t0, 1, true).is_err());
+        assert!(b.take("acme", &half, t0 + 999_999_999, 5, true).is_err());
+        assert!(b.take("acme", &half, t0 + 1_000_000_000, 5, false).is_ok());
+        let refused = b
+            .take("acme", &half, t0 + 1_000_000_000, 1, false)
+            .unwrap_err();
+        assert_eq!(refused.index, 0);
+        assert_eq!(
+            refused.retry_after,
+            Some(std::time::Duration::from_millis(200))
+        );
+        // Six units at once never fit a share of 5.
+        let never = b
+            .take("acme", &half, t0 + 9_000_000_000, 6, true)
+            .unwrap_err();
+        assert_eq!(never.retry_after, None);
     }
 
     #[test]

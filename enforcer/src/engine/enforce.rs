@@ -1,19 +1,24 @@
 //! Check, Reserve, Commit, Release, Record and GetUsage.
 //!
 //! Order of a consuming request: validate → entitlements (cache) → plan (meter) → token
-//! buckets (taken) → store (atomic reserve in all slots or none) → decision (meter). A
-//! request the store refuses gives its tokens back, so a denial costs no rate.
+//! buckets (taken: the node's own, then the shared store's for `scope: global`) → store
+//! (atomic reserve in all slots or none) → decision (meter). A request the store refuses
+//! gives its tokens back, to the shared store too, so a denial costs no rate.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use meter::catalog::Scope;
 use meter::decision::{Decision, Reason};
 use meter::hint::{upgrade_options, Need};
 use meter::keys;
+use meter::quota::RateSlot;
 use meter::quota::{self, Demand, Intent, Planned, QuotaSlot, RequestPlan};
 use meter::resolve::{FeatureGrant, ResolvedLimit};
-use meter::store::{RecordOp, ReserveOp, SettleOutcome, Settlement, SlotUsage, StoreError};
+use meter::store::{
+    RateOutcome, RecordOp, ReserveOp, SettleOutcome, Settlement, SlotUsage, StoreError,
+};
 use meter::window::{period_at, Window};
 use serde::{Deserialize, Serialize};
 
@@ -80,8 +85,35 @@ pub struct WindowReport {
 enum Admission {
     /// Decided already.
     Denied(Decision),
-    /// On to the store; `mono` is when the buckets were taken from (for refunds).
-    Proceed { plan: RequestPlan, mono: u64 },
+    /// On to the store, with what it took from the buckets.
+    Proceed { plan: RequestPlan, taken: Taken },
+}
+
+/// The tokens a request took, to give back if a later step refuses it.
+#[derive(Default)]
+struct Taken {
+    /// When the node's buckets were taken from.
+    mono: u64,
+    /// Units taken from each bucket.
+    n: u64,
+    /// The node's buckets, each with the limit it ran (a share, or a whole limit).
+    local: Vec<RateSlot>,
+    /// Buckets of the shared store.
+    shared: Vec<RateSlot>,
+    /// Global buckets ran on the node because the shared store could not be reached and
+    /// their limits fail open: the decision must say so.
+    degraded: bool,
+}
+
+impl Taken {
+    /// `d`, saying so when global buckets were passed on the node's share.
+    fn mark(&self, d: Decision) -> Decision {
+        if self.degraded {
+            quota::rate_degraded(d)
+        } else {
+            d
+        }
+    }
 }
 
 /// What is kept with a grant so that a replay answers exactly as the first time.
@@ -220,9 +252,9 @@ impl Engine {
             intent: Intent::Check,
         };
         let version = ctx.entitlements.version;
-        let plan = match self.admit(&ctx, &demand, now, true)? {
+        let (plan, taken) = match self.admit(&ctx, &demand, now, true).await? {
             Admission::Denied(d) => return Ok((d, version)),
-            Admission::Proceed { plan, .. } => plan,
+            Admission::Proceed { plan, taken } => (plan, taken),
         };
         let n = amount.max(0) as u64;
         let keys: Vec<String> = plan.slots.iter().map(|s| s.spec.key.clone()).collect();
@@ -246,7 +278,7 @@ impl Engine {
                 .cap
                 .is_none_or(|cap| u.used.saturating_add(u.reserved).saturating_add(n) <= cap)
         });
-        let d = quota::decide(&plan, &usage, fits);
+        let d = taken.mark(quota::decide(&plan, &usage, fits));
         Ok((
             self.with_hint(&ctx, d, metric, amount, &usage_totals(&plan, &usage), now),
             ctx.entitlements.version,
@@ -286,13 +318,13 @@ impl Engine {
             dimensions: dims,
             intent: Intent::Reserve,
         };
-        let (plan, mono) = match self.admit(&ctx, &demand, now, false)? {
+        let (plan, taken) = match self.admit(&ctx, &demand, now, false).await? {
             Admission::Denied(d) => {
                 return self
                     .reserve_denied(tenant, idempotency_key, (metric, amount), d)
                     .await
             }
-            Admission::Proceed { plan, mono } => (plan, mono),
+            Admission::Proceed { plan, taken } => (plan, taken),
         };
         let n = amount as u64;
         let expires_at = now + chrono::Duration::from_std(ttl).expect("ttl bounded");
@@ -321,19 +353,21 @@ impl Engine {
         let mut out = match out {
             Ok(out) => out,
             Err(StoreError::Unavailable(_)) if self.degraded.is_some() && !route.local => {
-                let r = self.reserve_degraded(&plan, op)?;
-                if !r.decision.outcome.allowed() {
-                    self.buckets.refund(tenant, &plan.rates, mono, n);
+                let mut r = self.reserve_degraded(&plan, op)?;
+                if r.decision.outcome.allowed() {
+                    r.decision = taken.mark(r.decision);
+                } else {
+                    self.refund(tenant, &taken).await;
                 }
                 return Ok(r);
             }
             Err(e) => {
-                self.buckets.refund(tenant, &plan.rates, mono, n);
+                self.refund(tenant, &taken).await;
                 return Err(e.into());
             }
         };
         if out.replayed || !out.granted {
-            self.buckets.refund(tenant, &plan.rates, mono, n);
+            self.refund(tenant, &taken).await;
         }
         if out.replayed {
             return Ok(Reserved {
@@ -350,7 +384,7 @@ impl Engine {
             });
         }
         self.share_usage(tenant, &plan, &route, &mut out.usage, 0);
-        let d = quota::decide(&plan, &out.usage, out.granted);
+        let d = taken.mark(quota::decide(&plan, &out.usage, out.granted));
         if !out.granted {
             return Ok(denied(self.with_hint(
                 &ctx,
@@ -440,15 +474,14 @@ impl Engine {
             dimensions: dims,
             intent: Intent::Record,
         };
-        let (plan, mono) = match self.admit(&ctx, &demand, now, false)? {
+        let (plan, taken) = match self.admit(&ctx, &demand, now, false).await? {
             Admission::Denied(d) => {
                 return self
                     .record_denied(tenant, event_id, (metric, amount), d)
                     .await
             }
-            Admission::Proceed { plan, mono } => (plan, mono),
+            Admission::Proceed { plan, taken } => (plan, taken),
         };
-        let n = amount.max(0) as u64;
         let route = self.route(&plan);
         let op = RecordOp {
             tenant: tenant.to_string(),
@@ -468,19 +501,21 @@ impl Engine {
         let mut out = match out {
             Ok(out) => out,
             Err(StoreError::Unavailable(_)) if self.degraded.is_some() && !route.local => {
-                let r = self.record_degraded(&plan, &op)?;
-                if !r.recorded {
-                    self.buckets.refund(tenant, &plan.rates, mono, n);
+                let mut r = self.record_degraded(&plan, &op)?;
+                if r.recorded {
+                    r.decision = taken.mark(r.decision);
+                } else {
+                    self.refund(tenant, &taken).await;
                 }
                 return Ok(r);
             }
             Err(e) => {
-                self.buckets.refund(tenant, &plan.rates, mono, n);
+                self.refund(tenant, &taken).await;
                 return Err(e.into());
             }
         };
         if out.replayed || !out.granted {
-            self.buckets.refund(tenant, &plan.rates, mono, n);
+            self.refund(tenant, &taken).await;
         }
         if out.replayed {
             return Ok(Recorded {
@@ -491,7 +526,7 @@ impl Engine {
         }
         let added = if out.granted { amount } else { 0 };
         self.share_usage(tenant, &plan, &route, &mut out.usage, added);
-        let d = quota::decide(&plan, &out.usage, out.granted);
+        let d = taken.mark(quota::decide(&plan, &out.usage, out.granted));
         let d = if out.granted {
             d
         } else {
@@ -769,9 +804,11 @@ impl Engine {
         }))
     }
 
-    /// Plans the demand and passes its token buckets (taking from them unless `peek`);
-    /// a denial at either step comes back with its upgrade hints.
-    fn admit(
+    /// Plans the demand and passes its token buckets (taking from them unless `peek`):
+    /// the node's own first, then the shared store's, so that a request the node refuses
+    /// costs the shared store nothing. A denial at any step comes back with its upgrade
+    /// hints, and gives back what earlier steps took.
+    async fn admit(
         &self,
         ctx: &TenantContext,
         demand: &Demand<'_>,
@@ -784,16 +821,124 @@ impl Engine {
             Planned::Plan(p) => p,
         };
         let n = demand.amount.max(0) as u64;
-        let mono = self.clock.monotonic_ns();
         let tenant = &ctx.entitlements.tenant;
-        if let Err(r) = self.buckets.take(tenant, &plan.rates, mono, n, peek) {
-            return Ok(Admission::Denied(hinted(quota::rate_limited(
-                r.slot,
-                r.retry_after,
-                n,
-            ))));
+        let nodes = self.live_nodes();
+        let mut taken = Taken {
+            mono: self.clock.monotonic_ns(),
+            n,
+            ..Taken::default()
+        };
+        if n == 0 || plan.rates.is_empty() {
+            return Ok(Admission::Proceed { plan, taken });
         }
-        Ok(Admission::Proceed { plan, mono })
+
+        // Each bucket the node runs, with the number of nodes its limit is divided by.
+        let mut local: Vec<(&RateSlot, usize)> = Vec::new();
+        let mut shared: Vec<&RateSlot> = Vec::new();
+        for slot in &plan.rates {
+            match (slot.scope, &self.global_rates) {
+                (Scope::Node, _) => local.push((slot, nodes)),
+                (Scope::Global, Some(_)) => shared.push(slot),
+                // No shared store: this node is the only one, and runs the whole limit.
+                (Scope::Global, None) => local.push((slot, 1)),
+            }
+        }
+        if let Some(d) = self.take_local(tenant, &local, &mut taken, peek) {
+            return Ok(Admission::Denied(hinted(d)));
+        }
+
+        if let (false, Some(store)) = (shared.is_empty(), &self.global_rates) {
+            let owned: Vec<RateSlot> = shared.iter().map(|s| (*s).clone()).collect();
+            match self.guarded(store.take_rate(tenant, &owned, n, peek)).await {
+                Ok(RateOutcome::Allowed) => {
+                    if !peek {
+                        taken.shared = owned;
+                    }
+                }
+                Ok(RateOutcome::Denied { index, retry_after }) => {
+                    self.refund(tenant, &taken).await;
+                    let slot = owned.get(index).unwrap_or(&owned[0]);
+                    return Ok(Admission::Denied(hinted(quota::rate_limited(
+                        slot,
+                        1,
+                        retry_after,
+                        n,
+                    ))));
+                }
+                Err(e) if e.is_transient() => {
+                    // The limits' policies decide: a closed one refuses, open ones run
+                    // on this node's share meanwhile.
+                    if let Some(closed) = shared.iter().find(|s| !s.fail_open) {
+                        self.refund(tenant, &taken).await;
+                        return Ok(Admission::Denied(quota::rate_unavailable(
+                            closed,
+                            demand.metric,
+                        )));
+                    }
+                    tracing::debug!(tenant = %tenant, error = %e, "global rate limits on this node's share (fail open)");
+                    let fallback: Vec<(&RateSlot, usize)> =
+                        shared.iter().map(|s| (*s, nodes)).collect();
+                    if let Some(d) = self.take_local(tenant, &fallback, &mut taken, peek) {
+                        self.refund(tenant, &taken).await;
+                        return Ok(Admission::Denied(hinted(d)));
+                    }
+                    taken.degraded = true;
+                }
+                Err(e) => {
+                    self.refund(tenant, &taken).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(Admission::Proceed { plan, taken })
+    }
+
+    /// Takes from the node's buckets, each run as its limit divided among `nodes`, all or
+    /// none, and records them in `taken` unless `peek`; returns the refusal, if any.
+    fn take_local(
+        &self,
+        tenant: &str,
+        buckets: &[(&RateSlot, usize)],
+        taken: &mut Taken,
+        peek: bool,
+    ) -> Option<Decision> {
+        if buckets.is_empty() {
+            return None;
+        }
+        let run: Vec<RateSlot> = buckets
+            .iter()
+            .map(|(slot, nodes)| RateSlot {
+                gcra: slot.gcra.per_node(*nodes),
+                ..(*slot).clone()
+            })
+            .collect();
+        if let Err(r) = self.buckets.take(tenant, &run, taken.mono, taken.n, peek) {
+            let (slot, nodes) = buckets[r.index];
+            return Some(quota::rate_limited(slot, nodes, r.retry_after, taken.n));
+        }
+        if !peek {
+            taken.local.extend(run);
+        }
+        None
+    }
+
+    /// Gives back what a request took from the buckets. A refund the shared store misses
+    /// (unreachable) only leaves its buckets a little emptier for a while, so it is not
+    /// retried.
+    async fn refund(&self, tenant: &str, taken: &Taken) {
+        if taken.n == 0 {
+            return;
+        }
+        self.buckets
+            .refund(tenant, &taken.local, taken.mono, taken.n);
+        if let (false, Some(store)) = (taken.shared.is_empty(), &self.global_rates) {
+            if let Err(e) = self
+                .guarded(store.refund_rate(tenant, &taken.shared, taken.n))
+                .await
+            {
+                tracing::debug!(tenant, error = %e, "global rate refund lost");
+            }
+        }
     }
 
     /// A denial decided before the store was asked, unless the key was granted before:
@@ -805,6 +950,9 @@ impl Engine {
         (metric, amount): (&str, i64),
         d: Decision,
     ) -> Result<Reserved, EngineError> {
+        if d.reason == Reason::BackendUnavailable && self.degraded.is_some() {
+            self.refuse_degraded(tenant, key)?;
+        }
         let local = match &self.local {
             Some(l) => l.find_reserve(tenant, key).await.unwrap_or(None),
             None => None,
@@ -841,6 +989,9 @@ impl Engine {
         (metric, amount): (&str, i64),
         d: Decision,
     ) -> Result<Recorded, EngineError> {
+        if d.reason == Reason::BackendUnavailable && self.degraded.is_some() {
+            self.refuse_degraded(tenant, event_id)?;
+        }
         let local = match &self.local {
             Some(l) => l.find_record(tenant, event_id).await.unwrap_or(None),
             None => None,

@@ -8,6 +8,11 @@
 //! - [`admin`]: catalog, subscriptions, overrides, the tenant view.
 //! - [`cache`]: effective entitlements per tenant, dropped on change or when they expire.
 //! - [`buckets`]: the node's token buckets.
+//!
+//! Rate limits with `scope: node` run on this node's share of the limit, which depends on
+//! how many nodes are live ([`Engine::set_live_nodes`], 1 until something says more);
+//! `scope: global` ones run in the shared store's buckets ([`Engine::with_global_rates`])
+//! or, without one, on this node with the whole limit.
 
 pub mod admin;
 pub mod buckets;
@@ -17,6 +22,7 @@ pub mod enforce;
 pub mod error;
 pub mod soft_route;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, Utc};
@@ -25,7 +31,7 @@ use meter::grant::Override;
 use meter::keys;
 use meter::lifecycle::Subscription;
 use meter::resolve::{resolve, Entitlements};
-use meter::store::{ControlStore, UsageStore};
+use meter::store::{ControlStore, RateStore, UsageStore};
 
 pub use clock::{Clock, SystemClock};
 pub use error::EngineError;
@@ -51,6 +57,11 @@ pub struct Engine {
     catalog: RwLock<Option<(u64, Arc<Catalog>)>>,
     cache: cache::EntitlementCache,
     buckets: buckets::Buckets,
+    /// How many nodes share each `scope: node` rate limit, this one included (at least 1).
+    /// Shared so that whoever follows the membership can set it.
+    live_nodes: Arc<AtomicUsize>,
+    /// Where `scope: global` buckets live; without it they run on this node, whole.
+    global_rates: Option<Arc<dyn RateStore>>,
     /// Serializes admin writes: each reads, validates and writes, which must not
     /// interleave with another (two catalog applies, two add-on changes of one tenant).
     admin_lock: tokio::sync::Mutex<()>,
@@ -95,6 +106,8 @@ impl Engine {
             catalog: RwLock::new(catalog),
             cache: cache::EntitlementCache::new(cache_ttl),
             buckets: buckets::Buckets::default(),
+            live_nodes: Arc::new(AtomicUsize::new(1)),
+            global_rates: None,
             admin_lock: tokio::sync::Mutex::new(()),
             degraded: None,
             reload_lock: tokio::sync::Mutex::new(()),
@@ -154,6 +167,40 @@ impl Engine {
             in_doubt: Default::default(),
         });
         self
+    }
+
+    /// Keeps `scope: global` rate limits in `store`, shared by every node, instead of on
+    /// this node. Their limits' failure policies decide when it cannot be reached, so
+    /// this needs [`Engine::with_degraded`] too.
+    pub fn with_global_rates(mut self, store: Arc<dyn RateStore>) -> Self {
+        self.global_rates = Some(store);
+        self
+    }
+
+    /// Sets how many live nodes share each `scope: node` rate limit, this one included
+    /// (0 counts as 1). Each bucket moves to its new share at its next use, keeping the
+    /// instant it is full again (so an emptied bucket stays empty, a full one full).
+    pub fn set_live_nodes(&self, n: usize) {
+        let n = n.max(1);
+        let before = self.live_nodes.swap(n, Ordering::Relaxed);
+        if before != n {
+            tracing::info!(
+                before,
+                now = n,
+                "live nodes changed; node rate limit shares follow"
+            );
+        }
+    }
+
+    /// How many live nodes share each `scope: node` rate limit (1 unless set).
+    pub fn live_nodes(&self) -> usize {
+        self.live_nodes.load(Ordering::Relaxed).max(1)
+    }
+
+    /// The shared count behind [`Engine::live_nodes`], for a membership task that outlives
+    /// borrows of the engine.
+    pub fn live_nodes_handle(&self) -> Arc<AtomicUsize> {
+        self.live_nodes.clone()
     }
 
     /// The degraded-mode equipment, if any (for the reconciler).

@@ -156,6 +156,16 @@ pub fn limit(metric: &str, l: &ResolvedLimit) -> pb::LimitEntitlement {
         on_backend_failure: enum_name(&l.on_backend_failure),
         sources: l.sources.iter().map(provenance).collect(),
         since: Some(ts(l.since)),
+        scope: scope(l),
+    }
+}
+
+/// A rate limit's scope for the wire; empty for other windows, which have none.
+pub fn scope(l: &ResolvedLimit) -> String {
+    if l.window.is_rate() {
+        l.scope.as_str().into()
+    } else {
+        String::new()
     }
 }
 

@@ -160,6 +160,7 @@ impl Enforcer for EnforcerService {
                 resets_at: w.resets_at.map(ts),
                 enforcement: convert::enum_name(&w.limit.enforcement),
                 burst: w.limit.burst.unwrap_or(0),
+                scope: convert::scope(&w.limit),
                 per: w.limit.per.unwrap_or_default(),
             })
             .collect();

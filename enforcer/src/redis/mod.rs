@@ -12,6 +12,8 @@
 //! - `al:{t}:r:<id>` reservation hash; `al:{t}:i:<key>` idempotency record;
 //!   `al:{t}:x` expiry index (sorted set of reservation ids by TTL);
 //! - `al:{t}:e:<event id>` record dedup; `al:{t}:sub` subscription; `al:{t}:ovr` overrides;
+//! - `al:{t}:b:<bucket>` token bucket of a `scope: global` rate limit (`lua/gcra.lua`, on
+//!   the server's clock), gone once it is full again;
 //! - `al:catalog`, `al:tenants` (every subscribed tenant), `al:pending` (tenants with
 //!   open reservations, the sweeper's fast path), channel `al:changes`.
 //!
@@ -26,9 +28,10 @@ use fred::types::scripts::Script;
 use meter::catalog::Catalog;
 use meter::grant::Override;
 use meter::lifecycle::Subscription;
+use meter::quota::RateSlot;
 use meter::store::{
-    ControlStore, RecordOp, RecordOutcome, Reservation, ReserveOp, ReserveOutcome, SettleOutcome,
-    Settlement, SlotSpec, SlotUsage, StoreError, UsageStore,
+    ControlStore, RateOutcome, RateStore, RecordOp, RecordOutcome, Reservation, ReserveOp,
+    ReserveOutcome, SettleOutcome, Settlement, SlotSpec, SlotUsage, StoreError, UsageStore,
 };
 
 /// The channel on which changes of control state are announced.
@@ -68,6 +71,7 @@ pub struct RedisStore {
     settle: Script,
     record: Script,
     usage: Script,
+    gcra: Script,
 }
 
 fn unavailable(e: Error) -> StoreError {
@@ -194,8 +198,15 @@ impl RedisStore {
             settle: Script::from_lua(include_str!("lua/settle.lua")),
             record: Script::from_lua(include_str!("lua/record.lua")),
             usage: Script::from_lua(include_str!("lua/usage.lua")),
+            gcra: Script::from_lua(include_str!("lua/gcra.lua")),
         };
-        for s in [&store.reserve, &store.settle, &store.record, &store.usage] {
+        for s in [
+            &store.reserve,
+            &store.settle,
+            &store.record,
+            &store.usage,
+            &store.gcra,
+        ] {
             s.load(&store.client).await.map_err(unavailable)?;
         }
         Ok(store)
@@ -508,6 +519,80 @@ impl RedisStore {
                 "settle script answered {other:?}"
             ))),
         }
+    }
+}
+
+/// Keys and arguments of `lua/gcra.lua` for `buckets`. Limits past what Lua numbers keep
+/// exact are lowered into that range (stricter, never looser); validation keeps catalogs
+/// within it, but merges and overrides could pass it.
+fn gcra_call(tenant: &str, buckets: &[RateSlot], mode: &str, n: u64) -> (Vec<String>, Vec<String>) {
+    let keys = buckets
+        .iter()
+        .map(|b| key(tenant, "b", &b.bucket))
+        .collect();
+    let mut args = vec![mode.to_string(), n.to_string()];
+    for b in buckets {
+        let g = b.gcra.clamped_for_global();
+        args.extend([
+            g.rate().to_string(),
+            g.period().as_micros().to_string(),
+            g.burst().to_string(),
+        ]);
+    }
+    (keys, args)
+}
+
+#[async_trait::async_trait]
+impl RateStore for RedisStore {
+    async fn take_rate(
+        &self,
+        tenant: &str,
+        buckets: &[RateSlot],
+        n: u64,
+        peek: bool,
+    ) -> Result<RateOutcome, StoreError> {
+        if buckets.is_empty() || n == 0 {
+            return Ok(RateOutcome::Allowed);
+        }
+        let (keys, args) = gcra_call(tenant, buckets, if peek { "p" } else { "t" }, n);
+        let on_error = if peek { unavailable } else { write_error };
+        let out = self.eval(&self.gcra, keys, args, on_error).await?;
+        let bucket = |i: Option<&String>| {
+            i.and_then(|i| i.parse::<usize>().ok())
+                .and_then(|i| i.checked_sub(1))
+                .filter(|i| *i < buckets.len())
+                .ok_or_else(|| StoreError::Corrupt(format!("gcra script answered {out:?}")))
+        };
+        match out.first().map(String::as_str) {
+            Some("1") => Ok(RateOutcome::Allowed),
+            Some("0") => Ok(RateOutcome::Denied {
+                index: bucket(out.get(1))?,
+                retry_after: Some(Duration::from_micros(num(out
+                    .get(2)
+                    .map_or("", |s| s.as_str()))?)),
+            }),
+            Some("-1") => Ok(RateOutcome::Denied {
+                index: bucket(out.get(1))?,
+                retry_after: None,
+            }),
+            other => Err(StoreError::Corrupt(format!(
+                "gcra script answered {other:?}"
+            ))),
+        }
+    }
+
+    async fn refund_rate(
+        &self,
+        tenant: &str,
+        buckets: &[RateSlot],
+        n: u64,
+    ) -> Result<(), StoreError> {
+        if buckets.is_empty() || n == 0 {
+            return Ok(());
+        }
+        let (keys, args) = gcra_call(tenant, buckets, "f", n);
+        self.eval(&self.gcra, keys, args, write_error).await?;
+        Ok(())
     }
 }
 

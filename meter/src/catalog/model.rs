@@ -284,12 +284,23 @@ pub struct LimitDef {
     /// Rate limits only: a request dimension that gets a bucket of its own (`api_key`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per: Option<String>,
+    /// Rate limits only: whose bucket it is, `node` (the default: each node runs a share
+    /// of it) or `global` (one bucket in the shared store). Absent means `node`; written
+    /// out on a quota or gauge window it is an error, so a misplaced one never silently
+    /// does nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
     /// What to decide when the shared store cannot be reached.
     #[serde(default)]
     pub on_backend_failure: FailurePolicy,
 }
 
 impl LimitDef {
+    /// The scope in force: as written, else `node`.
+    pub fn scope(&self) -> Scope {
+        self.scope.unwrap_or_default()
+    }
+
     /// The warning thresholds in force: as written, else the window's default.
     pub fn warn_at(&self) -> Vec<u8> {
         match &self.warn_at {
@@ -311,6 +322,36 @@ pub enum Enforcement {
     Hard,
     /// Warned about; past it, overage up to the allowance, then denied.
     Soft,
+}
+
+/// Where a rate limit's bucket lives.
+///
+/// Declared in this order so that `max` picks `global` when grants disagree: one shared
+/// bucket is the stricter reading (node shares admit up to `n × ceil(burst / n)` at once,
+/// a shared bucket exactly `burst`).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Each of the `n` live nodes runs its own bucket with `rate / n` and
+    /// `ceil(burst / n)`: no network on the hot path, and a bound on the total, not one
+    /// bucket (see [`crate::gcra::Gcra::per_node`]).
+    #[default]
+    Node,
+    /// One bucket in the shared store (Redis) for every node, taken atomically; on a
+    /// single node without a shared store, the node's own bucket with the whole limit.
+    Global,
+}
+
+impl Scope {
+    /// The name used in files and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Node => "node",
+            Scope::Global => "global",
+        }
+    }
 }
 
 /// What a limit decides when its backend is down.

@@ -2,6 +2,7 @@
 
 use super::load::Problem;
 use super::model::*;
+use crate::gcra::GLOBAL_EXACT_MAX;
 use crate::keys::check_code;
 use crate::window::Window;
 
@@ -217,6 +218,32 @@ impl Checker {
         }
     }
 
+    /// A global bucket lives in Redis, whose Lua numbers are exact only so far.
+    fn global_range(&mut self, path: &str, l: &LimitDef) {
+        let (Some(rate), Some(period)) = (l.rate, l.window.rate_period()) else {
+            return;
+        };
+        let exact = GLOBAL_EXACT_MAX;
+        if u128::from(rate) > exact {
+            self.push(
+                &format!("{path}.rate"),
+                format!("is too large for scope global (at most {exact}: the shared bucket computes in Lua numbers)"),
+            );
+        }
+        let burst = l.burst.unwrap_or(rate);
+        let most = exact / period.as_micros();
+        if u128::from(burst) > most {
+            let field = if l.burst.is_some() { "burst" } else { "rate" };
+            self.push(
+                &format!("{path}.{field}"),
+                format!(
+                    "a burst of {burst} per {} is too large for scope global (at most {most}: the shared bucket computes in Lua numbers, exact to 2^53)",
+                    l.window
+                ),
+            );
+        }
+    }
+
     fn limit(&mut self, path: &str, metric_kind: MetricKind, l: &LimitDef) {
         let w = l.window;
         let mut bad =
@@ -261,6 +288,12 @@ impl Checker {
             if l.per.is_some() {
                 bad("per", "only rate limits have per-dimension buckets");
             }
+            if l.scope.is_some() {
+                bad(
+                    "scope",
+                    &format!("only rate limits (second, minute) have a scope; a {w} limit is counted by the store, shared by every node"),
+                );
+            }
             match (metric_kind, w == Window::None) {
                 (MetricKind::Gauge, false) => bad("window", "a gauge metric takes window none"),
                 (MetricKind::Counter, true) => bad(
@@ -297,6 +330,9 @@ impl Checker {
             if let Err(reason) = check_code(per) {
                 self.push(&format!("{path}.per"), reason);
             }
+        }
+        if w.is_rate() && l.scope == Some(Scope::Global) {
+            self.global_range(path, l);
         }
     }
 }
