@@ -508,7 +508,8 @@ mod tests {
             tenant: "acme".into(),
             key: k.into(),
         };
-        a.set_own(&slot("calls|day|0"), 7, false, Some(end)).unwrap();
+        a.set_own(&slot("calls|day|0"), 7, false, Some(end))
+            .unwrap();
         a.set_own(&slot("seats|none|0"), 3, true, None).unwrap();
         a.set_own(&slot("seats|none|0"), 1, true, None).unwrap();
         let full = a.full_state();
@@ -556,7 +557,10 @@ mod tests {
         assert!(s.iter().all(|r| r.live));
         // Members found through Redis and no longer listed are forgotten.
         p.set_members(&[("d".into(), "d:1".into())]);
-        assert!(p.status().iter().any(|r| r.address == "d:1" && r.source == "redis"));
+        assert!(p
+            .status()
+            .iter()
+            .any(|r| r.address == "d:1" && r.source == "redis"));
         p.set_members(&[]);
         assert!(!p.status().iter().any(|r| r.address == "d:1"));
     }

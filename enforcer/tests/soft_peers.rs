@@ -18,7 +18,14 @@ use harness::{record, subscribe, window_usage, Node};
 const CATALOG: &str = "version: 1
 metrics:
   calls: { unit: call }
+  hits: { unit: request }
 plans:
+  rated:
+    versions:
+      1:
+        limits:
+          hits:
+            - { window: minute, rate: 60, burst: 30, scope: node }
   capped:
     versions:
       1:
@@ -94,12 +101,15 @@ impl Cluster {
             .into_inner()
     }
 
-    /// Waits until every node sees `n` live peers.
+    /// Waits until every node sees `n` live peers, and divides its `scope: node` rate
+    /// limits accordingly.
     async fn wait_live(&self, n: usize) {
         for _ in 0..300 {
             let mut ok = true;
             for i in 0..3 {
-                ok &= self.peers(i).await.peers.iter().filter(|p| p.live).count() == n;
+                let p = self.peers(i).await;
+                ok &= p.peers.iter().filter(|p| p.live).count() == n
+                    && p.live_nodes as usize == n + 1;
             }
             if ok {
                 return;
@@ -250,7 +260,10 @@ async fn partitioned_nodes_keep_deciding_and_converge_when_traffic_returns() {
         "{out}"
     );
     let (code, table, _) = cluster.nodes[0].cli(&["peers"]).await;
-    assert!(code == 0 && table.contains("2 of 2 peers live"), "{table}");
+    assert!(
+        code == 0 && table.contains("2 of 2 peers live (3 nodes share"),
+        "{table}"
+    );
     // Embedded nodes keep their own subscriptions.
     for n in &cluster.nodes {
         subscribe(&mut n.admin().await, "beta", "open").await;
@@ -382,4 +395,51 @@ async fn counts_stay_when_their_node_leaves_and_return_with_it() {
     cluster.wait_live(2).await;
     assert_eq!(cluster.converge("gamma", 320).await, vec![320; 3]);
     drop(old);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_scope_rate_limit_over_three_nodes_admits_within_the_global_bound() {
+    let redis = RedisServer::start().await;
+    let cluster = Cluster::start(Some(&redis.url)).await;
+    cluster.wait_live(2).await;
+    subscribe(&mut cluster.nodes[0].admin().await, "delta", "rated").await;
+    // 60 per minute, burst 30, over 3 nodes: each runs 60 per 3 minutes, bursting 10.
+    let started = Instant::now();
+    let mut load = Vec::new();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let mut e = node.enforcer().await;
+        load.push(tokio::spawn(async move {
+            let (mut admitted, mut refused_in_a_row, mut k) = (0u64, 0, 0);
+            while refused_in_a_row < 5 {
+                k += 1;
+                let r = e
+                    .record(record("delta", "hits", 1, &format!("h{i}-{k}")))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if r.recorded {
+                    admitted += 1;
+                    refused_in_a_row = 0;
+                } else {
+                    let d = r.decision.unwrap();
+                    assert_eq!(d.reason, "rate_limited", "{d:?}");
+                    assert!(d.retry_after.is_some(), "{d:?}");
+                    refused_in_a_row += 1;
+                }
+            }
+            admitted
+        }));
+    }
+    let mut per_node = Vec::new();
+    for l in load {
+        per_node.push(l.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    let total: u64 = per_node.iter().sum();
+    // The documented bound: floor(rate × E / window) + n × ceil(burst / n).
+    let bound = (60.0 * elapsed.as_secs_f64() / 60.0).floor() as u64 + 3 * 10;
+    println!("admitted {per_node:?} = {total} in {elapsed:?}; bound {bound}");
+    assert!(total <= bound, "{total} > {bound}");
+    // Every node had its whole share of the burst: the division is by three, not more.
+    assert!(per_node.iter().all(|n| *n >= 10), "{per_node:?}");
 }

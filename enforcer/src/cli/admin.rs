@@ -466,6 +466,7 @@ pub async fn peers(channel: &Channel, out: Output) -> anyhow::Result<()> {
             serde_json::json!({
                 "node": p.node,
                 "slots": p.slots,
+                "live_nodes": p.live_nodes,
                 "peers": p.peers.iter().map(|x| serde_json::json!({
                     "node": x.node,
                     "address": x.address,

@@ -556,11 +556,12 @@ pub fn peers(p: &allot_proto::v1::GetPeersResponse) -> String {
         ]);
     }
     format!(
-        "node {} holds {} soft-limit counters; {} of {} peers live\n{t}",
+        "node {} holds {} soft-limit counters; {} of {} peers live ({} nodes share `scope: node` rate limits)\n{t}",
         p.node,
         p.slots,
         p.peers.iter().filter(|x| x.live).count(),
-        p.peers.len()
+        p.peers.len(),
+        p.live_nodes
     )
 }
 

@@ -255,6 +255,7 @@ impl Admin for AdminService {
             node: self.engine.node_id().to_string(),
             peers,
             slots: self.engine.soft().len() as u64,
+            live_nodes: u32::try_from(self.engine.live_nodes()).unwrap_or(u32::MAX),
         }))
     }
 
