@@ -60,45 +60,51 @@ async fn redis_outage_follows_policies_and_reconciles_exactly() {
         let mut e = node.enforcer().await;
         let (ledger, stop) = (ledger.clone(), stop.clone());
         tokio::spawn(async move {
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                i += 1;
-                let amount = 1 + i % 3;
-                for metric in ["open_calls", "closed_calls"] {
-                    let event = format!("{metric}-{i}");
-                    // An answer that may or may not have been applied is retried with the
-                    // same event id until it is definite, as a careful client does.
-                    let mut r = e
-                        .record(record("acme", metric, amount as i64, &event))
-                        .await;
-                    while matches!(&r, Err(s) if s.message().contains("may have been applied")) {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        r = e
-                            .record(record("acme", metric, amount as i64, &event))
-                            .await;
-                    }
-                    let mut l = ledger.lock().unwrap();
-                    match r {
-                        Err(_) => l.errors += 1,
-                        Ok(r) => {
-                            let r = r.into_inner();
-                            let reason = r.decision.as_ref().unwrap().reason.clone();
-                            match (metric, r.recorded) {
-                                ("open_calls", true) => {
-                                    l.open_acked += amount;
-                                    if reason == "degraded_fail_open" {
-                                        l.degraded += amount;
-                                        l.degraded_event = Some((event.clone(), amount));
-                                    }
-                                }
-                                ("closed_calls", true) => l.closed_acked += amount,
-                                (_, false) => {
-                                    assert_eq!(reason, "backend_unavailable");
-                                    l.closed_refused += 1;
-                                }
-                                _ => unreachable!(),
-                            }
+            let account = |metric: &str, amount: u64, event: &str, r: pb::RecordResponse| {
+                let mut l = ledger.lock().unwrap();
+                let reason = r.decision.as_ref().unwrap().reason.clone();
+                match (metric, r.recorded) {
+                    ("open_calls", true) => {
+                        l.open_acked += amount;
+                        if reason == "degraded_fail_open" {
+                            l.degraded += amount;
+                            l.degraded_event = Some((event.to_string(), amount));
                         }
+                    }
+                    ("closed_calls", true) => l.closed_acked += amount,
+                    (_, false) => {
+                        assert_eq!(reason, "backend_unavailable");
+                        l.closed_refused += 1;
+                    }
+                    _ => unreachable!(),
+                }
+            };
+            // Events whose answer said "may have been applied": a careful client retries
+            // them with the same event id until the answer is definite, and meanwhile
+            // goes on with new work.
+            let mut doubts: Vec<(&str, String, u64)> = Vec::new();
+            let mut i = 0u64;
+            loop {
+                let stopping = stop.load(Ordering::Relaxed);
+                let mut work = std::mem::take(&mut doubts);
+                if !stopping {
+                    i += 1;
+                    for metric in ["open_calls", "closed_calls"] {
+                        work.push((metric, format!("{metric}-{i}"), 1 + i % 3));
+                    }
+                } else if work.is_empty() {
+                    break;
+                }
+                for (metric, event, amount) in work {
+                    match e
+                        .record(record("acme", metric, amount as i64, &event))
+                        .await
+                    {
+                        Ok(r) => account(metric, amount, &event, r.into_inner()),
+                        Err(s) if s.message().contains("may have been applied") => {
+                            doubts.push((metric, event, amount))
+                        }
+                        Err(_) => ledger.lock().unwrap().errors += 1,
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
