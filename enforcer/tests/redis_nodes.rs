@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use allot_proto::v1 as pb;
-use harness::redis::{RedisCluster, RedisServer};
+use harness::redis::{nodes_on, RedisCluster, RedisServer};
 use harness::{outcome, reserve, subscribe, window_usage, Node};
 
 const CATALOG: &str = "version: 1
@@ -35,24 +35,6 @@ plans:
             - { window: day, amount: 5000 }
             - { window: month, amount: 10000 }
 ";
-
-async fn nodes(url: &str) -> Vec<Node> {
-    let mut out = Vec::new();
-    for _ in 0..3 {
-        // A long cache TTL: only the change announcements can explain a quick update.
-        out.push(
-            Node::builder()
-                .catalog(CATALOG)
-                .arg("--redis")
-                .arg(url)
-                .arg("--cache-ttl")
-                .arg("1h")
-                .start()
-                .await,
-        );
-    }
-    out
-}
 
 async fn race_for_the_cap(nodes: &[Node]) {
     let mut admin = nodes[0].admin().await;
@@ -96,21 +78,21 @@ async fn race_for_the_cap(nodes: &[Node]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_one_redis_admit_exactly_the_cap() {
     let redis = RedisServer::start().await;
-    let nodes = nodes(&redis.url).await;
+    let nodes = nodes_on(&redis.url, CATALOG, 3).await;
     race_for_the_cap(&nodes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_one_cluster_admit_exactly_the_cap() {
     let cluster = RedisCluster::start().await;
-    let nodes = nodes(&cluster.url).await;
+    let nodes = nodes_on(&cluster.url, CATALOG, 3).await;
     race_for_the_cap(&nodes).await;
 }
 
 #[tokio::test]
 async fn admin_changes_on_one_node_apply_on_the_others() {
     let redis = RedisServer::start().await;
-    let nodes = nodes(&redis.url).await;
+    let nodes = nodes_on(&redis.url, CATALOG, 3).await;
     let mut admin = nodes[0].admin().await;
     subscribe(&mut admin, "acme", "capped").await;
     let check = pb::CheckRequest {
@@ -204,7 +186,7 @@ async fn admin_changes_on_one_node_apply_on_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_time_out_and_retry_never_hold_twice() {
     let redis = RedisServer::start().await;
-    let nodes = nodes(&redis.url).await;
+    let nodes = nodes_on(&redis.url, CATALOG, 3).await;
     let mut admin = nodes[0].admin().await;
     subscribe(&mut admin, "acme", "bigger").await;
     let mut tasks = Vec::new();

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use allot_proto::v1 as pb;
-use harness::redis::{RedisCluster, RedisServer};
+use harness::redis::{nodes_on, RedisCluster, RedisServer};
 use harness::{outcome, record, reserve, subscribe, Node};
 use pb::enforcer_client::EnforcerClient;
 use tonic::transport::Channel;
@@ -47,23 +47,6 @@ plans:
           closed_calls:
             - { window: minute, rate: 1, burst: 5, scope: global }
 ";
-
-async fn nodes(url: &str, count: usize) -> Vec<Node> {
-    let mut out = Vec::new();
-    for _ in 0..count {
-        out.push(
-            Node::builder()
-                .catalog(CATALOG)
-                .arg("--redis")
-                .arg(url)
-                .arg("--cache-ttl")
-                .arg("1h")
-                .start()
-                .await,
-        );
-    }
-    out
-}
 
 fn check(metric: &str, amount: i64) -> pb::CheckRequest {
     pb::CheckRequest {
@@ -201,7 +184,7 @@ async fn buckets_are_taken_all_or_none(nodes: &[Node]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_one_redis_share_one_global_bucket() {
     let redis = RedisServer::start().await;
-    let nodes = nodes(&redis.url, 2).await;
+    let nodes = nodes_on(&redis.url, CATALOG, 2).await;
     hammer_one_bucket(&nodes).await;
     refunds_reach_the_shared_bucket(&nodes).await;
     buckets_are_taken_all_or_none(&nodes).await;
@@ -210,7 +193,7 @@ async fn two_nodes_one_redis_share_one_global_bucket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_one_cluster_share_one_global_bucket() {
     let cluster = RedisCluster::start().await;
-    let nodes = nodes(&cluster.url, 2).await;
+    let nodes = nodes_on(&cluster.url, CATALOG, 2).await;
     hammer_one_bucket(&nodes).await;
     refunds_reach_the_shared_bucket(&nodes).await;
     buckets_are_taken_all_or_none(&nodes).await;
@@ -220,7 +203,7 @@ async fn two_nodes_one_cluster_share_one_global_bucket() {
 async fn redis_outage_follows_each_global_limits_policy() {
     // appendfsync always: the bucket's state survives the SIGKILL.
     let mut redis = RedisServer::start_with(&["--appendfsync", "always"]).await;
-    let nodes = nodes(&redis.url, 1).await;
+    let nodes = nodes_on(&redis.url, CATALOG, 1).await;
     let node = &nodes[0];
     let mut admin = node.admin().await;
     subscribe(&mut admin, "acme", "p").await;

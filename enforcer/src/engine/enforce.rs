@@ -953,17 +953,9 @@ impl Engine {
         if d.reason == Reason::BackendUnavailable && self.degraded.is_some() {
             self.refuse_degraded(tenant, key)?;
         }
-        let local = match &self.local {
-            Some(l) => l.find_reserve(tenant, key).await.unwrap_or(None),
-            None => None,
-        };
-        let first = match local {
-            Some(f) => Some(f),
-            None => self
-                .guarded(self.usage.find_reserve(tenant, key))
-                .await
-                .unwrap_or(None),
-        };
+        let first = self
+            .find_earlier(|s| async move { s.find_reserve(tenant, key).await })
+            .await;
         match first {
             Some(first) => Ok(Reserved {
                 decision: Replay::decide(
@@ -981,6 +973,24 @@ impl Engine {
         }
     }
 
+    /// An earlier answer for a request key: the node's local store first (soft-only
+    /// requests with Redis), then the store every node shares. A store that cannot answer
+    /// counts as not having it: the request is then decided afresh.
+    async fn find_earlier<T, Fut>(
+        &self,
+        find: impl Fn(std::sync::Arc<dyn meter::store::UsageStore>) -> Fut,
+    ) -> Option<T>
+    where
+        Fut: std::future::Future<Output = Result<Option<T>, StoreError>>,
+    {
+        if let Some(local) = &self.local {
+            if let Ok(Some(first)) = find(local.clone()).await {
+                return Some(first);
+            }
+        }
+        self.guarded(find(self.usage.clone())).await.unwrap_or(None)
+    }
+
     /// Same as [`Engine::reserve_denied`] for records.
     async fn record_denied(
         &self,
@@ -992,17 +1002,9 @@ impl Engine {
         if d.reason == Reason::BackendUnavailable && self.degraded.is_some() {
             self.refuse_degraded(tenant, event_id)?;
         }
-        let local = match &self.local {
-            Some(l) => l.find_record(tenant, event_id).await.unwrap_or(None),
-            None => None,
-        };
-        let first = match local {
-            Some(f) => Some(f),
-            None => self
-                .guarded(self.usage.find_record(tenant, event_id))
-                .await
-                .unwrap_or(None),
-        };
+        let first = self
+            .find_earlier(|s| async move { s.find_record(tenant, event_id).await })
+            .await;
         match first {
             Some(first) => Ok(Recorded {
                 decision: Replay::decide(&first.context, &first.usage, "event_id", metric, amount)?,
