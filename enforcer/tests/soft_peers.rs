@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use allot_proto::v1 as pb;
 use harness::proxy::Proxy;
 use harness::redis::RedisServer;
-use harness::{record, subscribe, window_usage, Node};
+use harness::{record, reserve, subscribe, window_usage, Node};
 
 const CATALOG: &str = "version: 1
 metrics:
@@ -442,4 +442,51 @@ async fn node_scope_rate_limit_over_three_nodes_admits_within_the_global_bound()
     assert!(total <= bound, "{total} > {bound}");
     // Every node had its whole share of the burst: the division is by three, not more.
     assert!(per_node.iter().all(|n| *n >= 10), "{per_node:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soft_only_requests_stay_on_their_node_and_outlive_a_redis_outage() {
+    let mut redis = RedisServer::start().await;
+    let cluster = Cluster::start(Some(&redis.url)).await;
+    cluster.wait_live(2).await;
+    subscribe(&mut cluster.nodes[0].admin().await, "eps", "capped").await;
+    let mut e0 = cluster.nodes[0].enforcer().await;
+    let mut e1 = cluster.nodes[1].enforcer().await;
+    let r = e0
+        .reserve(reserve("eps", "calls", 30, "k1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = r.reservation_id.clone();
+    assert!(id.starts_with("sf-") && id.ends_with("@n0"), "{id}");
+    // Another node does not hold it, and says which one does.
+    let commit = |n| pb::CommitRequest {
+        tenant: "eps".into(),
+        reservation_id: id.clone(),
+        actual_amount: n,
+    };
+    let err = e1.commit(commit(20)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains("\"n0\""), "{}", err.message());
+    let c = e0.commit(commit(20)).await.unwrap().into_inner();
+    assert_eq!((c.committed, c.refunded), (20, 10));
+    assert_eq!(cluster.converge("eps", 20).await, vec![20; 3]);
+
+    // Redis goes away: soft-only requests never needed it.
+    redis.kill9().await;
+    let r = e1
+        .record(record("eps", "calls", 5, "during-outage"))
+        .await
+        .unwrap()
+        .into_inner();
+    let d = r.decision.unwrap();
+    assert!(r.recorded && d.reason != "degraded_fail_open", "{d:?}");
+    let r = e0
+        .reserve(reserve("eps", "calls", 1, "k2"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.reservation_id.starts_with("sf-"), "{r:?}");
+    // Gossip does not need Redis either.
+    assert_eq!(cluster.converge("eps", 25).await, vec![25; 3]);
 }

@@ -574,7 +574,17 @@ impl Engine {
             .zip(&periods)
             .map(|(l, p)| format!("{metric}|{}|{}", l.window, p.start.timestamp()))
             .collect();
-        let mut usage = self.guarded(self.usage.usage(tenant, &keys)).await?;
+        let soft_only = limits
+            .iter()
+            .all(|l| l.window.is_rate() || l.enforcement == meter::catalog::Enforcement::Soft);
+        let mut usage = match self.guarded(self.usage.usage(tenant, &keys)).await {
+            Ok(u) => u,
+            // Soft-only metrics are counted on the nodes: report them without Redis.
+            Err(e) if e.is_transient() && soft_only && self.local.is_some() => {
+                vec![SlotUsage::default(); keys.len()]
+            }
+            Err(e) => return Err(e.into()),
+        };
         // Soft windows: what this node's stores hold plus what peers counted. With Redis,
         // a soft window may be counted in both places (requests with a hard window go to
         // Redis whole), and the two count different requests.
