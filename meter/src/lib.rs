@@ -23,6 +23,7 @@ pub mod catalog;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod decision;
+pub mod event;
 pub mod gcra;
 pub mod grant;
 pub mod hint;
