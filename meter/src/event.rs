@@ -346,7 +346,7 @@ fn parse_usage(s: &str) -> Result<Vec<SlotUsage>, SpoolError> {
         .split(',')
         .map(|n| n.parse().map_err(|e| spool_error("u", e)))
         .collect::<Result<_, _>>()?;
-    if nums.len() % 2 != 0 {
+    if !nums.len().is_multiple_of(2) {
         return Err(spool_error("u", "odd number of values"));
     }
     Ok(nums
