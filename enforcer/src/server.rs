@@ -243,7 +243,7 @@ async fn reconcile(engine: &Engine, redis: &RedisStore, retention: chrono::Durat
             EntryState::Committed(a) => (
                 a as i64,
                 format!("{}{}", crate::engine::enforce::DEGRADED_PREFIX, e.id),
-                String::new(),
+                e.context.clone(),
             ),
             EntryState::Recorded => (e.amount, e.id.clone(), e.context.clone()),
             EntryState::Released | EntryState::Held { .. } => (0, String::new(), String::new()),

@@ -78,6 +78,7 @@ async fn lost_sweep_index_entries_are_restored() {
             ends_at: None,
         }],
         expires_at: now + chrono::Duration::seconds(1),
+        at: now,
         context: String::new(),
     };
     assert!(store.reserve(op).await.unwrap().granted);

@@ -49,6 +49,7 @@ fn reserve_op(id: &str, key: &str, amount: u64, slots: Vec<SlotSpec>) -> Reserve
         idempotency_key: key.into(),
         slots,
         expires_at: t0() + Duration::seconds(60),
+        at: t0(),
         context: id.to_string(),
     }
 }

@@ -146,6 +146,10 @@ pub struct Pending {
     /// Decided while the shared store was unreachable.
     #[serde(default)]
     pub degraded: bool,
+    /// Decided before any store was asked (a denial by a rate limit, the plan, the
+    /// subscription's status…): the decision as it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided: Option<Decision>,
 }
 
 impl Pending {
@@ -167,6 +171,7 @@ impl Pending {
             dimensions: dimensions.clone(),
             node: node.to_string(),
             degraded: false,
+            decided: None,
         }
     }
 
@@ -183,6 +188,9 @@ impl Pending {
     /// The decision the request got, given the usage the store saw before it (one entry
     /// per slot) and whether the store admitted it.
     pub fn decide(&self, usage: &[SlotUsage], admitted: bool) -> Decision {
+        if let Some(d) = &self.decided {
+            return d.clone();
+        }
         let plan = RequestPlan {
             metric: self.metric.clone(),
             amount: self.amount,
@@ -388,6 +396,7 @@ mod tests {
             dimensions: [("api_key".to_string(), "k1".to_string())].into(),
             node: "n1".into(),
             degraded: false,
+            decided: None,
         }
     }
 

@@ -51,6 +51,8 @@ pub struct ReserveOp {
     pub slots: Vec<SlotSpec>,
     /// When the hold lapses if neither committed nor released.
     pub expires_at: DateTime<Utc>,
+    /// When the request was decided (the time of its denial event, if refused).
+    pub at: DateTime<Utc>,
     /// Opaque text kept with a granted reservation and returned on replay (the caller
     /// keeps what it needs to rebuild its first answer).
     pub context: String,

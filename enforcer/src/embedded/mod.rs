@@ -40,6 +40,8 @@ pub struct EmbeddedStore {
 
 struct Inner {
     state: Mutex<State>,
+    /// For reads of the spool, which is kept on disk only.
+    db: Arc<Database>,
     /// Set by the writer when a commit failed: memory is then ahead of the disk.
     failed: Arc<std::sync::atomic::AtomicBool>,
     queue: Mutex<Option<writer::Queue>>,
@@ -78,17 +80,60 @@ impl EmbeddedStore {
             .name("allot-store-writer".into())
             .spawn({
                 let failed = failed.clone();
+                let db = db.clone();
                 move || writer::run(db, jobs, failed)
             })
             .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
         Ok(EmbeddedStore {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
+                db,
                 failed,
                 queue: Mutex::new(Some(queue)),
                 writer: Mutex::new(Some(writer)),
             }),
         })
+    }
+
+    /// Up to `max` spooled usage events after sequence number `after`, oldest first, as
+    /// (sequence, fields). Only what is durable is seen, in the order it was written.
+    pub fn spool_read(
+        &self,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Vec<(String, String)>)>, StoreError> {
+        let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("spool: {e}"));
+        let txn = self.inner.db.begin_read().map_err(|e| corrupt(&e))?;
+        let table = match txn.open_table(writer::definition(Table::Spool)) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(corrupt(&e)),
+        };
+        let from = state::spool_key(after.saturating_add(1));
+        let mut out = Vec::new();
+        for row in table
+            .range(from.as_str()..)
+            .map_err(|e| corrupt(&e))?
+            .take(max)
+        {
+            let (k, v) = row.map_err(|e| corrupt(&e))?;
+            let seq: u64 = k.value().parse().map_err(|e| corrupt(&e))?;
+            let fields: Vec<(String, String)> =
+                serde_json::from_slice(v.value()).map_err(|e| corrupt(&e))?;
+            out.push((seq, fields));
+        }
+        Ok(out)
+    }
+
+    /// Forgets spooled events up to sequence number `upto`, once an aggregator has them.
+    pub async fn spool_ack(&self, upto: u64) -> Result<(), StoreError> {
+        self.apply(|_| {
+            writes_only(vec![Write::DeleteUpTo(
+                Table::Spool,
+                state::spool_key(upto),
+            )])
+        })
+        .await
     }
 
     /// False once a disk write failed; the node then refuses writes until restarted.

@@ -9,6 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use meter::catalog::Catalog;
+use meter::event::{EventKind, Spooled};
 use meter::grant::Override;
 use meter::lifecycle::Subscription;
 use meter::store::{
@@ -34,11 +35,13 @@ pub enum Table {
     Subscriptions,
     /// Overrides by tenant and id.
     Overrides,
+    /// Usage events by sequence number, until an aggregator acknowledges them.
+    Spool,
 }
 
 impl Table {
     /// Every table.
-    pub const ALL: [Table; 7] = [
+    pub const ALL: [Table; 8] = [
         Table::Counters,
         Table::Reservations,
         Table::Idempotency,
@@ -46,6 +49,7 @@ impl Table {
         Table::Control,
         Table::Subscriptions,
         Table::Overrides,
+        Table::Spool,
     ];
 
     /// Its name on disk.
@@ -58,6 +62,7 @@ impl Table {
             Table::Control => "control",
             Table::Subscriptions => "subscriptions",
             Table::Overrides => "overrides",
+            Table::Spool => "spool",
         }
     }
 }
@@ -69,6 +74,13 @@ pub enum Write {
     Put(Table, String, Vec<u8>),
     /// Remove.
     Delete(Table, String),
+    /// Remove every row whose key sorts at or before this one.
+    DeleteUpTo(Table, String),
+}
+
+/// Row key of a spool entry: zero-padded, so that keys sort as the numbers do.
+pub fn spool_key(seq: u64) -> String {
+    format!("{seq:020}")
 }
 
 /// A counter and when its period ends.
@@ -115,6 +127,8 @@ pub struct State {
     pub(crate) catalog: Option<Catalog>,
     pub(crate) subscriptions: HashMap<String, Subscription>,
     pub(crate) overrides: HashMap<String, Override>,
+    /// The next spool sequence number.
+    pub(crate) spool_next: u64,
 }
 
 /// Row key of a tenant-scoped item. The separator cannot occur in tenant ids.
@@ -154,6 +168,18 @@ impl State {
     fn put_counter(&mut self, writes: &mut Vec<Write>, key: String, counter: Counter) {
         writes.push(Write::Put(Table::Counters, key.clone(), json(&counter)));
         self.counters.insert(key, counter);
+    }
+
+    /// Appends a usage event to the spool, in the same batch as the change it records.
+    fn spool(&mut self, writes: &mut Vec<Write>, e: Spooled) {
+        // Numbering starts at 1: readers ask for what comes after 0.
+        let seq = self.spool_next.max(1);
+        self.spool_next = seq + 1;
+        writes.push(Write::Put(
+            Table::Spool,
+            spool_key(seq),
+            json(&e.to_fields()),
+        ));
     }
 
     fn put_reservation(&mut self, writes: &mut Vec<Write>, row: ReservationRow) {
@@ -214,7 +240,23 @@ impl State {
             context: String::new(),
         };
         if !fits {
-            return Applied::read_only(outcome);
+            let mut writes = Vec::new();
+            self.spool(
+                &mut writes,
+                Spooled {
+                    kind: EventKind::Denial,
+                    id: format!("{}/denied", op.reservation_id),
+                    amount: op.amount as i64,
+                    at_ms: op.at.timestamp_millis(),
+                    context: op.context,
+                    usage,
+                    granted: false,
+                },
+            );
+            return Applied {
+                answer: outcome,
+                writes,
+            };
         }
         let mut writes = Vec::new();
         for (s, u) in op.slots.iter().zip(&usage) {
@@ -340,6 +382,23 @@ impl State {
             replayed: false,
             metric: row.reservation.metric.clone(),
         };
+        let (kind, event_amount) = match effective {
+            Settlement::Committed(a) => (EventKind::Commit, a),
+            Settlement::Released => (EventKind::Release, amount),
+            Settlement::Expired => (EventKind::Expire, amount),
+        };
+        self.spool(
+            &mut writes,
+            Spooled {
+                kind,
+                id: format!("{id}/{}", kind.as_str()),
+                amount: event_amount as i64,
+                at_ms: now.timestamp_millis(),
+                context: row.context.clone(),
+                usage: row.usage_at_grant.clone(),
+                granted: true,
+            },
+        );
         self.put_reservation(&mut writes, row);
         Ok(Applied {
             answer: outcome,
@@ -376,12 +435,28 @@ impl State {
                 })
             });
             if !fits {
-                return Ok(Applied::read_only(RecordOutcome {
-                    granted: false,
-                    usage,
-                    replayed: false,
-                    context: String::new(),
-                }));
+                let mut writes = Vec::new();
+                self.spool(
+                    &mut writes,
+                    Spooled {
+                        kind: EventKind::Denial,
+                        id: format!("{}/denied", op.event_id),
+                        amount: op.amount,
+                        at_ms: op.at.timestamp_millis(),
+                        context: op.context,
+                        usage: usage.clone(),
+                        granted: false,
+                    },
+                );
+                return Ok(Applied {
+                    answer: RecordOutcome {
+                        granted: false,
+                        usage,
+                        replayed: false,
+                        context: String::new(),
+                    },
+                    writes,
+                });
             }
         }
         let mut writes = Vec::new();
@@ -407,6 +482,18 @@ impl State {
         };
         writes.push(Write::Put(Table::Events, ekey.clone(), json(&row)));
         self.events.insert(ekey, row);
+        self.spool(
+            &mut writes,
+            Spooled {
+                kind: EventKind::Record,
+                id: op.event_id.clone(),
+                amount: op.amount,
+                at_ms: op.at.timestamp_millis(),
+                context: op.context.clone(),
+                usage: usage.clone(),
+                granted: true,
+            },
+        );
         Ok(Applied {
             answer: RecordOutcome {
                 granted: true,
@@ -550,6 +637,13 @@ impl State {
             Table::Overrides => {
                 self.overrides
                     .insert(key.into(), serde_json::from_slice(value).map_err(bad)?);
+            }
+            Table::Spool => {
+                // Only the sequence is kept in memory; entries are read from disk.
+                let seq: u64 = key
+                    .parse()
+                    .map_err(|e| StoreError::Corrupt(format!("spool row {key:?}: {e}")))?;
+                self.spool_next = self.spool_next.max(seq + 1);
             }
         }
         Ok(())

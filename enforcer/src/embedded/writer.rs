@@ -8,7 +8,7 @@
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
-use redb::{Database, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
 use super::state::{Table, Write};
@@ -83,6 +83,18 @@ fn write_batch(db: &Database, batch: &[Job]) -> Result<(), Box<redb::Error>> {
                         tables[index(*t)]
                             .remove(k.as_str())
                             .map_err(|e| Box::new(e.into()))?;
+                    }
+                    Write::DeleteUpTo(t, k) => {
+                        let table = &mut tables[index(*t)];
+                        let keys: Vec<String> = table
+                            .range(..=k.as_str())
+                            .map_err(|e| Box::new(e.into()))?
+                            .map(|r| r.map(|(k, _)| k.value().to_string()))
+                            .collect::<Result<_, _>>()
+                            .map_err(|e| Box::new(e.into()))?;
+                        for key in keys {
+                            table.remove(key.as_str()).map_err(|e| Box::new(e.into()))?;
+                        }
                     }
                 }
             }

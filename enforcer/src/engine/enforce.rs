@@ -11,16 +11,16 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use meter::catalog::Scope;
 use meter::decision::{Decision, Reason};
+use meter::event::Pending;
 use meter::hint::{upgrade_options, Need};
 use meter::keys;
 use meter::quota::RateSlot;
-use meter::quota::{self, Demand, Intent, Planned, QuotaSlot, RequestPlan};
+use meter::quota::{self, Demand, Intent, Planned, RequestPlan};
 use meter::resolve::{FeatureGrant, ResolvedLimit};
 use meter::store::{
     RateOutcome, RecordOp, ReserveOp, SettleOutcome, Settlement, SlotUsage, StoreError,
 };
 use meter::window::{period_at, Window};
-use serde::{Deserialize, Serialize};
 
 use crate::degraded::{Entry, EntryState};
 
@@ -116,54 +116,39 @@ impl Taken {
     }
 }
 
-/// What is kept with a grant so that a replay answers exactly as the first time.
-#[derive(Serialize, Deserialize)]
-struct Replay {
-    metric: String,
+/// The first answer again, for a retry of the same request, from the context the store
+/// kept with the grant; `field` names the key that was reused when the retry asks for
+/// something else.
+fn replay_decision(
+    text: &str,
+    usage: &[SlotUsage],
+    field: &str,
+    metric: &str,
     amount: i64,
-    gauge: bool,
-    slots: Vec<QuotaSlot>,
+) -> Result<Decision, EngineError> {
+    let p = Pending::from_json(text)
+        .map_err(|e| EngineError::Internal(format!("stored replay context unreadable: {e}")))?;
+    if p.metric != metric || p.amount != amount {
+        return Err(EngineError::invalid(
+            field,
+            format!(
+                "already used for {} {}; a retry must repeat the same request",
+                p.amount, p.metric
+            ),
+        ));
+    }
+    Ok(p.decide(usage, true))
 }
 
-impl Replay {
-    fn of(plan: &RequestPlan) -> String {
-        serde_json::to_string(&Replay {
-            metric: plan.metric.clone(),
-            amount: plan.amount,
-            gauge: plan.gauge,
-            slots: plan.slots.clone(),
-        })
-        .expect("replay context serializes")
-    }
-
-    /// The first answer again, for a retry of the same request; `field` names the key that
-    /// was reused when the retry asks for something else.
-    fn decide(
-        text: &str,
-        usage: &[SlotUsage],
-        field: &str,
-        metric: &str,
-        amount: i64,
-    ) -> Result<Decision, EngineError> {
-        let r: Replay = serde_json::from_str(text)
-            .map_err(|e| EngineError::Internal(format!("stored replay context unreadable: {e}")))?;
-        if r.metric != metric || r.amount != amount {
-            return Err(EngineError::invalid(
-                field,
-                format!(
-                    "already used for {} {}; a retry must repeat the same request",
-                    r.amount, r.metric
-                ),
-            ));
+/// A request's context marked as decided while the shared store was unreachable, for the
+/// journal: the usage event written when it is reconciled says so.
+fn degraded_context(context: &str) -> String {
+    match Pending::from_json(context) {
+        Ok(mut p) => {
+            p.degraded = true;
+            p.to_json()
         }
-        let plan = RequestPlan {
-            metric: r.metric,
-            amount: r.amount,
-            gauge: r.gauge,
-            slots: r.slots,
-            rates: vec![],
-        };
-        Ok(quota::decide(&plan, usage, true))
+        Err(_) => context.to_string(),
     }
 }
 
@@ -342,7 +327,8 @@ impl Engine {
             idempotency_key: idempotency_key.to_string(),
             slots: self.store_slots(tenant, &plan, &route),
             expires_at,
-            context: Replay::of(&plan),
+            at: now,
+            context: Pending::of(&plan, &ctx.entitlements, dims, self.node_id()).to_json(),
         };
         let write = route.store.reserve(op.clone());
         let out = if route.local {
@@ -371,7 +357,7 @@ impl Engine {
         }
         if out.replayed {
             return Ok(Reserved {
-                decision: Replay::decide(
+                decision: replay_decision(
                     &out.context,
                     &out.usage,
                     "idempotency_key",
@@ -490,7 +476,7 @@ impl Engine {
             event_id: event_id.to_string(),
             slots: self.store_slots(tenant, &plan, &route),
             at: now,
-            context: Replay::of(&plan),
+            context: Pending::of(&plan, &ctx.entitlements, dims, self.node_id()).to_json(),
         };
         let write = route.store.record(op.clone());
         let out = if route.local {
@@ -519,7 +505,7 @@ impl Engine {
         }
         if out.replayed {
             return Ok(Recorded {
-                decision: Replay::decide(&out.context, &out.usage, "event_id", metric, amount)?,
+                decision: replay_decision(&out.context, &out.usage, "event_id", metric, amount)?,
                 recorded: true,
                 replayed: true,
             });
@@ -742,7 +728,7 @@ impl Engine {
                 expires_at: op.expires_at,
             },
             key: Some(op.idempotency_key.clone()),
-            context: String::new(),
+            context: degraded_context(&op.context),
             reconciled_at: None,
         };
         journal.reserve(&entry)?;
@@ -781,7 +767,7 @@ impl Engine {
             slots: op.slots.clone(),
             state: EntryState::Recorded,
             key: None,
-            context: op.context.clone(),
+            context: degraded_context(&op.context),
             reconciled_at: None,
         };
         let fresh = journal.record(&entry)?;
@@ -968,7 +954,7 @@ impl Engine {
             .await;
         match first {
             Some(first) => Ok(Reserved {
-                decision: Replay::decide(
+                decision: replay_decision(
                     &first.context,
                     &first.usage,
                     "idempotency_key",
@@ -1017,7 +1003,13 @@ impl Engine {
             .await;
         match first {
             Some(first) => Ok(Recorded {
-                decision: Replay::decide(&first.context, &first.usage, "event_id", metric, amount)?,
+                decision: replay_decision(
+                    &first.context,
+                    &first.usage,
+                    "event_id",
+                    metric,
+                    amount,
+                )?,
                 recorded: true,
                 replayed: true,
             }),
