@@ -10,6 +10,7 @@ use std::time::Duration;
 use allot_proto::v1::admin_server::AdminServer;
 use allot_proto::v1::enforcer_server::EnforcerServer;
 use allot_proto::v1::peer_server::PeerServer;
+use allot_proto::v1::spool_server::SpoolServer;
 use meter::store::{ControlStore, UsageStore};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -20,6 +21,7 @@ use crate::embedded::EmbeddedStore;
 use crate::engine::{Engine, SystemClock};
 use crate::grpc::admin::AdminService;
 use crate::grpc::enforcer::EnforcerService;
+use crate::grpc::spool::SpoolService;
 use crate::peer::{PeerService, Peers};
 use crate::redis::RedisStore;
 use crate::soft::SoftState;
@@ -153,6 +155,7 @@ pub async fn run(
         .await;
     health.set_serving::<AdminServer<AdminService>>().await;
     let live = engine.clone();
+    let shared_store = matches!(backend, Backend::Redis(_));
     let mut tasks = vec![tokio::spawn(crate::peer::run(
         soft.clone(),
         peers.clone(),
@@ -171,6 +174,7 @@ pub async fn run(
             cfg.peering.timeout,
         )));
     }
+    let spool_service = (!shared_store).then(|| SpoolService::new(disk.clone()));
     tasks.push(tokio::spawn(sweep(
         engine.clone(),
         backend,
@@ -200,6 +204,8 @@ pub async fn run(
         ))
         .add_service(AdminServer::new(AdminService::new(engine)))
         .add_service(PeerServer::new(PeerService::new(soft, peers)))
+        // With Redis the node ships its spool to the Redis streams itself.
+        .add_optional_service(spool_service.map(SpoolServer::new))
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
     for t in tasks {

@@ -32,6 +32,9 @@ use state::{row_key, Applied, State, Table, Write};
 /// How long dedup keys, settled reservations and ended counters are kept.
 pub const DEFAULT_RETENTION: chrono::Duration = chrono::Duration::days(7);
 
+/// A spooled usage event: its sequence number and its fields (see `meter::event::Spooled`).
+pub type SpoolEntry = (u64, Vec<(String, String)>);
+
 /// The embedded store. Cheap to clone; the database closes when the last clone drops.
 #[derive(Clone)]
 pub struct EmbeddedStore {
@@ -97,11 +100,7 @@ impl EmbeddedStore {
 
     /// Up to `max` spooled usage events after sequence number `after`, oldest first, as
     /// (sequence, fields). Only what is durable is seen, in the order it was written.
-    pub fn spool_read(
-        &self,
-        after: u64,
-        max: usize,
-    ) -> Result<Vec<(u64, Vec<(String, String)>)>, StoreError> {
+    pub fn spool_read(&self, after: u64, max: usize) -> Result<Vec<SpoolEntry>, StoreError> {
         let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("spool: {e}"));
         let txn = self.inner.db.begin_read().map_err(|e| corrupt(&e))?;
         let table = match txn.open_table(writer::definition(Table::Spool)) {

@@ -8,4 +8,5 @@ pub mod admin;
 pub mod convert;
 pub mod enforcer;
 pub mod envoy_rls;
+pub mod spool;
 pub mod status;
