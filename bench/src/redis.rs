@@ -260,7 +260,18 @@ fn parse_context(text: &str) -> anyhow::Result<(String, Vec<Slot>)> {
 }
 
 fn key(tenant: &str, kind: &str, rest: &str) -> String {
-    format!("al:{{{tenant}}}:{kind}:{rest}")
+    format!(
+        "al:{{{}}}:{tenant}:{kind}:{rest}",
+        meter::event::hash_tag(tenant)
+    )
+}
+
+fn tenant_key(tenant: &str, kind: &str) -> String {
+    format!("al:{{{}}}:{tenant}:{kind}", meter::event::hash_tag(tenant))
+}
+
+fn stream(tenant: &str) -> String {
+    meter::event::stream_key(meter::event::partition(tenant))
 }
 
 fn now_ms() -> u64 {
@@ -307,9 +318,10 @@ impl ScriptPair {
         let mut keys = vec![
             key(t, "i", &idempotency_key),
             key(t, "r", &id),
-            format!("al:{{{t}}}:x"),
+            tenant_key(t, "x"),
         ];
         keys.extend(self.counters.iter().cloned());
+        keys.push(stream(t));
         let mut args = vec![
             "1".to_owned(),
             id.clone(),
@@ -322,6 +334,7 @@ impl ScriptPair {
             args.push(slot.cap.clone());
             args.push(slot.end_ms.clone());
         }
+        args.push(now_ms().to_string());
         let v: Value = self
             .target
             .reserve
@@ -330,8 +343,9 @@ impl ScriptPair {
             .map_err(redis_failure)?;
         expect_code("reserve", &v, 2)?;
 
-        let mut keys = vec![key(t, "r", &id), format!("al:{{{t}}}:x")];
+        let mut keys = vec![key(t, "r", &id), tenant_key(t, "x")];
         keys.extend(self.counters.iter().cloned());
+        keys.push(stream(t));
         let args = vec!["c".to_owned(), "1".to_owned(), now_ms().to_string(), id];
         let v: Value = self
             .target
@@ -392,7 +406,11 @@ mod tests {
             ]
         );
         assert!(parse_context(r#"{"slots":[]}"#).is_err());
-        assert_eq!(key("bench-3", "i", "k"), "al:{bench-3}:i:k");
+        let tag = meter::event::hash_tag("bench-3");
+        assert_eq!(
+            key("bench-3", "i", "k"),
+            format!("al:{{{tag}}}:bench-3:i:k")
+        );
     }
 
     #[test]

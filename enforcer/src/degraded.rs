@@ -175,6 +175,9 @@ pub struct Entry {
     /// When the shared store got it; kept until the retention passes so retries replay.
     #[serde(default)]
     pub reconciled_at: Option<DateTime<Utc>>,
+    /// When it was admitted: the time of its usage event.
+    #[serde(default)]
+    pub at: Option<DateTime<Utc>>,
 }
 
 /// Where a journal entry stands.

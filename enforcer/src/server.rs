@@ -256,7 +256,14 @@ async fn reconcile(engine: &Engine, redis: &RedisStore, retention: chrono::Durat
         };
         if amount != 0 {
             if let Err(err) = redis
-                .record_forced(&e.tenant, amount, &event_id, &e.slots, &context)
+                .record_forced(
+                    &e.tenant,
+                    amount,
+                    &event_id,
+                    &e.slots,
+                    &context,
+                    e.at.unwrap_or(now),
+                )
                 .await
             {
                 // Still down after all: keep the entry for the next sweep.

@@ -93,3 +93,74 @@ async fn lost_sweep_index_entries_are_restored() {
         0
     );
 }
+
+/// Every change writes its event to the tenant's partition stream in the same script.
+async fn events_land_in_the_partition_stream(store: RedisStore) {
+    use meter::event::{partition, stream_key, EventKind, Spooled};
+    use meter::store::{RecordOp, ReserveOp, SlotSpec, UsageStore};
+    let now = chrono::Utc::now();
+    let slots = vec![SlotSpec {
+        key: "calls|day|0".into(),
+        cap: Some(10),
+        ends_at: None,
+    }];
+    let reserve = |id: &str, amount| ReserveOp {
+        tenant: "acme".into(),
+        metric: "calls".into(),
+        amount,
+        reservation_id: id.into(),
+        idempotency_key: id.into(),
+        slots: slots.clone(),
+        expires_at: now + chrono::Duration::seconds(60),
+        at: now,
+        context: "ctx".into(),
+    };
+    assert!(store.reserve(reserve("r1", 2)).await.unwrap().granted);
+    assert!(!store.reserve(reserve("r2", 20)).await.unwrap().granted);
+    store.commit("acme", "r1", 1, now).await.unwrap();
+    assert!(store.commit("acme", "r1", 1, now).await.unwrap().replayed);
+    assert!(store.reserve(reserve("r3", 1)).await.unwrap().granted);
+    store.release("acme", "r3", now).await.unwrap();
+    let record = RecordOp {
+        tenant: "acme".into(),
+        metric: "calls".into(),
+        amount: 3,
+        event_id: "e1".into(),
+        slots: slots.clone(),
+        at: now,
+        context: "ctx".into(),
+    };
+    assert!(store.record(record.clone()).await.unwrap().granted);
+    assert!(store.record(record).await.unwrap().replayed);
+    let entries: Vec<(String, std::collections::HashMap<String, String>)> = store
+        .client()
+        .xrange(stream_key(partition("acme")), "-", "+", None)
+        .await
+        .unwrap();
+    let seen: Vec<(EventKind, String, i64, bool)> = entries
+        .iter()
+        .map(|(_, f)| {
+            let e = Spooled::from_fields(f.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
+            assert_eq!(e.context, "ctx");
+            assert_eq!(e.at_ms, now.timestamp_millis());
+            (e.kind, e.id, e.amount, e.granted)
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (EventKind::Denial, "r2/denied".into(), 20, false),
+            (EventKind::Commit, "r1/commit".into(), 1, true),
+            (EventKind::Release, "r3/release".into(), 1, true),
+            (EventKind::Record, "e1".into(), 3, true),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn events_are_written_with_their_change_on_a_server_and_a_cluster() {
+    let server = RedisServer::start().await;
+    events_land_in_the_partition_stream(fresh(&server.url).await).await;
+    let cluster = RedisCluster::start().await;
+    events_land_in_the_partition_stream(fresh(&cluster.url).await).await;
+}

@@ -78,7 +78,7 @@ async fn run(wait_replicas: Option<u32>) -> (u64, u64) {
         }));
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let slot = key_slot("al:{acme}:x");
+    let slot = key_slot(&meter::event::stream_key(meter::event::partition("acme")));
     let master = cluster.master_for_slot(slot).await;
     cluster.kill9_port(master).await;
     let promoted = cluster.wait_failover(slot, master).await;

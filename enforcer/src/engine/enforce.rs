@@ -730,6 +730,7 @@ impl Engine {
             key: Some(op.idempotency_key.clone()),
             context: degraded_context(&op.context),
             reconciled_at: None,
+            at: Some(op.at),
         };
         journal.reserve(&entry)?;
         // Per request at debug: an outage at full load would flood the log; the breaker and
@@ -769,6 +770,7 @@ impl Engine {
             key: None,
             context: degraded_context(&op.context),
             reconciled_at: None,
+            at: Some(op.at),
         };
         let fresh = journal.record(&entry)?;
         if fresh {

@@ -86,12 +86,23 @@ fn write_error(e: Error) -> StoreError {
     StoreError::Indeterminate(format!("redis: {e}"))
 }
 
+/// A key of a tenant's. Every key of a tenant carries its partition's hash tag, the tag
+/// of the partition's event stream too ([`meter::event::stream_key`]), so one script can
+/// count and append the event in one Cluster slot.
 fn key(tenant: &str, kind: &str, rest: &str) -> String {
-    format!("al:{{{tenant}}}:{kind}:{rest}")
+    format!(
+        "al:{{{}}}:{tenant}:{kind}:{rest}",
+        meter::event::hash_tag(tenant)
+    )
 }
 
 fn tenant_key(tenant: &str, kind: &str) -> String {
-    format!("al:{{{tenant}}}:{kind}")
+    format!("al:{{{}}}:{tenant}:{kind}", meter::event::hash_tag(tenant))
+}
+
+/// The event stream of a tenant's partition.
+fn stream(tenant: &str) -> String {
+    meter::event::stream_key(meter::event::partition(tenant))
 }
 
 fn ms(t: DateTime<Utc>) -> String {
@@ -412,9 +423,11 @@ impl RedisStore {
         event_id: &str,
         slots: &[SlotSpec],
         context: &str,
+        at: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
         let mut keys = vec![key(tenant, "e", event_id)];
         keys.extend(slots.iter().map(|s| key(tenant, "c", &s.key)));
+        keys.push(stream(tenant));
         let mut args = vec![
             amount.to_string(),
             context.to_string(),
@@ -422,6 +435,8 @@ impl RedisStore {
             "1".into(),
         ];
         args.extend(slot_args(slots));
+        args.push(event_id.to_string());
+        args.push(ms(at));
         let out = self.eval(&self.record, keys, args, write_error).await?;
         match out.first().map(String::as_str) {
             Some("2") => Ok(true),
@@ -465,6 +480,7 @@ impl RedisStore {
         };
         let mut keys = vec![key(tenant, "r", id), tenant_key(tenant, "x")];
         keys.extend(slot_keys);
+        keys.push(stream(tenant));
         let out = self
             .eval(
                 &self.settle,
@@ -616,6 +632,7 @@ impl UsageStore for RedisStore {
             tenant_key(&op.tenant, "x"),
         ];
         keys.extend(op.slots.iter().map(|s| key(&op.tenant, "c", &s.key)));
+        keys.push(stream(&op.tenant));
         let mut args = vec![
             op.amount.to_string(),
             op.reservation_id.clone(),
@@ -625,6 +642,7 @@ impl UsageStore for RedisStore {
             self.keep_ms(),
         ];
         args.extend(slot_args(&op.slots));
+        args.push(ms(op.at));
         // The sweeper's index is updated in the same round trip as the script (the client
         // pipelines both). Indexing a tenant whose reserve is then refused is harmless;
         // an index update lost with a node is restored by the periodic full check.
@@ -692,6 +710,7 @@ impl UsageStore for RedisStore {
     async fn record(&self, op: RecordOp) -> Result<RecordOutcome, StoreError> {
         let mut keys = vec![key(&op.tenant, "e", &op.event_id)];
         keys.extend(op.slots.iter().map(|s| key(&op.tenant, "c", &s.key)));
+        keys.push(stream(&op.tenant));
         let mut args = vec![
             op.amount.to_string(),
             op.context.clone(),
@@ -699,6 +718,8 @@ impl UsageStore for RedisStore {
             "0".into(),
         ];
         args.extend(slot_args(&op.slots));
+        args.push(op.event_id.clone());
+        args.push(ms(op.at));
         let out = self.eval(&self.record, keys, args, write_error).await?;
         match out.first().map(String::as_str) {
             Some("1") => Ok(RecordOutcome {
