@@ -167,6 +167,11 @@ pub async fn run(
             engine.clone(),
             store.options().clone(),
         )));
+        tasks.push(tokio::spawn(ship_spool(
+            disk.clone(),
+            (**store).clone(),
+            engine.node_id().to_string(),
+        )));
         tasks.push(tokio::spawn(crate::peer::follow_membership(
             (**store).clone(),
             peers.clone(),
@@ -281,6 +286,61 @@ async fn reconcile(engine: &Engine, redis: &RedisStore, retention: chrono::Durat
         counted,
         "usage admitted while degraded reconciled into redis"
     );
+}
+
+/// With Redis: moves the events of the node's local store (soft-only requests, denials
+/// decided on the node) to the Redis streams, in order, then forgets them locally. A
+/// shipment repeated after a crash is recognized by the stream's per-node mark.
+async fn ship_spool(disk: EmbeddedStore, redis: RedisStore, node: String) {
+    const BATCH: usize = 1_000;
+    let idle = Duration::from_millis(100);
+    let mut backoff = idle;
+    loop {
+        let d = disk.clone();
+        let rows = match tokio::task::spawn_blocking(move || d.spool_read(0, BATCH)).await {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "local spool unreadable");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "local spool unreadable");
+                Vec::new()
+            }
+        };
+        let mut shipped = None;
+        let mut failed = false;
+        for (seq, fields) in &rows {
+            let tenant = fields
+                .iter()
+                .find(|(k, _)| k == "c")
+                .and_then(|(_, c)| meter::event::Pending::from_json(c).ok())
+                .map(|p| p.tenant)
+                .unwrap_or_default();
+            match redis.ship(&node, *seq, &tenant, fields).await {
+                Ok(_) => shipped = Some(*seq),
+                Err(e) => {
+                    tracing::warn!(error = %e, "spool not shipped to redis; retrying");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if let Some(upto) = shipped {
+            if let Err(e) = disk.spool_ack(upto).await {
+                tracing::warn!(error = %e, "shipped events not forgotten locally");
+            }
+        }
+        if failed {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        } else {
+            backoff = idle;
+            if rows.len() < BATCH {
+                tokio::time::sleep(idle).await;
+            }
+        }
+    }
 }
 
 /// Where a node keeps its state.

@@ -155,6 +155,20 @@ async fn events_land_in_the_partition_stream(store: RedisStore) {
             (EventKind::Record, "e1".into(), 3, true),
         ]
     );
+    // A node's spool shipped twice (it died before forgetting it) lands once.
+    let fields = &entries[0].1;
+    let fields: Vec<(String, String)> =
+        fields.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    assert!(store.ship("n1", 7, "acme", &fields).await.unwrap());
+    assert!(!store.ship("n1", 7, "acme", &fields).await.unwrap());
+    assert!(!store.ship("n1", 6, "acme", &fields).await.unwrap());
+    assert!(store.ship("n2", 1, "acme", &fields).await.unwrap());
+    let n: u64 = store
+        .client()
+        .xlen(stream_key(partition("acme")))
+        .await
+        .unwrap();
+    assert_eq!(n, 6);
 }
 
 #[tokio::test]

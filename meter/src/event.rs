@@ -175,6 +175,31 @@ impl Pending {
         }
     }
 
+    /// The context of a request refused before any store was asked: its event carries
+    /// the decision as it was.
+    pub fn decided(
+        ent: &Entitlements,
+        metric: &str,
+        amount: i64,
+        dimensions: &BTreeMap<String, String>,
+        node: &str,
+        decision: &Decision,
+    ) -> Pending {
+        Pending {
+            tenant: ent.tenant.clone(),
+            metric: metric.to_string(),
+            amount,
+            gauge: false,
+            slots: Vec::new(),
+            plan: ent.plan.code.clone(),
+            plan_version: ent.plan.version,
+            dimensions: dimensions.clone(),
+            node: node.to_string(),
+            degraded: false,
+            decided: Some(decision.clone()),
+        }
+    }
+
     /// The JSON kept by stores.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("contexts serialize")

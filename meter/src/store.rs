@@ -255,6 +255,15 @@ pub trait UsageStore: Send + Sync {
         now: DateTime<Utc>,
         max: usize,
     ) -> Result<Vec<Reservation>, StoreError>;
+
+    /// Appends usage events that no counter change carries (requests refused before any
+    /// counter was asked), durably before it returns, where the store writes its other
+    /// events for `tenant`.
+    async fn append_events(
+        &self,
+        tenant: &str,
+        events: Vec<crate::event::Spooled>,
+    ) -> Result<(), StoreError>;
 }
 
 /// The answer of a [`RateStore`] to a take.

@@ -339,6 +339,14 @@ impl UsageStore for EmbeddedStore {
     ) -> Result<Vec<Reservation>, StoreError> {
         self.apply(|s| Ok(s.expire_due(now, max))).await
     }
+
+    async fn append_events(
+        &self,
+        _tenant: &str,
+        events: Vec<meter::event::Spooled>,
+    ) -> Result<(), StoreError> {
+        self.apply(|s| writes_only(s.append(events))).await
+    }
 }
 
 #[async_trait::async_trait]

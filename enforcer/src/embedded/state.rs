@@ -170,6 +170,15 @@ impl State {
         self.counters.insert(key, counter);
     }
 
+    /// Appends usage events that no change carries.
+    pub fn append(&mut self, events: Vec<Spooled>) -> Vec<Write> {
+        let mut writes = Vec::new();
+        for e in events {
+            self.spool(&mut writes, e);
+        }
+        writes
+    }
+
     /// Appends a usage event to the spool, in the same batch as the change it records.
     fn spool(&mut self, writes: &mut Vec<Write>, e: Spooled) {
         // Numbering starts at 1: readers ask for what comes after 0.

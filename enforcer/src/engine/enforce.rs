@@ -305,9 +305,10 @@ impl Engine {
         };
         let (plan, taken) = match self.admit(&ctx, &demand, now, false).await? {
             Admission::Denied(d) => {
+                let id = format!("{reservation_id}/denied");
                 return self
-                    .reserve_denied(tenant, idempotency_key, (metric, amount), d)
-                    .await
+                    .reserve_denied(&ctx, &demand, idempotency_key, id, d)
+                    .await;
             }
             Admission::Proceed { plan, taken } => (plan, taken),
         };
@@ -339,11 +340,15 @@ impl Engine {
         let mut out = match out {
             Ok(out) => out,
             Err(StoreError::Unavailable(_)) if self.degraded.is_some() && !route.local => {
+                let id = format!("{}/denied", op.reservation_id);
                 let mut r = self.reserve_degraded(&plan, op)?;
                 if r.decision.outcome.allowed() {
                     r.decision = taken.mark(r.decision);
                 } else {
                     self.refund(tenant, &taken).await;
+                    if !r.replayed {
+                        self.log_denial(&ctx, &demand, id, &r.decision).await?;
+                    }
                 }
                 return Ok(r);
             }
@@ -462,9 +467,8 @@ impl Engine {
         };
         let (plan, taken) = match self.admit(&ctx, &demand, now, false).await? {
             Admission::Denied(d) => {
-                return self
-                    .record_denied(tenant, event_id, (metric, amount), d)
-                    .await
+                let id = format!("{event_id}/denied");
+                return self.record_denied(&ctx, &demand, event_id, id, d).await;
             }
             Admission::Proceed { plan, taken } => (plan, taken),
         };
@@ -492,6 +496,8 @@ impl Engine {
                     r.decision = taken.mark(r.decision);
                 } else {
                     self.refund(tenant, &taken).await;
+                    let id = format!("{event_id}/denied");
+                    self.log_denial(&ctx, &demand, id, &r.decision).await?;
                 }
                 return Ok(r);
             }
@@ -943,11 +949,17 @@ impl Engine {
     /// then the retry gets the first answer, as the API promises.
     async fn reserve_denied(
         &self,
-        tenant: &str,
+        ctx: &TenantContext,
+        demand: &Demand<'_>,
         key: &str,
-        (metric, amount): (&str, i64),
+        denial_id: String,
         d: Decision,
     ) -> Result<Reserved, EngineError> {
+        let (tenant, metric, amount) = (
+            ctx.entitlements.tenant.as_str(),
+            demand.metric,
+            demand.amount,
+        );
         if d.reason == Reason::BackendUnavailable && self.degraded.is_some() {
             self.refuse_degraded(tenant, key)?;
         }
@@ -967,8 +979,44 @@ impl Engine {
                 expires_at: Some(first.expires_at),
                 replayed: true,
             }),
-            None => Ok(denied(d)),
+            None => {
+                self.log_denial(ctx, demand, denial_id, &d).await?;
+                Ok(denied(d))
+            }
         }
+    }
+
+    /// Writes the usage event of a request refused before any counter was asked, before
+    /// the answer, where this node's events go (with Redis: its local store, shipped to
+    /// the streams).
+    async fn log_denial(
+        &self,
+        ctx: &TenantContext,
+        demand: &Demand<'_>,
+        id: String,
+        d: &Decision,
+    ) -> Result<(), EngineError> {
+        let p = Pending::decided(
+            &ctx.entitlements,
+            demand.metric,
+            demand.amount,
+            demand.dimensions,
+            self.node_id(),
+            d,
+        );
+        let e = meter::event::Spooled {
+            kind: meter::event::EventKind::Denial,
+            id,
+            amount: demand.amount,
+            at_ms: self.now().timestamp_millis(),
+            context: p.to_json(),
+            usage: Vec::new(),
+            granted: false,
+        };
+        let store = self.local.as_ref().unwrap_or(&self.usage);
+        Ok(store
+            .append_events(&ctx.entitlements.tenant, vec![e])
+            .await?)
     }
 
     /// An earlier answer for a request key: the node's local store first (soft-only
@@ -992,11 +1040,17 @@ impl Engine {
     /// Same as [`Engine::reserve_denied`] for records.
     async fn record_denied(
         &self,
-        tenant: &str,
+        ctx: &TenantContext,
+        demand: &Demand<'_>,
         event_id: &str,
-        (metric, amount): (&str, i64),
+        denial_id: String,
         d: Decision,
     ) -> Result<Recorded, EngineError> {
+        let (tenant, metric, amount) = (
+            ctx.entitlements.tenant.as_str(),
+            demand.metric,
+            demand.amount,
+        );
         if d.reason == Reason::BackendUnavailable && self.degraded.is_some() {
             self.refuse_degraded(tenant, event_id)?;
         }
@@ -1015,11 +1069,14 @@ impl Engine {
                 recorded: true,
                 replayed: true,
             }),
-            None => Ok(Recorded {
-                decision: d,
-                recorded: false,
-                replayed: false,
-            }),
+            None => {
+                self.log_denial(ctx, demand, denial_id, &d).await?;
+                Ok(Recorded {
+                    decision: d,
+                    recorded: false,
+                    replayed: false,
+                })
+            }
         }
     }
 

@@ -72,6 +72,7 @@ pub struct RedisStore {
     record: Script,
     usage: Script,
     gcra: Script,
+    ship: Script,
 }
 
 fn unavailable(e: Error) -> StoreError {
@@ -210,6 +211,7 @@ impl RedisStore {
             record: Script::from_lua(include_str!("lua/record.lua")),
             usage: Script::from_lua(include_str!("lua/usage.lua")),
             gcra: Script::from_lua(include_str!("lua/gcra.lua")),
+            ship: Script::from_lua(include_str!("lua/ship.lua")),
         };
         for s in [
             &store.reserve,
@@ -217,6 +219,7 @@ impl RedisStore {
             &store.record,
             &store.usage,
             &store.gcra,
+            &store.ship,
         ] {
             s.load(&store.client).await.map_err(unavailable)?;
         }
@@ -411,6 +414,29 @@ impl RedisStore {
             members.push((id, addr.to_string(), ms));
         }
         Ok(members)
+    }
+
+    /// Appends an event from `node`'s local spool (sequence `seq`) to the stream of
+    /// `tenant`'s partition, unless it was shipped before. Returns whether it was new.
+    pub async fn ship(
+        &self,
+        node: &str,
+        seq: u64,
+        tenant: &str,
+        fields: &[(String, String)],
+    ) -> Result<bool, StoreError> {
+        let p = meter::event::partition(tenant);
+        let keys = vec![
+            meter::event::stream_key(p),
+            format!("al:{{{}}}:shipped", meter::event::hash_tag(tenant)),
+        ];
+        let mut args = vec![node.to_string(), seq.to_string()];
+        for (k, v) in fields {
+            args.push(k.clone());
+            args.push(v.clone());
+        }
+        let out = self.eval(&self.ship, keys, args, write_error).await?;
+        Ok(out.first().map(String::as_str) == Some("1"))
     }
 
     /// Counts usage that was admitted while this store was unreachable: no cap is
@@ -875,6 +901,21 @@ impl UsageStore for RedisStore {
             }
         }
         Ok(out)
+    }
+
+    async fn append_events(
+        &self,
+        tenant: &str,
+        events: Vec<meter::event::Spooled>,
+    ) -> Result<(), StoreError> {
+        let key = stream(tenant);
+        for e in events {
+            self.client
+                .xadd::<(), _, _, _, _>(&key, false, None, "*", e.to_fields())
+                .await
+                .map_err(write_error)?;
+        }
+        Ok(())
     }
 }
 

@@ -151,6 +151,11 @@ impl Node {
         AdminClient::new(self.channel().await)
     }
 
+    /// A Spool client (embedded nodes).
+    pub async fn spool(&self) -> pb::spool_client::SpoolClient<Channel> {
+        pb::spool_client::SpoolClient::new(self.channel().await)
+    }
+
     /// Kills the process with SIGKILL and waits for it: no shutdown code runs.
     pub async fn kill9(&mut self) {
         self.child.start_kill().unwrap();

@@ -1,0 +1,237 @@
+//! Usage events through a real node: every commit, record, release and denial is written
+//! before the answer (the embedded spool, served over `allot.v1.Spool`; with Redis, the
+//! partition streams, where each node also ships the events of its local store), once.
+
+mod harness;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use allot_proto::v1 as pb;
+use fred::prelude::*;
+use harness::redis::RedisServer;
+use harness::{record, reserve, subscribe, Node};
+use meter::event::{partition, stream_key, EventKind, Spooled, UsageEvent};
+
+const CATALOG: &str = "version: 1
+metrics:
+  calls: { unit: call }
+  soft_calls: { unit: call }
+  hits: { unit: request }
+plans:
+  p:
+    versions:
+      1:
+        limits:
+          calls:
+            - { window: day, amount: 10 }
+          soft_calls:
+            - { window: day, amount: 5, enforcement: soft }
+          hits:
+            - { window: minute, rate: 1, burst: 1 }
+";
+
+fn finish(fields: impl IntoIterator<Item = (String, String)>) -> UsageEvent {
+    let f: Vec<(String, String)> = fields.into_iter().collect();
+    Spooled::from_fields(f.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .unwrap()
+        .finish()
+        .unwrap()
+}
+
+/// The requests both tests make, and the events they expect (kind, metric, amount,
+/// reason, overage), in order.
+async fn traffic(node: &Node) -> Vec<(EventKind, &'static str, i64, &'static str, bool)> {
+    let mut e = node.enforcer().await;
+    let r = e
+        .reserve(reserve("acme", "calls", 4, "k1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = r.reservation_id;
+    let c = e
+        .commit(pb::CommitRequest {
+            tenant: "acme".into(),
+            reservation_id: id.clone(),
+            actual_amount: 3,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.committed, 3);
+    // A replayed commit and a replayed record write nothing more.
+    e.commit(pb::CommitRequest {
+        tenant: "acme".into(),
+        reservation_id: id,
+        actual_amount: 3,
+    })
+    .await
+    .unwrap();
+    assert!(
+        e.record(record("acme", "calls", 2, "e1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .recorded
+    );
+    assert!(
+        e.record(record("acme", "calls", 2, "e1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .replayed
+    );
+    // Refused by the day cap (3 + 2 + 6 > 10).
+    assert!(
+        !e.record(record("acme", "calls", 6, "e2"))
+            .await
+            .unwrap()
+            .into_inner()
+            .recorded
+    );
+    // Soft: past 5 is overage.
+    assert!(
+        e.record(record("acme", "soft_calls", 7, "s1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .recorded
+    );
+    // Refused before any counter: the bucket holds one.
+    assert!(
+        e.record(record("acme", "hits", 1, "h1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .recorded
+    );
+    assert!(
+        !e.record(record("acme", "hits", 1, "h2"))
+            .await
+            .unwrap()
+            .into_inner()
+            .recorded
+    );
+    let r = e
+        .reserve(reserve("acme", "calls", 1, "k2"))
+        .await
+        .unwrap()
+        .into_inner();
+    e.release(pb::ReleaseRequest {
+        tenant: "acme".into(),
+        reservation_id: r.reservation_id,
+    })
+    .await
+    .unwrap();
+    vec![
+        (EventKind::Commit, "calls", 3, "ok", false),
+        (EventKind::Record, "calls", 2, "ok", false),
+        (EventKind::Denial, "calls", 6, "limit_exceeded", false),
+        (EventKind::Record, "soft_calls", 7, "overage", true),
+        (EventKind::Record, "hits", 1, "ok", false),
+        (EventKind::Denial, "hits", 1, "rate_limited", false),
+        (EventKind::Release, "calls", 1, "ok", false),
+    ]
+}
+
+fn summary(events: &[UsageEvent]) -> Vec<(EventKind, &str, i64, &str, bool)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e.kind,
+                e.metric.as_str(),
+                e.amount,
+                e.reason.as_str(),
+                e.overage,
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_node_spools_every_event_and_serves_it() {
+    let node = Node::builder().catalog(CATALOG).start().await;
+    subscribe(&mut node.admin().await, "acme", "p").await;
+    let want = traffic(&node).await;
+    let mut spool = node.spool().await;
+    let entries = spool
+        .read(pb::ReadSpoolRequest { after: 0, max: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let events: Vec<UsageEvent> = entries.iter().map(|e| finish(e.fields.clone())).collect();
+    let mut got = summary(&events);
+    // Order is the node's; compared as sets of (kind, metric, amount, reason, overage).
+    got.sort_by_key(|g| format!("{g:?}"));
+    let mut want_sorted = want.clone();
+    want_sorted.sort_by_key(|g| format!("{g:?}"));
+    assert_eq!(got, want_sorted);
+    assert!(events
+        .iter()
+        .all(|e| e.tenant == "acme" && e.plan == "p" && e.plan_version == 1 && !e.node.is_empty()));
+    // Sequence numbers grow; acknowledged entries are gone.
+    assert!(entries.windows(2).all(|w| w[0].seq < w[1].seq));
+    spool
+        .ack(pb::AckSpoolRequest {
+            upto: entries[2].seq,
+        })
+        .await
+        .unwrap();
+    let left = spool
+        .read(pb::ReadSpoolRequest { after: 0, max: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(left.len(), entries.len() - 3);
+    let err = spool
+        .read(pb::ReadSpoolRequest {
+            after: 0,
+            max: 1_000_000,
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().starts_with("max:"), "{}", err.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_on_redis_writes_every_event_to_the_partition_stream_once() {
+    let redis = RedisServer::start().await;
+    let node = Node::builder()
+        .catalog(CATALOG)
+        .arg("--redis")
+        .arg(&redis.url)
+        .start()
+        .await;
+    subscribe(&mut node.admin().await, "acme", "p").await;
+    let want = traffic(&node).await;
+    let client = Builder::from_config(Config::from_url(&redis.url).unwrap())
+        .build()
+        .unwrap();
+    client.init().await.unwrap();
+    // Hard-cap events are in the stream at once; the node ships its local ones (soft,
+    // rate-only, denials decided on the node) within moments.
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        let entries: Vec<(String, HashMap<String, String>)> = client
+            .xrange(stream_key(partition("acme")), "-", "+", None)
+            .await
+            .unwrap();
+        events = entries.into_iter().map(|(_, f)| finish(f)).collect();
+        if events.len() >= want.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut got = summary(&events);
+    got.sort_by_key(|g| format!("{g:?}"));
+    let mut want_sorted = want.clone();
+    want_sorted.sort_by_key(|g| format!("{g:?}"));
+    assert_eq!(got, want_sorted);
+    // Later shipping rounds repeat nothing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let n: u64 = client.xlen(stream_key(partition("acme"))).await.unwrap();
+    assert_eq!(n as usize, want.len());
+}
