@@ -22,7 +22,8 @@ pub struct ServeArgs {
     /// TOML config file with the same keys as the flags (listen, data_dir, catalog,
     /// cache_ttl, sweep_interval, retention, log_format, redis, redis_wait_replicas,
     /// redis_wait_timeout, backend_deadline, node_id, advertise, peers (a list),
-    /// sync_interval, peer_timeout, soft_grace, rls_domain). Unknown keys are refused.
+    /// sync_interval, peer_timeout, soft_grace, rls_domain, max_lateness). Unknown keys are
+    /// refused.
     #[arg(long, env = "ALLOT_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to serve gRPC on; port 0 picks a free one. [default: 127.0.0.1:7411]
@@ -93,6 +94,10 @@ pub struct ServeArgs {
     /// How long soft-limit counters of an ended window are kept. [default: 10m]
     #[arg(long, env = "ALLOT_SOFT_GRACE", value_parser = humantime::parse_duration)]
     pub soft_grace: Option<Duration>,
+    /// Recorded events with an event time older than this are refused; younger late
+    /// events count in the windows of their time. [default: 35days]
+    #[arg(long, env = "ALLOT_MAX_LATENESS", value_parser = humantime::parse_duration)]
+    pub max_lateness: Option<Duration>,
     /// The domain of Envoy rate limit service requests (envoy.service.ratelimit.v3) this
     /// node answers; requests for another domain are refused. See docs/envoy.md.
     /// [default: allot]
@@ -141,6 +146,8 @@ struct FileConfig {
     peer_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     soft_grace: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    max_lateness: Option<Duration>,
     rls_domain: Option<String>,
 }
 
@@ -181,6 +188,8 @@ pub struct ServeConfig {
     pub rls_domain: String,
     /// Soft-limit counter exchange.
     pub peering: Peering,
+    /// Oldest event time a Record may carry.
+    pub max_lateness: Duration,
 }
 
 /// How a node exchanges soft-limit counters.
@@ -288,6 +297,10 @@ impl ServeArgs {
                     .or(file.soft_grace)
                     .unwrap_or(Duration::from_secs(600)),
             },
+            max_lateness: self
+                .max_lateness
+                .or(file.max_lateness)
+                .unwrap_or(Duration::from_secs(35 * 86_400)),
             backend_deadline: self
                 .backend_deadline
                 .or(file.backend_deadline)

@@ -112,7 +112,11 @@ pub async fn run(
         Backend::Embedded(_) => None,
         Backend::Redis(_) => Some(Arc::new(disk.clone())),
     };
-    engine = engine.with_soft(soft.clone(), local, peers.clone());
+    engine = engine
+        .with_soft(soft.clone(), local, peers.clone())
+        .with_max_lateness(
+            chrono::Duration::from_std(cfg.max_lateness).unwrap_or(chrono::Duration::MAX),
+        );
     if let Backend::Redis(store) = &backend {
         let journal = Arc::new(Journal::open(&cfg.data_dir)?);
         // WAIT happens after the write: its time must not turn a done write into a timeout.

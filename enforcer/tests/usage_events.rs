@@ -235,3 +235,81 @@ async fn a_node_on_redis_writes_every_event_to_the_partition_stream_once() {
     let n: u64 = client.xlen(stream_key(partition("acme"))).await.unwrap();
     assert_eq!(n as usize, want.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_events_count_in_the_window_of_their_time_within_the_lateness_limit() {
+    let node = Node::builder()
+        .catalog(CATALOG)
+        .arg("--max-lateness")
+        .arg("30days")
+        .start()
+        .await;
+    subscribe(&mut node.admin().await, "acme", "p").await;
+    let mut e = node.enforcer().await;
+    let ts = |d: chrono::DateTime<chrono::Utc>| prost_types::Timestamp {
+        seconds: d.timestamp(),
+        nanos: 0,
+    };
+    let now = chrono::Utc::now();
+    let late = |id: &str, amount: i64, at| {
+        let mut r = record("acme", "calls", amount, id);
+        r.event_time = Some(ts(at));
+        r
+    };
+    // Three days ago, the whole day cap of 10: that day's window, not today's.
+    let three_days_ago = now - chrono::Duration::days(3);
+    let r = e
+        .record(late("old", 10, three_days_ago))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.recorded, "{r:?}");
+    assert_eq!(
+        harness::window_usage(&mut e, "acme", "calls", "day")
+            .await
+            .0,
+        0
+    );
+    // The same past day is full now.
+    let r = e
+        .record(late("old-2", 1, three_days_ago))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.recorded);
+    assert_eq!(r.decision.unwrap().reason, "limit_exceeded");
+    // Today still has its 10.
+    assert!(
+        e.record(record("acme", "calls", 10, "today"))
+            .await
+            .unwrap()
+            .into_inner()
+            .recorded
+    );
+    // Too late, and from the future: refused, naming the field, counting nothing.
+    for (id, at) in [
+        ("ancient", now - chrono::Duration::days(31)),
+        ("future", now + chrono::Duration::hours(2)),
+    ] {
+        let err = e.record(late(id, 1, at)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().starts_with("event_time:"),
+            "{}",
+            err.message()
+        );
+    }
+    // The event carries its own time.
+    let entries = node
+        .spool()
+        .await
+        .read(pb::ReadSpoolRequest { after: 0, max: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let events: Vec<UsageEvent> = entries.iter().map(|e| finish(e.fields.clone())).collect();
+    let old = events.iter().find(|e| e.id == "old").unwrap();
+    assert_eq!(old.at.timestamp(), three_days_ago.timestamp());
+    assert_eq!(events.len(), 3, "old, its refused follower, today");
+}

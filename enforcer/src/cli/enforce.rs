@@ -118,6 +118,11 @@ pub struct RecordArgs {
     /// answer. Default: a new random UUID, printed so that you can retry with it.
     #[arg(long)]
     pub event_id: Option<String>,
+    /// When the usage happened, RFC 3339 or now-DURATION (e.g. now-3days). A late event
+    /// counts in the windows of its time; one older than the node's --max-lateness is
+    /// refused. Default: now.
+    #[arg(long, value_name = "INSTANT", value_parser = super::parse::instant)]
+    pub at: Option<chrono::DateTime<chrono::Utc>>,
     #[command(flatten)]
     pub dims: DimArgs,
 }
@@ -219,6 +224,7 @@ pub async fn record(channel: &Channel, out: Output, args: RecordArgs) -> anyhow:
         amount: args.amount,
         event_id: event_id.clone(),
         dimensions: args.dims.map()?,
+        event_time: args.at.map(super::convert::to_timestamp),
     };
     let response = client(channel)
         .record(request)

@@ -36,6 +36,8 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Most dimensions on one request.
 pub const MAX_DIMENSIONS: usize = 16;
+/// How far a client's event time may be off this node's clock and still count as now.
+pub const CLOCK_SKEW: chrono::Duration = chrono::Duration::seconds(60);
 
 /// The answer to a feature check.
 pub struct FeatureCheck {
@@ -445,7 +447,9 @@ impl Engine {
         })
     }
 
-    /// Counts units at once, deduplicated by event id.
+    /// Counts units at once, deduplicated by event id. A late event (`event_time` in the
+    /// past, within the node's lateness limit) counts in the windows of its time, under
+    /// the entitlements then in force.
     pub async fn record(
         &self,
         tenant: &str,
@@ -453,12 +457,17 @@ impl Engine {
         amount: i64,
         event_id: &str,
         dims: &BTreeMap<String, String>,
+        event_time: Option<DateTime<Utc>>,
     ) -> Result<Recorded, EngineError> {
         check_metric_code(metric)?;
         keys::check_key(event_id).map_err(|r| EngineError::invalid("event_id", r))?;
         check_dimensions(dims)?;
-        let now = self.now();
-        let ctx = self.context(tenant, now).await?;
+        let (now, late) = self.event_time(event_time)?;
+        let ctx = if late {
+            self.context_at(tenant, now).await?
+        } else {
+            self.context(tenant, now).await?
+        };
         let demand = Demand {
             metric,
             amount,
@@ -536,6 +545,46 @@ impl Engine {
             recorded: out.granted,
             replayed: false,
         })
+    }
+
+    /// The instant a record counts at: now, or the client's event time when it is within
+    /// the lateness limit (and not ahead of the node's clock by more than the allowed
+    /// skew). Returns it and whether it is late.
+    fn event_time(
+        &self,
+        event_time: Option<DateTime<Utc>>,
+    ) -> Result<(DateTime<Utc>, bool), EngineError> {
+        let now = self.now();
+        let Some(at) = event_time else {
+            return Ok((now, false));
+        };
+        if at > now + CLOCK_SKEW {
+            return Err(EngineError::invalid(
+                "event_time",
+                format!(
+                    "{} is ahead of this node's clock ({}) by more than {}",
+                    at.to_rfc3339(),
+                    now.to_rfc3339(),
+                    humantime::format_duration(CLOCK_SKEW.to_std().expect("positive"))
+                ),
+            ));
+        }
+        let lateness = self.max_lateness();
+        if now - at > lateness {
+            return Err(EngineError::invalid(
+                "event_time",
+                format!(
+                    "{} is more than {} ago: events later than that are refused (--max-lateness)",
+                    at.to_rfc3339(),
+                    humantime::format_duration(lateness.to_std().unwrap_or_default())
+                ),
+            ));
+        }
+        // Within the skew either way, the event is now: cached entitlements serve it.
+        if (now - at).abs() <= CLOCK_SKEW {
+            return Ok((now, false));
+        }
+        Ok((at, true))
     }
 
     /// Every window of a tenant's metric. `None` when the metric is not granted.

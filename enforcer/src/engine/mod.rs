@@ -34,6 +34,9 @@ use meter::resolve::{resolve, Entitlements};
 use meter::store::{ControlStore, RateStore, UsageStore};
 
 pub use clock::{Clock, SystemClock};
+
+/// Default lateness limit of recorded events.
+pub const DEFAULT_MAX_LATENESS: chrono::Duration = chrono::Duration::days(35);
 pub use error::EngineError;
 
 /// What a request is decided against.
@@ -76,6 +79,8 @@ pub struct Engine {
     node_id: String,
     /// The peers the counters are exchanged with.
     peers: Option<Arc<crate::peer::Peers>>,
+    /// How late a recorded event may be.
+    max_lateness: chrono::Duration,
 }
 
 /// The degraded-mode equipment of a node with a shared store.
@@ -115,6 +120,7 @@ impl Engine {
             local: None,
             node_id: "local".into(),
             peers: None,
+            max_lateness: DEFAULT_MAX_LATENESS,
         })
     }
 
@@ -131,6 +137,29 @@ impl Engine {
         self.local = local;
         self.peers = Some(peers);
         self
+    }
+
+    /// Refuses recorded events older than `d`.
+    pub fn with_max_lateness(mut self, d: chrono::Duration) -> Self {
+        self.max_lateness = d;
+        self
+    }
+
+    /// How late a recorded event may be.
+    pub fn max_lateness(&self) -> chrono::Duration {
+        self.max_lateness
+    }
+
+    /// A tenant's context at a past instant (late events), resolved afresh: the cache
+    /// holds what is in force now.
+    pub async fn context_at(
+        &self,
+        tenant: &str,
+        at: DateTime<Utc>,
+    ) -> Result<TenantContext, EngineError> {
+        check_tenant(tenant)?;
+        let (_, catalog) = self.catalog()?;
+        self.resolve_fresh(tenant, at, catalog).await
     }
 
     /// The peers, when the node exchanges counters.

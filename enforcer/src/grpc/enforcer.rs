@@ -123,9 +123,17 @@ impl Enforcer for EnforcerService {
     ) -> Result<Response<pb::RecordResponse>, Status> {
         let r = req.into_inner();
         let dims = convert::dimensions(r.dimensions);
+        let event_time = convert::from_ts("event_time", r.event_time)?;
         let out = self
             .engine
-            .record(&r.tenant, &r.metric, r.amount, &r.event_id, &dims)
+            .record(
+                &r.tenant,
+                &r.metric,
+                r.amount,
+                &r.event_id,
+                &dims,
+                event_time,
+            )
             .await?;
         Ok(Response::new(pb::RecordResponse {
             decision: Some(convert::decision(&out.decision)),

@@ -340,7 +340,14 @@ impl RateLimitService for EnvoyRlsService {
             let event_id = uuid::Uuid::now_v7().to_string();
             let out = self
                 .engine
-                .record(&d.tenant, &d.metric, d.amount, &event_id, &d.dimensions)
+                .record(
+                    &d.tenant,
+                    &d.metric,
+                    d.amount,
+                    &event_id,
+                    &d.dimensions,
+                    None,
+                )
                 .await
                 .map_err(|e| locate(i, d, e))?;
             statuses.push(descriptor_status(&out.decision, self.engine.now()));

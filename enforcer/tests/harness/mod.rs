@@ -211,6 +211,7 @@ pub fn record(tenant: &str, metric: &str, amount: i64, event_id: &str) -> pb::Re
         amount,
         event_id: event_id.into(),
         dimensions: Default::default(),
+        event_time: None,
     }
 }
 
