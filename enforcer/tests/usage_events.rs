@@ -156,7 +156,11 @@ async fn an_embedded_node_spools_every_event_and_serves_it() {
     let want = traffic(&node).await;
     let mut spool = node.spool().await;
     let entries = spool
-        .read(pb::ReadSpoolRequest { after: 0, max: 0 })
+        .read(pb::ReadSpoolRequest {
+            after: 0,
+            max: 0,
+            consumer: "agg-1".into(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -176,11 +180,16 @@ async fn an_embedded_node_spools_every_event_and_serves_it() {
     spool
         .ack(pb::AckSpoolRequest {
             upto: entries[2].seq,
+            consumer: "agg-1".into(),
         })
         .await
         .unwrap();
     let left = spool
-        .read(pb::ReadSpoolRequest { after: 0, max: 0 })
+        .read(pb::ReadSpoolRequest {
+            after: 0,
+            max: 0,
+            consumer: "agg-1".into(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -190,10 +199,22 @@ async fn an_embedded_node_spools_every_event_and_serves_it() {
         .read(pb::ReadSpoolRequest {
             after: 0,
             max: 1_000_000,
+            consumer: "agg-1".into(),
         })
         .await
         .unwrap_err();
     assert!(err.message().starts_with("max:"), "{}", err.message());
+    // A second aggregator is turned away while the first holds the spool.
+    let err = spool
+        .read(pb::ReadSpoolRequest {
+            after: 0,
+            max: 0,
+            consumer: "agg-2".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("agg-1"), "{}", err.message());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,7 +324,11 @@ async fn late_events_count_in_the_window_of_their_time_within_the_lateness_limit
     let entries = node
         .spool()
         .await
-        .read(pb::ReadSpoolRequest { after: 0, max: 0 })
+        .read(pb::ReadSpoolRequest {
+            after: 0,
+            max: 0,
+            consumer: "agg-1".into(),
+        })
         .await
         .unwrap()
         .into_inner()
