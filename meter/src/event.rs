@@ -17,6 +17,7 @@ use crate::decision::{Decision, Outcome};
 use crate::quota::{QuotaSlot, RequestPlan};
 use crate::resolve::Entitlements;
 use crate::store::SlotUsage;
+use crate::window::Window;
 
 /// What an event records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -90,6 +91,12 @@ pub struct UsageEvent {
     pub dimensions: BTreeMap<String, String>,
     /// The node that decided.
     pub node: String,
+    /// The billing allowance in force for it: the tenant's billing-period limit of the
+    /// metric (or its month limit, without one) when it was decided, add-ons and
+    /// overrides in; `None`: no such limit. Billing counts overage against it
+    /// ([`crate::billing`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub included: Option<u64>,
 }
 
 /// Streams (with Redis) or spool partitions events are spread over, by tenant. Fixed: a
@@ -319,6 +326,10 @@ impl Spooled {
         let at = DateTime::<Utc>::from_timestamp_millis(self.at_ms)
             .ok_or_else(|| spool_error("t", "out of range"))?;
         let d = p.decide(&self.usage, self.granted);
+        let included = [Window::BillingPeriod, Window::Month]
+            .iter()
+            .find_map(|w| p.slots.iter().find(|s| s.window == *w))
+            .map(|s| s.limit);
         Ok(UsageEvent {
             id: self.id.clone(),
             at,
@@ -335,6 +346,7 @@ impl Spooled {
             degraded: p.degraded,
             dimensions: p.dimensions,
             node: p.node,
+            included,
         })
     }
 }
@@ -450,6 +462,30 @@ mod tests {
         );
         assert_eq!(UsageEvent::from_json(&e.to_json()).unwrap(), e);
         assert!(e.kind.is_usage() && !EventKind::Denial.is_usage());
+    }
+
+    #[test]
+    fn the_billing_allowance_is_the_billing_period_or_month_limit_in_force() {
+        let mut p = pending();
+        let spooled = |p: &Pending| Spooled {
+            kind: EventKind::Record,
+            id: "e".into(),
+            amount: 1,
+            at_ms: 0,
+            context: p.to_json(),
+            usage: vec![SlotUsage::default(); p.slots.len()],
+            granted: true,
+        };
+        assert_eq!(spooled(&p).finish().unwrap().included, None);
+        let mut month = p.slots[0].clone();
+        month.window = Window::Month;
+        month.limit = 700;
+        p.slots.push(month.clone());
+        assert_eq!(spooled(&p).finish().unwrap().included, Some(700));
+        month.window = Window::BillingPeriod;
+        month.limit = 900;
+        p.slots.push(month);
+        assert_eq!(spooled(&p).finish().unwrap().included, Some(900));
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! - [`soft`]: soft-limit counters (CRDTs) each node keeps and gossips.
 //! - [`keys`]: what valid codes, tenant ids and keys look like.
 
+pub mod billing;
 pub mod catalog;
 #[cfg(feature = "conformance")]
 pub mod conformance;
