@@ -72,8 +72,9 @@ pub fn events(n: usize, from: usize) -> Vec<Ev> {
                 2..=5 => EventKind::Commit,
                 _ => EventKind::Record,
             };
-            // Runs of a few events per month, so that batches cross month boundaries.
-            let base = months[(i / 7) % months.len()];
+            // Runs of 1000 events per month, as time goes: batches cross month boundaries
+            // now and then.
+            let base = months[(i / 1000) % months.len()];
             Ev {
                 kind,
                 tenant: format!("tenant-{}", i % 12),
@@ -269,7 +270,7 @@ pub fn options(ch: &ClickHouseServer, redis_url: &str, id: &str) -> AggregateOpt
     o.batch_size = 500;
     o.batch_interval = Duration::from_millis(200);
     o.lease_ttl = Duration::from_secs(2);
-    o.poll_interval = Duration::from_millis(20);
+    o.poll_interval = Duration::from_millis(50);
     o.retry_min = Duration::from_millis(50);
     o.retry_max = Duration::from_millis(1000);
     o
@@ -284,6 +285,14 @@ pub struct InProcess {
 impl InProcess {
     /// Starts `aggregator::run`.
     pub fn start(opts: AggregateOptions) -> InProcess {
+        // Logs of in-process aggregators: RUST_LOG=aggregator=info to see them.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_test_writer()
+            .try_init();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let handle = tokio::spawn(aggregator::run(opts, async move {
             let _ = rx.await;
@@ -331,7 +340,7 @@ impl Process {
                 "--batch-interval",
                 "200ms",
             ])
-            .args(["--lease-ttl", "2s", "--poll-interval", "20ms"])
+            .args(["--lease-ttl", "2s", "--poll-interval", "50ms"])
             .args(["--retry-min", "50ms", "--retry-max", "1s"])
             .args(extra)
             .env("RUST_LOG", "warn")
