@@ -168,6 +168,79 @@ ORDER BY (tenant, at)"],
     },
 ];
 
+/// The rollups fed by materialized views from `usage_events` (usage kinds only): table,
+/// period column, and the period of an event (the same expression as in its view).
+pub const ROLLUPS: &[(&str, &str, &str)] = &[
+    ("usage_hourly", "hour", "toStartOfHour(event_time)"),
+    ("usage_daily", "day", "toDate(event_time)"),
+    ("usage_monthly", "month", "toStartOfMonth(event_time)"),
+];
+
+/// A ClickHouse string literal.
+fn literal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        if c == '\'' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('\'');
+    out
+}
+
+fn array(items: &[String]) -> String {
+    let items: Vec<String> = items.iter().map(|s| literal(s)).collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// Statements that make the rollups and `denials` agree with `usage_events` for
+/// `tenants` × `metrics` in `month` (`yyyymm`): per rollup, the difference between the raw
+/// events and the rollup, inserted for each key where they differ; the denials missing
+/// from `denials`. Running them again adds nothing. See
+/// [`crate::sink::ClickHouse::repair_derived`] for when they are needed.
+pub fn repair_statements(month: u32, tenants: &[String], metrics: &[String]) -> Vec<String> {
+    let (tenants, metrics) = (array(tenants), array(metrics));
+    let keys = format!("has({tenants}, tenant) AND has({metrics}, metric)");
+    let mut out: Vec<String> = ROLLUPS
+        .iter()
+        .map(|(table, column, period)| {
+            format!(
+                "INSERT INTO {table} (tenant, metric, {column}, amount, events)
+SELECT tenant, metric, period, raw_amount - rolled_amount, raw_events - rolled_events
+FROM
+(
+    SELECT tenant, metric, {period} AS period,
+           sum(amount) AS raw_amount, toInt64(count()) AS raw_events
+    FROM usage_events
+    WHERE kind IN ('commit', 'record') AND toYYYYMM(event_time) = {month} AND {keys}
+    GROUP BY tenant, metric, period
+) AS from_events
+ANY LEFT JOIN
+(
+    SELECT tenant, metric, {column} AS period,
+           sum(amount) AS rolled_amount, toInt64(sum(events)) AS rolled_events
+    FROM {table}
+    WHERE toYYYYMM({column}) = {month} AND {keys}
+    GROUP BY tenant, metric, period
+) AS from_rollup USING (tenant, metric, period)
+WHERE raw_amount != rolled_amount OR raw_events != rolled_events"
+            )
+        })
+        .collect();
+    out.push(format!(
+        "INSERT INTO denials (event_time, tenant, metric, plan, plan_version, reason, `window`,
+                     amount, event_id, node)
+SELECT event_time, tenant, metric, plan, plan_version, reason, `window`, amount, event_id, node
+FROM usage_events
+WHERE kind = 'denial' AND toYYYYMM(event_time) = {month} AND {keys}
+  AND event_id NOT IN (
+      SELECT event_id FROM denials WHERE toYYYYMM(event_time) = {month} AND {keys})"
+    ));
+    out
+}
+
 /// The statement that records `m` as applied.
 pub fn record_statement(m: &Migration) -> String {
     format!(
@@ -293,6 +366,40 @@ mod tests {
                     m.version
                 );
             }
+        }
+    }
+
+    #[test]
+    fn repair_statements_quote_their_keys() {
+        let sql = repair_statements(
+            202401,
+            &["o'hara\\x".to_string()],
+            &["api_calls".to_string()],
+        );
+        assert_eq!(sql.len(), ROLLUPS.len() + 1);
+        assert!(
+            sql[0].contains(r"has(['o\'hara\\x'], tenant) AND has(['api_calls'], metric)"),
+            "{}",
+            sql[0]
+        );
+    }
+
+    #[test]
+    fn rollup_repairs_use_the_views_own_periods() {
+        let all: Vec<&str> = MIGRATIONS
+            .iter()
+            .flat_map(|m| m.statements.iter().copied())
+            .collect();
+        for (table, column, period) in ROLLUPS {
+            let head = format!("MATERIALIZED VIEW IF NOT EXISTS {table}_mv TO {table}");
+            let view = all
+                .iter()
+                .find(|s| s.contains(&head))
+                .unwrap_or_else(|| panic!("no view for {table}"));
+            assert!(
+                view.contains(&format!("{period} AS {column}")),
+                "{table}: {view}"
+            );
         }
     }
 }

@@ -131,6 +131,77 @@ impl ClickHouse {
         .await
     }
 
+    /// Makes the rollups and `denials` agree with `usage_events` for `tenants` × `metrics`
+    /// in `month` (`yyyymm`): inserts, per rollup key, the difference between the raw
+    /// events and the rollup, and the denials missing from `denials`. Needed after an
+    /// insert whose answer was an error but whose part landed: the views run after the
+    /// part is written, so a server stopped in between leaves the rollups short. Safe to
+    /// repeat (a second run finds nothing to add) as long as nobody else writes these
+    /// tenants meanwhile, which the partition's lease guarantees: a tenant's events all
+    /// come through one partition.
+    pub async fn repair_derived(
+        &self,
+        month: u32,
+        tenants: &[String],
+        metrics: &[String],
+    ) -> Result<(), SinkError> {
+        for sql in crate::schema::repair_statements(month, tenants, metrics) {
+            self.bounded(
+                "repair derived tables",
+                self.client.query_raw(&sql).execute(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The month, tenants and metrics of the last insert of `src` (the one holding
+    /// `max_offset`), or more (every insert of that month in the same second): what
+    /// [`ClickHouse::repair_derived`] must check when a partition is taken, in case its
+    /// previous holder died between a failed insert and its repair.
+    pub async fn last_insert_keys(
+        &self,
+        src: &str,
+        max_offset: u64,
+    ) -> Result<Option<(u32, Vec<String>, Vec<String>)>, SinkError> {
+        let last: Option<(u32, u32)> = self
+            .bounded(
+                "find the last insert",
+                self.client
+                    .query(
+                        "SELECT toYYYYMM(event_time), toUInt32(inserted_at) FROM usage_events
+                         WHERE src = ? AND src_offset = ? LIMIT 1",
+                    )
+                    .bind(src)
+                    .bind(max_offset)
+                    .fetch_optional(),
+            )
+            .await?;
+        let Some((month, at)) = last else {
+            return Ok(None);
+        };
+        #[derive(serde::Deserialize, clickhouse::Row)]
+        struct Keys {
+            tenants: Vec<String>,
+            metrics: Vec<String>,
+        }
+        let keys: Keys = self
+            .bounded(
+                "keys of the last insert",
+                self.client
+                    .query(&format!(
+                        "SELECT groupUniqArray(tenant) AS tenants, groupUniqArray(metric) AS metrics
+                         FROM usage_events
+                         WHERE src = ? AND toYYYYMM(event_time) = {month}
+                           AND toUInt32(inserted_at) >= {at}"
+                    ))
+                    .bind(src)
+                    .fetch_one(),
+            )
+            .await?;
+        Ok(Some((month, keys.tenants, keys.metrics)))
+    }
+
     /// The underlying client (for queries of the rollups).
     pub fn client(&self) -> &Client {
         &self.client

@@ -126,6 +126,13 @@ impl Worker<'_> {
             Ok(f) => self.floor = f,
             Err(end) => return end,
         }
+        // The previous holder may have died after an insert whose views did not all run
+        // (the server stopped in between) and before repairing them.
+        if self.floor > 0 {
+            if let Err(end) = self.repair_last_insert().await {
+                return end;
+            }
+        }
         tracing::info!(partition = %self.name, floor = self.floor, "partition taken");
         let size = self.ctx.opts.batch_size;
         let interval = self.ctx.opts.batch_interval;
@@ -309,6 +316,45 @@ impl Worker<'_> {
         }
     }
 
+    /// Makes the rollups agree with the raw events for these keys, retrying while
+    /// ClickHouse fails.
+    async fn repair(
+        &mut self,
+        month: u32,
+        tenants: &[String],
+        metrics: &[String],
+    ) -> Result<(), End> {
+        let mut backoff = Backoff::new(self.ctx.opts.retry_min, self.ctx.opts.retry_max);
+        loop {
+            match self.ctx.sink.repair_derived(month, tenants, metrics).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(partition = %self.name, month, error = %e, "cannot check the rollups; retrying");
+                    self.retry_pause(&mut backoff).await?;
+                }
+            }
+        }
+    }
+
+    /// Repairs the rollups of the partition's last insert (see
+    /// [`ClickHouse::last_insert_keys`]).
+    async fn repair_last_insert(&mut self) -> Result<(), End> {
+        let mut backoff = Backoff::new(self.ctx.opts.retry_min, self.ctx.opts.retry_max);
+        let keys = loop {
+            match self.ctx.sink.last_insert_keys(&self.name, self.floor).await {
+                Ok(k) => break k,
+                Err(e) => {
+                    tracing::warn!(partition = %self.name, error = %e, "cannot find the last insert; retrying");
+                    self.retry_pause(&mut backoff).await?;
+                }
+            }
+        };
+        match keys {
+            Some((month, tenants, metrics)) => self.repair(month, &tenants, &metrics).await,
+            None => Ok(()),
+        }
+    }
+
     /// Inserts a batch: one insert per run of one month, in order.
     async fn flush(&mut self, entries: &[Entry], rows: &[EventRow]) -> Result<(), End> {
         let mut start = 0;
@@ -384,6 +430,20 @@ impl Worker<'_> {
             }
             if landed > 0 {
                 tracing::info!(partition = %self.name, rows = landed, "the failed insert had landed");
+                // Its views may not all have run: make the rollups agree before going on.
+                let mut tenants: Vec<String> = rows[a..a + landed]
+                    .iter()
+                    .map(|r| r.tenant.clone())
+                    .collect();
+                let mut metrics: Vec<String> = rows[a..a + landed]
+                    .iter()
+                    .map(|r| r.metric.clone())
+                    .collect();
+                tenants.sort();
+                tenants.dedup();
+                metrics.sort();
+                metrics.dedup();
+                self.repair(rows[a].month(), &tenants, &metrics).await?;
                 let refs: Vec<&Entry> = entries[a..a + landed].iter().collect();
                 self.ack(&refs).await?;
                 continue; // the loop drops them from the range

@@ -321,25 +321,16 @@ pub struct Process {
 }
 
 impl Process {
-    /// Starts the binary with the test options plus `extra` arguments.
+    /// Starts the binary with the test options plus `extra` arguments (`--batch-size`
+    /// there replaces the test batch size and interval).
     pub fn start(ch: &ClickHouseServer, redis_url: &str, id: &str, extra: &[&str]) -> Process {
-        let child = Command::new(env!("CARGO_BIN_EXE_allot-aggregator"))
-            .args([
-                "--clickhouse",
-                &ch.url,
-                "--database",
-                DB,
-                "--redis",
-                redis_url,
-            ])
-            .args([
-                "--id",
-                id,
-                "--batch-size",
-                "500",
-                "--batch-interval",
-                "200ms",
-            ])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_allot-aggregator"));
+        cmd.args(["--clickhouse", &ch.url, "--database", DB])
+            .args(["--redis", redis_url, "--id", id]);
+        if !extra.contains(&"--batch-size") {
+            cmd.args(["--batch-size", "500", "--batch-interval", "200ms"]);
+        }
+        let child = cmd
             .args(["--lease-ttl", "2s", "--poll-interval", "50ms"])
             .args(["--retry-min", "50ms", "--retry-max", "1s"])
             .args(extra)
