@@ -79,9 +79,26 @@ pub async fn run(
             Err(e) => return Err(e.into()),
         }
     }
-    let source =
-        source::redis::RedisSource::connect(&opts.redis_url, &opts.aggregator_id, opts.lease_ttl)
-            .await?;
+    backoff.reset();
+    let source = loop {
+        match source::redis::RedisSource::connect(
+            &opts.redis_url,
+            &opts.aggregator_id,
+            opts.lease_ttl,
+        )
+        .await
+        {
+            Ok(s) => break s,
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "redis unavailable; retrying");
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(backoff.step()) => {}
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     consume(
         Arc::new(source),
         sink,

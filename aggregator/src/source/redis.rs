@@ -150,9 +150,16 @@ fn unavailable(e: fred::error::Error) -> SourceError {
 }
 
 impl RedisSource {
-    /// Connects to `url` (`redis://…` or `redis-cluster://…`) as aggregator `me`, holding
-    /// leases for `ttl`.
-    pub async fn connect(url: &str, me: &str, ttl: Duration) -> Result<RedisSource, SourceError> {
+    /// Connects to `url` (`redis://…` or `redis-cluster://…`) as aggregator `id`, holding
+    /// leases for `ttl`. Leases and heartbeats name this process `<id>/<nonce>`, so two
+    /// processes given the same id by mistake still never share a partition, and a
+    /// restarted aggregator waits for its former self's leases to lapse.
+    pub async fn connect(url: &str, id: &str, ttl: Duration) -> Result<RedisSource, SourceError> {
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id()).rotate_left(32);
+        let me = format!("{id}/{nonce:x}");
         let config = Config::from_url(url)
             .map_err(|e| SourceError::Invalid(format!("redis url {url}: {e}")))?;
         let client = Builder::from_config(config)
@@ -172,7 +179,7 @@ impl RedisSource {
         client.init().await.map_err(unavailable)?;
         Ok(RedisSource {
             client,
-            me: me.to_string(),
+            me,
             ttl,
             scripts: std::sync::Arc::new(Scripts {
                 acquire: Script::from_lua(ACQUIRE),

@@ -25,6 +25,7 @@ pub mod proxy;
 mod redis_servers;
 
 /// Throwaway Redis servers and clusters (see `redis.rs`), and nodes running on them.
+#[allow(unused_imports)] // each test crate uses some of them
 pub mod redis {
     pub use super::nodes_on;
     pub use super::redis_servers::*;
