@@ -11,7 +11,7 @@ use aggregator::schema::migrate;
 use aggregator::sink::ClickHouse;
 use aggregator::source::redis::lease_key;
 use fred::prelude::*;
-use harness::redis::RedisServer;
+use harness::redis::{RedisCluster, RedisServer};
 use harness::*;
 use meter::event::{partition, EventKind, PARTITIONS};
 
@@ -68,6 +68,19 @@ async fn events_of_many_partitions_are_inserted_once_and_roll_up_to_the_ledger()
         "leases are given back on shutdown"
     );
     assert_exact(&ch, &producer.ledger).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_redis_cluster_events_are_inserted_once() {
+    let cluster = RedisCluster::start().await;
+    let ch = ClickHouseServer::start().await;
+    let mut producer = Producer::connect(&cluster.url).await;
+    producer.emit_many(&events(2000, 0)).await;
+    let agg = InProcess::start(options(&ch, &cluster.url, "clustered"));
+    producer.emit_many(&events(1000, 2000)).await;
+    wait_drained(&ch, &producer, DRAIN).await;
+    assert_exact(&ch, &producer.ledger).await;
+    agg.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
