@@ -86,6 +86,9 @@ struct Worker<'a> {
     name: String,
     /// Entries at or below this are in ClickHouse.
     floor: u64,
+    /// An insert failed and whether it landed is not known yet: it might still be running
+    /// in ClickHouse, so the lease must lapse (a full term) rather than be handed over.
+    unresolved: bool,
 }
 
 fn stopping(stop: &watch::Receiver<bool>) -> bool {
@@ -106,9 +109,13 @@ pub(crate) async fn consume(
         stop,
         name,
         floor: 0,
+        unresolved: false,
     };
     let end = w.run().await;
     match &end {
+        End::Stopped if w.unresolved => {
+            tracing::warn!(partition = %w.name, "stopped with an insert in doubt: the lease lapses by itself");
+        }
         End::Stopped => {
             tracing::info!(partition = %w.name, "partition released");
             w.claim.release().await;
@@ -423,7 +430,9 @@ impl Worker<'_> {
             // materialized view failing after the part was written): stop the query if it
             // still runs, then ask ClickHouse how far the partition got.
             tracing::warn!(partition = %self.name, rows = b - a, error = %error, "insert failed");
+            self.unresolved = true;
             self.floor = self.resolve_floor(Some(&query_id)).await?;
+            self.unresolved = false;
             let mut landed = 0;
             while a + landed < b && rows[a + landed].src_offset <= self.floor {
                 landed += 1;
