@@ -101,9 +101,15 @@ async fn killed_at_random_points_of_a_long_run_totals_stay_exact() {
     // Throughput: a backlog drained by one aggregator with the default batch size and
     // interval (a debug build, sharing two cores with Redis and ClickHouse).
     let mut producer = producer;
-    let backlog = 60_000;
+    let backlog = 150_000;
     let start = Instant::now();
-    producer.emit_many(&events(backlog, 100_000)).await;
+    // In one month, as live traffic is (a batch is cut where the month changes).
+    let mut evs = events(backlog, 100_000);
+    let march = 1_709_251_200_000; // 2024-03-01T00:00:00Z
+    for (i, e) in evs.iter_mut().enumerate() {
+        e.at_ms = march + i as i64 * 10_000;
+    }
+    producer.emit_many(&evs).await;
     let written = start.elapsed();
     let start = Instant::now();
     let mut fast = Process::start(
