@@ -92,7 +92,8 @@ async fn two_aggregators_share_the_partitions_and_totals_stay_exact() {
     let a = InProcess::start(options(&ch, &redis.url, "agg-a"));
     producer.emit_many(&events(1000, 1000)).await;
     let b = InProcess::start(options(&ch, &redis.url, "agg-b"));
-    // Both end up holding about half of the partitions.
+    // They converge to half of the partitions each (the first gives back what is beyond
+    // its share once it sees the second), while events keep coming.
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut wave = 2000;
     loop {
@@ -101,12 +102,7 @@ async fn two_aggregators_share_the_partitions_and_totals_stay_exact() {
         let owners = lease_owners(&producer).await;
         let count = |id: &str| owners.iter().filter(|o| held_by(o, id)).count();
         let (na, nb) = (count("agg-a"), count("agg-b"));
-        if na > 0 && nb > 0 && na + nb == PARTITIONS as usize {
-            eprintln!("agg-a holds {na} partitions, agg-b {nb}");
-            assert!(
-                na <= 32 && nb <= 32,
-                "each holds at most its share: {na} and {nb}"
-            );
+        if na == 32 && nb == 32 {
             break;
         }
         assert!(
