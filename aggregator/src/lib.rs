@@ -42,7 +42,8 @@ use worker::{Backoff, Ctx, End};
 /// Runs an aggregator until `shutdown` completes: migrates the schema (waiting for
 /// ClickHouse while it is unreachable), connects to Redis, then consumes its share of the
 /// partitions. On shutdown each partition's current batch is inserted if ClickHouse
-/// answers, and the leases are given back.
+/// answers, and the leases are given back. Acknowledged entries are trimmed from the
+/// streams after each batch unless `keep_acknowledged`.
 pub async fn run(
     opts: AggregateOptions,
     shutdown: impl Future<Output = ()>,
@@ -88,7 +89,7 @@ pub async fn run(
         )
         .await
         {
-            Ok(s) => break s,
+            Ok(s) => break s.keep_acknowledged(opts.keep_acknowledged),
             Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, "redis unavailable; retrying");
                 tokio::select! {

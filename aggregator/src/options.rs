@@ -51,6 +51,9 @@ pub struct AggregateOptions {
     pub retry_min: Duration,
     /// Longest retry delay.
     pub retry_max: Duration,
+    /// Keep acknowledged entries in the source (for other readers) instead of trimming
+    /// them after each batch.
+    pub keep_acknowledged: bool,
     /// Test failpoint: abort the process right after this many successful inserts, before
     /// their entries are acknowledged.
     #[doc(hidden)]
@@ -74,6 +77,7 @@ impl AggregateOptions {
             poll_interval: DEFAULT_POLL_INTERVAL,
             retry_min: DEFAULT_RETRY_MIN,
             retry_max: DEFAULT_RETRY_MAX,
+            keep_acknowledged: false,
             exit_after_inserts: None,
         }
     }
@@ -197,6 +201,10 @@ pub struct AggregateArgs {
     /// Longest retry delay.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub retry_max: Duration,
+    /// Keep acknowledged events in the Redis streams (when other consumer groups read
+    /// them) instead of trimming them after each batch.
+    #[arg(long, env = "ALLOT_KEEP_ACKNOWLEDGED")]
+    pub keep_acknowledged: bool,
     /// Log format on stderr (levels from RUST_LOG).
     #[arg(long, env = "ALLOT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -221,6 +229,7 @@ impl AggregateArgs {
         o.poll_interval = self.poll_interval;
         o.retry_min = self.retry_min;
         o.retry_max = self.retry_max;
+        o.keep_acknowledged = self.keep_acknowledged;
         o.exit_after_inserts = self.exit_after_insert;
         o
     }

@@ -214,6 +214,9 @@ impl Worker<'_> {
                 }
                 entries.clear();
                 rows.clear();
+                if let Err(e) = self.claim.trim().await {
+                    tracing::warn!(partition = %self.name, error = %e, "trimming acknowledged entries failed");
+                }
                 continue;
             }
             if got == 0 {

@@ -67,6 +67,19 @@ async fn events_of_many_partitions_are_inserted_once_and_roll_up_to_the_ledger()
         lease_owners(&producer).await.iter().all(Option::is_none),
         "leases are given back on shutdown"
     );
+    let mut kept = 0;
+    for part in 0..PARTITIONS {
+        let len: u64 = producer
+            .client
+            .xlen(meter::event::stream_key(part))
+            .await
+            .unwrap();
+        kept += len;
+    }
+    assert!(
+        kept <= used.len() as u64,
+        "acknowledged entries are trimmed: {kept} left"
+    );
     assert_exact(&ch, &producer.ledger).await;
 }
 

@@ -76,6 +76,10 @@ pub trait Claim: Send {
     /// Acknowledges entries: they are done and never read again.
     async fn ack(&mut self, entries: &[&Entry]) -> Result<(), SourceError>;
 
+    /// Drops acknowledged entries from the source, where it keeps them (called after a
+    /// batch, when every entry handed out is acknowledged). Nothing else depends on it.
+    async fn trim(&mut self) -> Result<(), SourceError>;
+
     /// Moves an entry aside with `error` (its fields kept) and acknowledges it, in one
     /// step.
     async fn dead_letter(&mut self, entry: &Entry, error: &str) -> Result<(), SourceError>;

@@ -142,6 +142,7 @@ pub struct RedisSource {
     client: Client,
     me: String,
     ttl: Duration,
+    trim: bool,
     scripts: std::sync::Arc<Scripts>,
 }
 
@@ -181,6 +182,7 @@ impl RedisSource {
             client,
             me,
             ttl,
+            trim: true,
             scripts: std::sync::Arc::new(Scripts {
                 acquire: Script::from_lua(ACQUIRE),
                 renew: Script::from_lua(RENEW),
@@ -194,6 +196,13 @@ impl RedisSource {
 
     fn ttl_ms(&self) -> String {
         self.ttl.as_millis().max(1).to_string()
+    }
+
+    /// Keeps acknowledged entries in the streams (for other consumer groups reading them)
+    /// instead of trimming them after each batch.
+    pub fn keep_acknowledged(mut self, keep: bool) -> RedisSource {
+        self.trim = !keep;
+        self
     }
 }
 
@@ -244,6 +253,7 @@ impl Source for RedisSource {
             dead: dead_key(partition),
             cursor: Cursor::Pending("0".into()),
             renewed: Instant::now(),
+            trim: self.trim,
         })))
     }
 
@@ -275,6 +285,7 @@ struct RedisClaim {
     dead: String,
     cursor: Cursor,
     renewed: Instant,
+    trim: bool,
 }
 
 /// `None` when a lease script answered {1}; `Some(owner)` for {0, owner}.
@@ -467,6 +478,23 @@ impl Claim for RedisClaim {
                 .await
                 .map_err(unavailable)?;
         }
+        Ok(())
+    }
+
+    async fn trim(&mut self) -> Result<(), SourceError> {
+        let last = match &self.cursor {
+            Cursor::Pending(last) | Cursor::New { last } => last.clone(),
+        };
+        if !self.trim || last == "0" {
+            return Ok(());
+        }
+        // Entries below the last one handed out: all acknowledged (the caller says so), and
+        // never read again. The last one stays (harmless).
+        let _: i64 = self
+            .client
+            .xtrim(self.stream.clone(), ("MINID", "=", last))
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 
