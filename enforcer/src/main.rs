@@ -1,4 +1,5 @@
-//! `allot`: run a node (`allot serve`) or talk to one (every other subcommand).
+//! `allot`: run a node (`allot serve`), an aggregator (`allot aggregate`), or talk to a
+//! node (every other subcommand).
 
 mod cli;
 
@@ -21,6 +22,9 @@ enum Command {
     /// Run a node: gRPC Enforcer and Admin services over the embedded store in --data-dir,
     /// or over Redis shared with other nodes (--redis).
     Serve(Box<ServeArgs>),
+    /// Move usage events from Redis into ClickHouse, exactly once; migrates the schema at
+    /// start (see docs/clickhouse.md).
+    Aggregate(Box<aggregator::AggregateArgs>),
     #[command(flatten)]
     Client(cli::ClientCommand),
 }
@@ -37,6 +41,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
+            Command::Aggregate(args) => aggregator::main(*args).await.map_err(Into::into),
             Command::Client(cmd) => cli::run(&cli.client, cmd).await,
         }
     });

@@ -19,7 +19,17 @@ use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
 pub mod proxy;
-pub mod redis;
+// The servers themselves live in redis.rs, which names nothing of this harness, so that
+// other crates' tests can include it too (`#[path]`); `redis` adds the nodes on them.
+#[path = "redis.rs"]
+mod redis_servers;
+
+/// Throwaway Redis servers and clusters (see `redis.rs`), and nodes running on them.
+#[allow(unused_imports)] // each test crate uses some of them
+pub mod redis {
+    pub use super::nodes_on;
+    pub use super::redis_servers::*;
+}
 
 /// The repository's example catalog.
 pub fn example_catalog() -> String {
@@ -241,4 +251,23 @@ pub async fn window_usage(
 /// The outcome of a decision.
 pub fn outcome(d: &Option<pb::Decision>) -> pb::Outcome {
     pb::Outcome::try_from(d.as_ref().expect("decision").outcome).unwrap()
+}
+
+/// `count` nodes over the Redis at `url`, all on `catalog`. Their cache TTL is an hour, so
+/// only change announcements can explain a quick update.
+pub async fn nodes_on(url: &str, catalog: &str, count: usize) -> Vec<Node> {
+    let mut out = Vec::new();
+    for _ in 0..count {
+        out.push(
+            Node::builder()
+                .catalog(catalog)
+                .arg("--redis")
+                .arg(url)
+                .arg("--cache-ttl")
+                .arg("1h")
+                .start()
+                .await,
+        );
+    }
+    out
 }

@@ -913,22 +913,3 @@ pub fn key_slot(key: &str) -> u16 {
     };
     crc16(hashed) % 16384
 }
-
-/// `count` nodes over the Redis at `url`, all on `catalog`. Their cache TTL is an hour, so
-/// only change announcements can explain a quick update.
-pub async fn nodes_on(url: &str, catalog: &str, count: usize) -> Vec<super::Node> {
-    let mut out = Vec::new();
-    for _ in 0..count {
-        out.push(
-            super::Node::builder()
-                .catalog(catalog)
-                .arg("--redis")
-                .arg(url)
-                .arg("--cache-ttl")
-                .arg("1h")
-                .start()
-                .await,
-        );
-    }
-    out
-}
