@@ -33,6 +33,8 @@ plans:
 ";
 
 type Totals = BTreeMap<(String, String), i64>;
+/// A row of `aggregator::queries::MONTHLY_USAGE`: tenant, metric, yyyymm, amount, events.
+type MonthRow = (String, String, u32, i64, u64);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_through_a_node_reaches_the_monthly_rollup_exactly() {
@@ -109,7 +111,7 @@ async fn usage_through_a_node_reaches_the_monthly_rollup_exactly() {
     let client = ch.client("allot");
     let mut seen = Totals::new();
     for _ in 0..600 {
-        let rows: Result<Vec<(String, String, u32, i64, u64)>, _> = client
+        let rows: Result<Vec<MonthRow>, _> = client
             .query(aggregator::queries::MONTHLY_USAGE)
             .fetch_all()
             .await;

@@ -123,6 +123,7 @@ fn pending(tenant: &str, metric: &str, amount: i64) -> Pending {
         dimensions: [("api_key".to_string(), "k1".to_string())].into(),
         node: "node-1".into(),
         degraded: false,
+        decided: None,
     }
 }
 
