@@ -42,3 +42,80 @@ pub const DENIALS_BY_REASON: &str = "SELECT tenant, metric, reason, count() AS d
 FROM denials
 GROUP BY tenant, metric, reason
 ORDER BY tenant, metric, reason";
+
+/// Usage per tenant, metric and day for one month (`yyyymm`), from the daily rollup.
+pub fn daily_usage_in(yyyymm: u32) -> String {
+    format!(
+        "SELECT tenant, metric, toYYYYMMDD(day) AS yyyymmdd,
+       sum(amount) AS amount, sum(events) AS events
+FROM usage_daily
+WHERE toYYYYMM(day) = {yyyymm}
+GROUP BY tenant, metric, yyyymmdd
+ORDER BY tenant, metric, yyyymmdd"
+    )
+}
+
+/// The `limit` largest tenants of a metric in a month: tenant, amount, events.
+pub fn top_tenants(metric_code: &str, yyyymm: u32, limit: u32) -> String {
+    format!(
+        "SELECT tenant, sum(amount) AS amount, sum(events) AS events
+FROM usage_monthly
+WHERE metric = {} AND toYYYYMM(month) = {yyyymm}
+GROUP BY tenant
+ORDER BY amount DESC, tenant
+LIMIT {limit}",
+        crate::schema::literal(metric_code)
+    )
+}
+
+/// The upsell signal: tenants × metrics × months whose usage reached `min_percent` of
+/// the billing allowance in force at their last event of the month (events carry it:
+/// `included`); months without an allowance are left out. Columns: tenant, metric,
+/// yyyymm, used, allowance, percent (integer, rounded down).
+pub fn quota_fill(min_percent: u32) -> String {
+    format!(
+        "SELECT tenant, metric, yyyymm, used, allowance, intDiv(used * 100, allowance) AS percent
+FROM
+(
+    SELECT tenant, metric, toYYYYMM(event_time) AS yyyymm,
+           sum(amount) AS used,
+           argMaxIf(assumeNotNull(included), event_time, isNotNull(included)) AS allowance,
+           countIf(isNotNull(included)) AS with_allowance
+    FROM usage_events
+    WHERE kind IN ('commit', 'record')
+    GROUP BY tenant, metric, yyyymm
+)
+WHERE with_allowance > 0 AND allowance > 0 AND used * 100 >= allowance * {min_percent}
+ORDER BY percent DESC, tenant, metric, yyyymm"
+    )
+}
+
+/// Denials by reason and plan: reason, plan, plan_version, denials.
+pub const DENIALS_BY_REASON_AND_PLAN: &str = "SELECT reason, plan, plan_version, count() AS denials
+FROM denials
+GROUP BY reason, plan, plan_version
+ORDER BY denials DESC, reason, plan, plan_version";
+
+/// Adoption of each metered feature by plan in a month: of the tenants on a plan that
+/// used anything, how many used this metric. Columns: plan, metric, tenants (that used
+/// the metric), plan_tenants (that used anything on the plan).
+pub fn adoption_by_plan(yyyymm: u32) -> String {
+    format!(
+        "SELECT plan, metric, tenants, plan_tenants
+FROM
+(
+    SELECT plan, metric, uniqExact(tenant) AS tenants
+    FROM usage_events
+    WHERE kind IN ('commit', 'record') AND toYYYYMM(event_time) = {yyyymm}
+    GROUP BY plan, metric
+) AS per_metric
+ANY LEFT JOIN
+(
+    SELECT plan, uniqExact(tenant) AS plan_tenants
+    FROM usage_events
+    WHERE kind IN ('commit', 'record') AND toYYYYMM(event_time) = {yyyymm}
+    GROUP BY plan
+) AS per_plan USING (plan)
+ORDER BY plan, metric"
+    )
+}

@@ -45,6 +45,9 @@ pub struct EventRow {
     pub src: String,
     /// The entry's position in it (see [`stream_offset`]).
     pub src_offset: u64,
+    /// The billing allowance in force for the event (`None`: no billing-period or month
+    /// limit).
+    pub included: Option<u64>,
 }
 
 /// The `Enum8` code of a kind in `usage_events.kind`.
@@ -97,6 +100,7 @@ impl EventRow {
             node: ev.node,
             src: src.to_string(),
             src_offset: offset,
+            included: ev.included,
         })
     }
 

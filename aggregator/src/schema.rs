@@ -166,6 +166,13 @@ WHERE kind = 'denial'",
 PARTITION BY toYYYYMM(at)
 ORDER BY (tenant, at)"],
     },
+    Migration {
+        version: 5,
+        name: "event_allowance",
+        // The billing allowance in force for each event (`UsageEvent::included`): what
+        // quota fill and billing overage are measured against. Older rows have NULL.
+        statements: &["ALTER TABLE usage_events ADD COLUMN included Nullable(UInt64)"],
+    },
 ];
 
 /// The rollups fed by materialized views from `usage_events` (usage kinds only): table,
@@ -177,7 +184,7 @@ pub const ROLLUPS: &[(&str, &str, &str)] = &[
 ];
 
 /// A ClickHouse string literal.
-fn literal(s: &str) -> String {
+pub(crate) fn literal(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('\'');
     for c in s.chars() {
