@@ -193,6 +193,7 @@ mod tests {
             node: String::new(),
             src: String::new(),
             src_offset: 0,
+            included: None,
         };
         assert_eq!(row(1_706_745_599).month(), 202401); // 2024-01-31 23:59:59
         assert_eq!(row(1_706_745_600).month(), 202402);
