@@ -40,8 +40,10 @@ fn strings(rows: &[&[&str]]) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// (query, its columns, the expected rows).
-fn cases() -> Vec<(String, Vec<&'static str>, Vec<Vec<String>>)> {
+/// A query, the columns compared, and the rows expected.
+type Case = (String, Vec<&'static str>, Vec<Vec<String>>);
+
+fn cases() -> Vec<Case> {
     vec![
         (
             queries::quota_fill(80),
