@@ -39,6 +39,26 @@ fn finish(fields: impl IntoIterator<Item = (String, String)>) -> UsageEvent {
         .unwrap()
 }
 
+type Client = pb::enforcer_client::EnforcerClient<tonic::transport::Channel>;
+
+async fn rec(e: &mut Client, metric: &str, amount: i64, id: &str) -> pb::RecordResponse {
+    e.record(record("acme", metric, amount, id))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn commit(e: &mut Client, id: &str, actual: i64) -> pb::CommitResponse {
+    e.commit(pb::CommitRequest {
+        tenant: "acme".into(),
+        reservation_id: id.into(),
+        actual_amount: actual,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 /// The requests both tests make, and the events they expect (kind, metric, amount,
 /// reason, overage), in order.
 async fn traffic(node: &Node) -> Vec<(EventKind, &'static str, i64, &'static str, bool)> {
@@ -48,70 +68,18 @@ async fn traffic(node: &Node) -> Vec<(EventKind, &'static str, i64, &'static str
         .await
         .unwrap()
         .into_inner();
-    let id = r.reservation_id;
-    let c = e
-        .commit(pb::CommitRequest {
-            tenant: "acme".into(),
-            reservation_id: id.clone(),
-            actual_amount: 3,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(c.committed, 3);
+    assert_eq!(commit(&mut e, &r.reservation_id, 3).await.committed, 3);
     // A replayed commit and a replayed record write nothing more.
-    e.commit(pb::CommitRequest {
-        tenant: "acme".into(),
-        reservation_id: id,
-        actual_amount: 3,
-    })
-    .await
-    .unwrap();
-    assert!(
-        e.record(record("acme", "calls", 2, "e1"))
-            .await
-            .unwrap()
-            .into_inner()
-            .recorded
-    );
-    assert!(
-        e.record(record("acme", "calls", 2, "e1"))
-            .await
-            .unwrap()
-            .into_inner()
-            .replayed
-    );
+    assert!(commit(&mut e, &r.reservation_id, 3).await.replayed);
+    assert!(rec(&mut e, "calls", 2, "e1").await.recorded);
+    assert!(rec(&mut e, "calls", 2, "e1").await.replayed);
     // Refused by the day cap (3 + 2 + 6 > 10).
-    assert!(
-        !e.record(record("acme", "calls", 6, "e2"))
-            .await
-            .unwrap()
-            .into_inner()
-            .recorded
-    );
+    assert!(!rec(&mut e, "calls", 6, "e2").await.recorded);
     // Soft: past 5 is overage.
-    assert!(
-        e.record(record("acme", "soft_calls", 7, "s1"))
-            .await
-            .unwrap()
-            .into_inner()
-            .recorded
-    );
+    assert!(rec(&mut e, "soft_calls", 7, "s1").await.recorded);
     // Refused before any counter: the bucket holds one.
-    assert!(
-        e.record(record("acme", "hits", 1, "h1"))
-            .await
-            .unwrap()
-            .into_inner()
-            .recorded
-    );
-    assert!(
-        !e.record(record("acme", "hits", 1, "h2"))
-            .await
-            .unwrap()
-            .into_inner()
-            .recorded
-    );
+    assert!(rec(&mut e, "hits", 1, "h1").await.recorded);
+    assert!(!rec(&mut e, "hits", 1, "h2").await.recorded);
     let r = e
         .reserve(reserve("acme", "calls", 1, "k2"))
         .await
@@ -132,6 +100,30 @@ async fn traffic(node: &Node) -> Vec<(EventKind, &'static str, i64, &'static str
         (EventKind::Denial, "hits", 1, "rate_limited", false),
         (EventKind::Release, "calls", 1, "ok", false),
     ]
+}
+
+type Spool = pb::spool_client::SpoolClient<tonic::transport::Channel>;
+
+fn read_req(max: u32, consumer: &str) -> pb::ReadSpoolRequest {
+    pb::ReadSpoolRequest {
+        after: 0,
+        max,
+        consumer: consumer.into(),
+    }
+}
+
+/// Everything in the spool, read by consumer `agg-1`.
+async fn read_all(spool: &mut Spool) -> Vec<pb::SpoolEntry> {
+    spool
+        .read(read_req(0, "agg-1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+}
+
+fn finish_all(entries: &[pb::SpoolEntry]) -> Vec<UsageEvent> {
+    entries.iter().map(|e| finish(e.fields.clone())).collect()
 }
 
 fn summary(events: &[UsageEvent]) -> Vec<(EventKind, &str, i64, &str, bool)> {
@@ -155,17 +147,8 @@ async fn an_embedded_node_spools_every_event_and_serves_it() {
     subscribe(&mut node.admin().await, "acme", "p").await;
     let want = traffic(&node).await;
     let mut spool = node.spool().await;
-    let entries = spool
-        .read(pb::ReadSpoolRequest {
-            after: 0,
-            max: 0,
-            consumer: "agg-1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
-    let events: Vec<UsageEvent> = entries.iter().map(|e| finish(e.fields.clone())).collect();
+    let entries = read_all(&mut spool).await;
+    let events = finish_all(&entries);
     let mut got = summary(&events);
     // Order is the node's; compared as sets of (kind, metric, amount, reason, overage).
     got.sort_by_key(|g| format!("{g:?}"));
@@ -184,35 +167,11 @@ async fn an_embedded_node_spools_every_event_and_serves_it() {
         })
         .await
         .unwrap();
-    let left = spool
-        .read(pb::ReadSpoolRequest {
-            after: 0,
-            max: 0,
-            consumer: "agg-1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
-    assert_eq!(left.len(), entries.len() - 3);
-    let err = spool
-        .read(pb::ReadSpoolRequest {
-            after: 0,
-            max: 1_000_000,
-            consumer: "agg-1".into(),
-        })
-        .await
-        .unwrap_err();
+    assert_eq!(read_all(&mut spool).await.len(), entries.len() - 3);
+    let err = spool.read(read_req(1_000_000, "agg-1")).await.unwrap_err();
     assert!(err.message().starts_with("max:"), "{}", err.message());
     // A second aggregator is turned away while the first holds the spool.
-    let err = spool
-        .read(pb::ReadSpoolRequest {
-            after: 0,
-            max: 0,
-            consumer: "agg-2".into(),
-        })
-        .await
-        .unwrap_err();
+    let err = spool.read(read_req(0, "agg-2")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     assert!(err.message().contains("agg-1"), "{}", err.message());
 }
@@ -321,19 +280,7 @@ async fn late_events_count_in_the_window_of_their_time_within_the_lateness_limit
         );
     }
     // The event carries its own time.
-    let entries = node
-        .spool()
-        .await
-        .read(pb::ReadSpoolRequest {
-            after: 0,
-            max: 0,
-            consumer: "agg-1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
-    let events: Vec<UsageEvent> = entries.iter().map(|e| finish(e.fields.clone())).collect();
+    let events = finish_all(&read_all(&mut node.spool().await).await);
     let old = events.iter().find(|e| e.id == "old").unwrap();
     assert_eq!(old.at.timestamp(), three_days_ago.timestamp());
     assert_eq!(events.len(), 3, "old, its refused follower, today");
