@@ -309,7 +309,7 @@ impl Engine {
             Admission::Denied(d) => {
                 let id = format!("{reservation_id}/denied");
                 return self
-                    .reserve_denied(&ctx, &demand, idempotency_key, id, d)
+                    .reserve_denied(&ctx, &demand, idempotency_key, id, d, now)
                     .await;
             }
             Admission::Proceed { plan, taken } => (plan, taken),
@@ -349,7 +349,7 @@ impl Engine {
                 } else {
                     self.refund(tenant, &taken).await;
                     if !r.replayed {
-                        self.log_denial(&ctx, &demand, id, &r.decision).await?;
+                        self.log_denial(&ctx, &demand, id, &r.decision, now).await?;
                     }
                 }
                 return Ok(r);
@@ -477,7 +477,9 @@ impl Engine {
         let (plan, taken) = match self.admit(&ctx, &demand, now, false).await? {
             Admission::Denied(d) => {
                 let id = format!("{event_id}/denied");
-                return self.record_denied(&ctx, &demand, event_id, id, d).await;
+                return self
+                    .record_denied(&ctx, &demand, event_id, id, d, now)
+                    .await;
             }
             Admission::Proceed { plan, taken } => (plan, taken),
         };
@@ -506,7 +508,7 @@ impl Engine {
                 } else {
                     self.refund(tenant, &taken).await;
                     let id = format!("{event_id}/denied");
-                    self.log_denial(&ctx, &demand, id, &r.decision).await?;
+                    self.log_denial(&ctx, &demand, id, &r.decision, now).await?;
                 }
                 return Ok(r);
             }
@@ -1003,6 +1005,7 @@ impl Engine {
         key: &str,
         denial_id: String,
         d: Decision,
+        at: DateTime<Utc>,
     ) -> Result<Reserved, EngineError> {
         let (tenant, metric, amount) = (
             ctx.entitlements.tenant.as_str(),
@@ -1029,7 +1032,7 @@ impl Engine {
                 replayed: true,
             }),
             None => {
-                self.log_denial(ctx, demand, denial_id, &d).await?;
+                self.log_denial(ctx, demand, denial_id, &d, at).await?;
                 Ok(denied(d))
             }
         }
@@ -1044,6 +1047,7 @@ impl Engine {
         demand: &Demand<'_>,
         id: String,
         d: &Decision,
+        at: DateTime<Utc>,
     ) -> Result<(), EngineError> {
         let p = Pending::decided(
             &ctx.entitlements,
@@ -1057,7 +1061,7 @@ impl Engine {
             kind: meter::event::EventKind::Denial,
             id,
             amount: demand.amount,
-            at_ms: self.now().timestamp_millis(),
+            at_ms: at.timestamp_millis(),
             context: p.to_json(),
             usage: Vec::new(),
             granted: false,
@@ -1094,6 +1098,7 @@ impl Engine {
         event_id: &str,
         denial_id: String,
         d: Decision,
+        at: DateTime<Utc>,
     ) -> Result<Recorded, EngineError> {
         let (tenant, metric, amount) = (
             ctx.entitlements.tenant.as_str(),
@@ -1119,7 +1124,7 @@ impl Engine {
                 replayed: true,
             }),
             None => {
-                self.log_denial(ctx, demand, denial_id, &d).await?;
+                self.log_denial(ctx, demand, denial_id, &d, at).await?;
                 Ok(Recorded {
                     decision: d,
                     recorded: false,
