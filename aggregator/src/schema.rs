@@ -166,6 +166,18 @@ WHERE kind = 'denial'",
 PARTITION BY toYYYYMM(at)
 ORDER BY (tenant, at)"],
     },
+    Migration {
+        version: 5,
+        name: "dead_letters",
+        statements: &["CREATE TABLE IF NOT EXISTS dead_letters (
+    src String,
+    src_offset UInt64,
+    fields String,
+    error String,
+    at DateTime('UTC')
+) ENGINE = ReplacingMergeTree
+ORDER BY (src, src_offset)"],
+    },
 ];
 
 /// The rollups fed by materialized views from `usage_events` (usage kinds only): table,
