@@ -219,8 +219,9 @@ impl SpoolClaim {
     /// only done ones before it.
     async fn done(&mut self, seqs: impl Iterator<Item = u64>) -> Result<(), SourceError> {
         for seq in seqs {
-            if let Some(slot) = self.handed.iter_mut().find(|(s, _)| *s == seq) {
-                slot.1 = true;
+            // Handed out in increasing order, so sorted.
+            if let Ok(i) = self.handed.binary_search_by_key(&seq, |(s, _)| *s) {
+                self.handed[i].1 = true;
             }
         }
         while let Some(&(seq, true)) = self.handed.front() {
