@@ -6,7 +6,8 @@
 //! - [`run`] is `allot aggregate`: migrate the schema ([`schema`]), then share the event
 //!   partitions with the other aggregators and consume the ones it holds until shut down.
 //! - [`source`] is where events come from: the [`source::Source`] trait (partitions,
-//!   leases, offsets, acknowledgement, dead letters) and its Redis streams implementation.
+//!   leases, offsets, acknowledgement, dead letters) and its implementations: Redis
+//!   streams, and embedded nodes' spools over gRPC.
 //! - `worker` (private) consumes one partition: this is where exactly once is made
 //!   (read in order, skip what ClickHouse has, one month per insert, acknowledge after).
 //! - [`sink`] talks to ClickHouse; [`row`] turns an entry into a `usage_events` row.
@@ -40,7 +41,8 @@ use source::Source;
 use worker::{Backoff, Ctx, End};
 
 /// Runs an aggregator until `shutdown` completes: migrates the schema (waiting for
-/// ClickHouse while it is unreachable), connects to Redis, then consumes its share of the
+/// ClickHouse while it is unreachable), connects to Redis (or to the embedded nodes'
+/// spools: one partition each, dead letters in ClickHouse), then consumes its share of the
 /// partitions. On shutdown each partition's current batch is inserted if ClickHouse
 /// answers, and the leases are given back. Acknowledged entries are trimmed from the
 /// streams after each batch unless `keep_acknowledged`.
@@ -81,6 +83,22 @@ pub async fn run(
         }
     }
     backoff.reset();
+    if !opts.spool.is_empty() {
+        let source = source::spool::SpoolSource::new(
+            &opts.spool,
+            &opts.aggregator_id,
+            opts.lease_ttl,
+            sink.clone(),
+        )?;
+        return consume(
+            Arc::new(source),
+            sink,
+            opts,
+            Arc::new(Stats::default()),
+            shutdown,
+        )
+        .await;
+    }
     let source = loop {
         match source::redis::RedisSource::connect(
             &opts.redis_url,

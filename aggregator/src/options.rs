@@ -34,8 +34,12 @@ pub struct AggregateOptions {
     pub user: Option<String>,
     /// Its password.
     pub password: Option<String>,
-    /// Redis: `redis://host:port` or `redis-cluster://host:port`.
+    /// Redis: `redis://host:port` or `redis-cluster://host:port`; empty when the events
+    /// come from embedded nodes' spools instead.
     pub redis_url: String,
+    /// Embedded nodes whose spools to read (`http://host:port`, one partition each);
+    /// empty when the events come from Redis. Exactly one of the two is given.
+    pub spool: Vec<String>,
     /// This aggregator's name in leases (unique among running aggregators).
     pub aggregator_id: String,
     /// Rows per insert at most.
@@ -43,7 +47,8 @@ pub struct AggregateOptions {
     /// Longest wait between the first entry of a batch and its insert.
     pub batch_interval: Duration,
     /// How long a partition stays ours without renewal. An insert must finish well within
-    /// it (each gets half of it at most).
+    /// it (each gets half of it at most). With spools, at most the node's lease
+    /// ([`crate::source::spool::NODE_LEASE`]).
     pub lease_ttl: Duration,
     /// Wait before reading an empty partition again.
     pub poll_interval: Duration,
@@ -61,8 +66,9 @@ pub struct AggregateOptions {
 }
 
 impl AggregateOptions {
-    /// Options with every default: database `allot`, this host's name and pid as id,
-    /// batches of 10,000 rows or 1 s, 30 s leases, 100 ms polls, retries from 100 ms to 5 s.
+    /// Options with every default, reading Redis: database `allot`, this host's name and
+    /// pid as id, batches of 10,000 rows or 1 s, 30 s leases, 100 ms polls, retries from
+    /// 100 ms to 5 s.
     pub fn new(clickhouse_url: &str, redis_url: &str) -> AggregateOptions {
         AggregateOptions {
             clickhouse_url: clickhouse_url.to_string(),
@@ -70,6 +76,7 @@ impl AggregateOptions {
             user: None,
             password: None,
             redis_url: redis_url.to_string(),
+            spool: Vec::new(),
             aggregator_id: default_id(),
             batch_size: DEFAULT_BATCH_SIZE,
             batch_interval: DEFAULT_BATCH_INTERVAL,
@@ -80,6 +87,16 @@ impl AggregateOptions {
             keep_acknowledged: false,
             exit_after_inserts: None,
         }
+    }
+
+    /// Options with every default, reading the spools of the embedded nodes at `nodes`
+    /// (`http://host:port`): as [`AggregateOptions::new`], but leases of the node's term
+    /// ([`crate::source::spool::NODE_LEASE`], 10 s).
+    pub fn spool(clickhouse_url: &str, nodes: &[String]) -> AggregateOptions {
+        let mut o = AggregateOptions::new(clickhouse_url, "");
+        o.spool = nodes.to_vec();
+        o.lease_ttl = crate::source::spool::NODE_LEASE;
+        o
     }
 
     /// Checks every option; the first bad one is named.
@@ -98,13 +115,43 @@ impl AggregateOptions {
         if self.database.is_empty() {
             return bad("database", "must not be empty");
         }
-        if !self.redis_url.starts_with("redis://")
-            && !self.redis_url.starts_with("redis-cluster://")
-        {
-            return bad(
-                "redis",
-                "expected redis://host:port or redis-cluster://host:port",
-            );
+        match (self.redis_url.is_empty(), self.spool.is_empty()) {
+            (true, true) => {
+                return bad(
+                    "redis",
+                    "give either --redis (nodes writing to Redis) or --spool (embedded nodes)",
+                )
+            }
+            (false, false) => return bad(
+                "spool",
+                "give either --redis or --spool, not both: one aggregator reads one kind of source",
+            ),
+            (false, true) => {
+                if !self.redis_url.starts_with("redis://")
+                    && !self.redis_url.starts_with("redis-cluster://")
+                {
+                    return bad(
+                        "redis",
+                        "expected redis://host:port or redis-cluster://host:port",
+                    );
+                }
+            }
+            (true, false) => {
+                for node in &self.spool {
+                    if !node.starts_with("http://") && !node.starts_with("https://") {
+                        return bad("spool", "expected http://host:port for each node");
+                    }
+                }
+                if self.spool.len() > usize::from(u16::MAX) {
+                    return bad("spool", "too many nodes");
+                }
+                if self.lease_ttl > crate::source::spool::NODE_LEASE {
+                    return bad(
+                        "lease_ttl",
+                        "must be at most 10s with --spool (the node's spool lease)",
+                    );
+                }
+            }
         }
         if self.aggregator_id.is_empty() {
             return bad("id", "must not be empty");
@@ -158,8 +205,10 @@ pub enum LogFormat {
     Json,
 }
 
-/// `allot aggregate`: move usage events from Redis into ClickHouse, exactly once.
+/// `allot aggregate`: move usage events from Redis, or from embedded nodes' spools, into
+/// ClickHouse, exactly once.
 #[derive(Debug, Clone, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).multiple(false).args(["redis", "spool"])))]
 pub struct AggregateArgs {
     /// ClickHouse HTTP endpoint.
     #[arg(
@@ -178,8 +227,16 @@ pub struct AggregateArgs {
     #[arg(long, env = "ALLOT_CLICKHOUSE_PASSWORD", hide_env_values = true)]
     pub clickhouse_password: Option<String>,
     /// Redis the nodes write events to: redis://host:port or redis-cluster://host:port.
+    /// Exactly one of --redis and --spool.
     #[arg(long, env = "ALLOT_REDIS")]
-    pub redis: String,
+    pub redis: Option<String>,
+    /// An embedded node (allot serve without --redis) whose spool to read, as its gRPC
+    /// endpoint http://host:port; repeat for each node (one partition each; ALLOT_SPOOL
+    /// takes a comma-separated list). Give each node the same endpoint every time: it names
+    /// the node's rows in ClickHouse (src spool:host:port). Exactly one of --redis and
+    /// --spool.
+    #[arg(long, env = "ALLOT_SPOOL", value_delimiter = ',', value_name = "URL")]
+    pub spool: Vec<String>,
     /// This aggregator's name in partition leases [default: hostname-pid].
     #[arg(long, env = "ALLOT_AGGREGATOR_ID")]
     pub id: Option<String>,
@@ -189,9 +246,10 @@ pub struct AggregateArgs {
     /// Longest wait before a partial batch is inserted.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub batch_interval: Duration,
-    /// Partition lease term (renewed every third of it).
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    pub lease_ttl: Duration,
+    /// Partition lease term (renewed every third of it) [default: 30s with --redis, 10s
+    /// with --spool, which allows 10s at most: the node's spool lease].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub lease_ttl: Option<Duration>,
     /// Wait before reading an empty partition again.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
@@ -216,7 +274,13 @@ pub struct AggregateArgs {
 impl AggregateArgs {
     /// The options these arguments say.
     pub fn options(&self) -> AggregateOptions {
-        let mut o = AggregateOptions::new(&self.clickhouse, &self.redis);
+        let mut o = match &self.redis {
+            Some(redis) => AggregateOptions::new(&self.clickhouse, redis),
+            None => AggregateOptions::spool(&self.clickhouse, &self.spool),
+        };
+        if self.redis.is_some() {
+            o.spool = self.spool.clone();
+        }
         o.database = self.database.clone();
         o.user = self.clickhouse_user.clone();
         o.password = self.clickhouse_password.clone();
@@ -225,7 +289,9 @@ impl AggregateArgs {
         }
         o.batch_size = self.batch_size;
         o.batch_interval = self.batch_interval;
-        o.lease_ttl = self.lease_ttl;
+        if let Some(ttl) = self.lease_ttl {
+            o.lease_ttl = ttl;
+        }
         o.poll_interval = self.poll_interval;
         o.retry_min = self.retry_min;
         o.retry_max = self.retry_max;
@@ -252,6 +318,29 @@ mod tests {
             .starts_with("option batch_size:"));
         let mut b = o.clone();
         b.redis_url = "tcp://x".into();
+        assert!(b
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("option redis:"));
+        let mut b = o.clone();
+        b.spool = vec!["http://127.0.0.1:7411".into()];
+        assert!(b
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("option spool:"));
+        let s = AggregateOptions::spool("http://127.0.0.1:8123", &["http://n:7411".into()]);
+        s.validate().unwrap();
+        let mut b = s.clone();
+        b.lease_ttl = Duration::from_secs(30);
+        assert!(b
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("option lease_ttl:"));
+        let mut b = s.clone();
+        b.spool = Vec::new();
         assert!(b
             .validate()
             .unwrap_err()

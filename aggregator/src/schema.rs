@@ -168,6 +168,18 @@ ORDER BY (tenant, at)"],
     },
     Migration {
         version: 5,
+        name: "dead_letters",
+        statements: &["CREATE TABLE IF NOT EXISTS dead_letters (
+    src String,
+    src_offset UInt64,
+    fields String,
+    error String,
+    at DateTime('UTC')
+) ENGINE = ReplacingMergeTree
+ORDER BY (src, src_offset)"],
+    },
+    Migration {
+        version: 6,
         name: "event_allowance",
         // The billing allowance in force for each event (`UsageEvent::included`): what
         // quota fill and billing overage are measured against. Older rows have NULL.

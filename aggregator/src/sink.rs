@@ -202,6 +202,32 @@ impl ClickHouse {
         Ok(Some((month, keys.tenants, keys.metrics)))
     }
 
+    /// Keeps a bad entry in `dead_letters`: its source and offset, its fields (a JSON
+    /// object) and why it was refused. Writing it again (after a crash before the entry
+    /// was acknowledged) replaces it when parts merge (`ReplacingMergeTree`).
+    pub async fn dead_letter(
+        &self,
+        src: &str,
+        offset: u64,
+        fields_json: &str,
+        error: &str,
+    ) -> Result<(), SinkError> {
+        self.bounded(
+            "dead letter",
+            self.client
+                .query(
+                    "INSERT INTO dead_letters (src, src_offset, fields, error, at)
+                     VALUES (?, ?, ?, ?, now())",
+                )
+                .bind(src)
+                .bind(offset)
+                .bind(fields_json)
+                .bind(error)
+                .execute(),
+        )
+        .await
+    }
+
     /// The underlying client (for queries of the rollups).
     pub fn client(&self) -> &Client {
         &self.client

@@ -41,8 +41,9 @@ async fn database(ch: &ClickHouseServer) -> ClickHouse {
     ClickHouse::new(&cfg)
 }
 
-const TABLES: [&str; 11] = [
+const TABLES: [&str; 12] = [
     "audit_log",
+    "dead_letters",
     "denials",
     "denials_mv",
     "schema_migrations",

@@ -22,7 +22,8 @@ enum Command {
     /// Run a node: gRPC Enforcer and Admin services over the embedded store in --data-dir,
     /// or over Redis shared with other nodes (--redis).
     Serve(Box<ServeArgs>),
-    /// Move usage events from Redis into ClickHouse, exactly once; migrates the schema at
+    /// Move usage events from Redis (--redis) or embedded nodes' spools (--spool) into
+    /// ClickHouse, exactly once; migrates the schema at
     /// start (see docs/clickhouse.md).
     Aggregate(Box<aggregator::AggregateArgs>),
     #[command(flatten)]

@@ -3,7 +3,7 @@
 
 use clap::Parser;
 
-/// Move usage events from Redis into ClickHouse, exactly once.
+/// Move usage events from Redis or embedded nodes' spools into ClickHouse, exactly once.
 #[derive(Parser)]
 #[command(name = "allot-aggregator", version, about, long_about = None)]
 struct Cli {

@@ -14,12 +14,12 @@
 //! - **acknowledgement**: [`Claim::ack`] drops entries for good; [`Claim::dead_letter`]
 //!   keeps a bad one aside with its error and acknowledges it.
 //!
-//! [`redis::RedisSource`] reads the 64 Redis streams of nodes running with `--redis`. The
-//! embedded node's spool (served over gRPC: `Read(after, max)` → entries with offsets,
-//! `Ack(upto)`) fits the same trait as one partition per node, its offsets used as they
-//! are; it is not written yet.
+//! [`redis::RedisSource`] reads the 64 Redis streams of nodes running with `--redis`;
+//! [`spool::SpoolSource`] reads embedded nodes' spools over gRPC (`allot.v1.Spool`), one
+//! partition per node, the node's sequence numbers as offsets.
 
 pub mod redis;
+pub mod spool;
 
 use async_trait::async_trait;
 
