@@ -126,6 +126,14 @@ async fn analytics_queries_answer_the_same_on_clickhouse_18_and_current() {
     migrate(&chdb).await.unwrap();
     chdb.query(SAMPLE).await.unwrap();
 
+    // Migration 6 adds a column, which 18.16 cannot do IF NOT EXISTS: a second attempt
+    // must fail with the message `migrate` takes for "done before".
+    let again = "ALTER TABLE usage_events ADD COLUMN included Nullable(UInt64)";
+    let err = ch.client(DB).query(again).execute().await.unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    let err = chdb.query(again).await.unwrap_err();
+    assert!(err.contains("already exists"), "{err}");
+
     for (sql, columns, want) in cases() {
         let old = table(&rows_18(&ch, &sql).await, &columns);
         assert_eq!(old, want, "ClickHouse 18.16: {sql}");
