@@ -3,18 +3,14 @@
 //! `allot aggregate` → ClickHouse 18.16. The monthly rollup equals what the client
 //! counted, to the unit, and every denial is there once.
 
-#[path = "../../aggregator/tests/harness/clickhouse.rs"]
-mod clickhouse_server;
 mod harness;
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
-use std::time::Duration;
 
 use allot_proto::v1 as pb;
-use chrono::Datelike;
-use clickhouse_server::ClickHouseServer;
 use harness::redis::RedisServer;
+use harness::warehouse::{usage_rows, wait_rollup, ClickHouseServer, Totals};
 use harness::{record, reserve, subscribe, Node};
 
 const CATALOG: &str = "version: 1
@@ -31,10 +27,6 @@ plans:
           soft_calls:
             - { window: month, amount: 50, enforcement: soft }
 ";
-
-type Totals = BTreeMap<(String, String), i64>;
-/// A row of `aggregator::queries::MONTHLY_USAGE`: tenant, metric, yyyymm, amount, events.
-type MonthRow = (String, String, u32, i64, u64);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_through_a_node_reaches_the_monthly_rollup_exactly() {
@@ -106,33 +98,9 @@ async fn usage_through_a_node_reaches_the_monthly_rollup_exactly() {
         .spawn()
         .unwrap();
 
-    let month = chrono::Utc::now();
-    let yyyymm = (month.year() as u32) * 100 + month.month();
+    wait_rollup(&ch, &ledger).await;
     let client = ch.client("allot");
-    let mut seen = Totals::new();
-    for _ in 0..600 {
-        let rows: Result<Vec<MonthRow>, _> = client
-            .query(aggregator::queries::MONTHLY_USAGE)
-            .fetch_all()
-            .await;
-        if let Ok(rows) = rows {
-            seen = rows
-                .into_iter()
-                .filter(|r| r.2 == yyyymm)
-                .map(|(t, m, _, a, _)| ((t, m), a))
-                .collect();
-            if seen == ledger {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(seen, ledger, "monthly rollup vs the client's ledger");
-    let (events, unique): (u64, u64) = client
-        .query("SELECT count(), uniqExact(event_id) FROM usage_events WHERE kind IN ('commit', 'record')")
-        .fetch_one()
-        .await
-        .unwrap();
+    let (events, unique) = usage_rows(&ch).await;
     assert_eq!(events, unique, "no event twice");
     assert_eq!(events, 60 * 2 * 3, "every commit and record");
     let refused: u64 = client

@@ -5,8 +5,6 @@
 //! the node's spool and takes over after it stops; bad entries (served by a small Spool
 //! server in the test) go to `dead_letters` and the rest flows.
 
-#[path = "../../aggregator/tests/harness/clickhouse.rs"]
-mod clickhouse_server;
 mod harness;
 
 use std::collections::{BTreeMap, HashMap};
@@ -15,8 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use allot_proto::v1 as pb;
-use chrono::Datelike;
-use clickhouse_server::ClickHouseServer;
+use harness::warehouse::{usage_rows, wait_rollup, ClickHouseServer, Totals};
 use harness::{record, reserve, subscribe, Node};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
@@ -33,10 +30,6 @@ plans:
           calls:
             - { window: day, amount: 100000 }
 ";
-
-type Totals = BTreeMap<(String, String), i64>;
-/// A row of `aggregator::queries::MONTHLY_USAGE`: tenant, metric, yyyymm, amount, events.
-type MonthRow = (String, String, u32, i64, u64);
 
 /// Reserve/commit and a record per tenant and round, into `ledger`; returns the events
 /// spooled (two per tenant and round).
@@ -143,45 +136,6 @@ impl Log {
         }
         panic!("no {needle:?} in the log:\n{}", self.text());
     }
-}
-
-fn this_month() -> u32 {
-    let now = chrono::Utc::now();
-    (now.year() as u32) * 100 + now.month()
-}
-
-/// Waits (up to a minute) for the monthly rollup to equal `ledger`; asserts it does.
-async fn wait_rollup(ch: &ClickHouseServer, ledger: &Totals) {
-    let client = ch.client("allot");
-    let yyyymm = this_month();
-    let mut seen = Totals::new();
-    for _ in 0..600 {
-        let rows: Result<Vec<MonthRow>, _> = client
-            .query(aggregator::queries::MONTHLY_USAGE)
-            .fetch_all()
-            .await;
-        if let Ok(rows) = rows {
-            seen = rows
-                .into_iter()
-                .filter(|r| r.2 == yyyymm)
-                .map(|(t, m, _, a, _)| ((t, m), a))
-                .collect();
-            if &seen == ledger {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(&seen, ledger, "monthly rollup vs the client's ledger");
-}
-
-/// Usage events in ClickHouse: (rows, distinct event ids).
-async fn usage_rows(ch: &ClickHouseServer) -> (u64, u64) {
-    ch.client("allot")
-        .query("SELECT count(), uniqExact(event_id) FROM usage_events WHERE kind IN ('commit', 'record')")
-        .fetch_one()
-        .await
-        .unwrap()
 }
 
 /// Stops an aggregator (SIGKILL: it has nothing to give back, the node's lease lapses).

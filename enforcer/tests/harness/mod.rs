@@ -19,6 +19,7 @@ use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
 pub mod proxy;
+pub mod warehouse;
 // The servers themselves live in redis.rs, which names nothing of this harness, so that
 // other crates' tests can include it too (`#[path]`); `redis` adds the nodes on them.
 #[path = "redis.rs"]
