@@ -259,20 +259,7 @@ fn parse_context(text: &str) -> anyhow::Result<(String, Vec<Slot>)> {
     Ok((metric, slots))
 }
 
-fn key(tenant: &str, kind: &str, rest: &str) -> String {
-    format!(
-        "al:{{{}}}:{tenant}:{kind}:{rest}",
-        meter::event::hash_tag(tenant)
-    )
-}
-
-fn tenant_key(tenant: &str, kind: &str) -> String {
-    format!("al:{{{}}}:{tenant}:{kind}", meter::event::hash_tag(tenant))
-}
-
-fn stream(tenant: &str) -> String {
-    meter::event::stream_key(meter::event::partition(tenant))
-}
+use meter::event::{item_key as key, tenant_key, tenant_stream as stream};
 
 fn now_ms() -> u64 {
     SystemTime::now()

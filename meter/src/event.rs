@@ -111,6 +111,23 @@ pub fn stream_key(partition: u16) -> String {
     format!("al:{{p{partition:02}}}:ev")
 }
 
+/// The Redis key of a tenant's `kind` (`al:{pNN}:tenant:kind`): every key of a tenant
+/// carries its partition's hash tag, the tag of the partition's stream too, so one script
+/// can count and append the event in one Cluster slot.
+pub fn tenant_key(tenant: &str, kind: &str) -> String {
+    format!("al:{{{}}}:{tenant}:{kind}", hash_tag(tenant))
+}
+
+/// The Redis key of one item of a tenant's `kind` (`al:{pNN}:tenant:kind:rest`).
+pub fn item_key(tenant: &str, kind: &str, rest: &str) -> String {
+    format!("{}:{rest}", tenant_key(tenant, kind))
+}
+
+/// The stream of a tenant's partition.
+pub fn tenant_stream(tenant: &str) -> String {
+    stream_key(partition(tenant))
+}
+
 /// The hash tag of a tenant's keys: its partition.
 pub fn hash_tag(tenant: &str) -> String {
     format!("p{:02}", partition(tenant))

@@ -117,6 +117,10 @@ impl Engine {
         tenant: &str,
         reservation_id: &str,
     ) -> Result<(), EngineError> {
+        // A node with no soft counters has nothing to set: spare the hard path a read.
+        if self.soft.is_empty() {
+            return Ok(());
+        }
         let Some(r) = store.reservation(tenant, reservation_id).await? else {
             return Ok(());
         };

@@ -87,24 +87,7 @@ fn write_error(e: Error) -> StoreError {
     StoreError::Indeterminate(format!("redis: {e}"))
 }
 
-/// A key of a tenant's. Every key of a tenant carries its partition's hash tag, the tag
-/// of the partition's event stream too ([`meter::event::stream_key`]), so one script can
-/// count and append the event in one Cluster slot.
-fn key(tenant: &str, kind: &str, rest: &str) -> String {
-    format!(
-        "al:{{{}}}:{tenant}:{kind}:{rest}",
-        meter::event::hash_tag(tenant)
-    )
-}
-
-fn tenant_key(tenant: &str, kind: &str) -> String {
-    format!("al:{{{}}}:{tenant}:{kind}", meter::event::hash_tag(tenant))
-}
-
-/// The event stream of a tenant's partition.
-fn stream(tenant: &str) -> String {
-    meter::event::stream_key(meter::event::partition(tenant))
-}
+use meter::event::{item_key as key, tenant_key, tenant_stream as stream};
 
 fn ms(t: DateTime<Utc>) -> String {
     t.timestamp_millis().to_string()
