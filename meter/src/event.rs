@@ -97,6 +97,10 @@ pub struct UsageEvent {
     /// ([`crate::billing`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub included: Option<u64>,
+    /// The billing period `included` belongs to, by the local year and month it starts
+    /// in (`2026-11`); `None` with no such limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub billing_period: Option<String>,
 }
 
 /// Streams (with Redis) or spool partitions events are spread over, by tenant. Fixed: a
@@ -343,10 +347,9 @@ impl Spooled {
         let at = DateTime::<Utc>::from_timestamp_millis(self.at_ms)
             .ok_or_else(|| spool_error("t", "out of range"))?;
         let d = p.decide(&self.usage, self.granted);
-        let included = [Window::BillingPeriod, Window::Month]
+        let billing = [Window::BillingPeriod, Window::Month]
             .iter()
-            .find_map(|w| p.slots.iter().find(|s| s.window == *w))
-            .map(|s| s.limit);
+            .find_map(|w| p.slots.iter().find(|s| s.window == *w));
         Ok(UsageEvent {
             id: self.id.clone(),
             at,
@@ -363,7 +366,8 @@ impl Spooled {
             degraded: p.degraded,
             dimensions: p.dimensions,
             node: p.node,
-            included,
+            included: billing.map(|s| s.limit),
+            billing_period: billing.and_then(|s| s.period.clone()),
         })
     }
 }
@@ -444,6 +448,7 @@ mod tests {
                     ends_at: None,
                 },
                 fail_open: false,
+                period: None,
             }],
             plan: "pro".into(),
             plan_version: 2,
@@ -501,8 +506,11 @@ mod tests {
         assert_eq!(spooled(&p).finish().unwrap().included, Some(700));
         month.window = Window::BillingPeriod;
         month.limit = 900;
+        month.period = Some("2026-10".into());
         p.slots.push(month);
-        assert_eq!(spooled(&p).finish().unwrap().included, Some(900));
+        let e = spooled(&p).finish().unwrap();
+        assert_eq!(e.included, Some(900));
+        assert_eq!(e.billing_period.as_deref(), Some("2026-10"));
     }
 
     #[test]

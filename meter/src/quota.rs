@@ -98,6 +98,10 @@ pub struct QuotaSlot {
     /// The limit allows requests when its backend cannot be reached.
     #[serde(default)]
     pub fail_open: bool,
+    /// Month and billing-period windows: the billing period the slot counts, named by
+    /// the local year and month it starts in (`2026-11`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period: Option<String>,
 }
 
 /// A token bucket the request must pass.
@@ -253,6 +257,13 @@ fn quota_slot(metric: &str, l: &ResolvedLimit, ent: &Entitlements, at: DateTime<
             ends_at: period.end,
         },
         fail_open: l.on_backend_failure == crate::catalog::FailurePolicy::FailOpen,
+        period: matches!(l.window, Window::Month | Window::BillingPeriod).then(|| {
+            period
+                .start
+                .with_timezone(&ent.time_zone)
+                .format("%Y-%m")
+                .to_string()
+        }),
     }
 }
 

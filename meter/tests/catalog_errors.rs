@@ -132,3 +132,53 @@ fn global_scope_stays_in_the_exact_range_of_the_shared_store() {
     )
     .unwrap();
 }
+
+#[test]
+fn prices_are_exact_on_billing_limits_of_plans_with_a_currency() {
+    let priced = |currency: &str, limit: &str| {
+        format!("version: 1\n{currency}metrics:\n  api_calls: {{unit: call}}\nplans:\n  pro: {{versions: {{1: {{limits: {{api_calls: [{limit}]}}}}}}}}\n")
+    };
+    let ok = priced(
+        "currency: EUR\n",
+        "{window: month, amount: 5, unit_price: \"0.002\"}",
+    );
+    let c = parse(&ok, "cat.yaml").unwrap();
+    let price = c.plans["pro"].versions[&1].limits["api_calls"][0].unit_price;
+    assert_eq!(price.map(|p| p.micros()), Some(2_000));
+    let e = err(&priced(
+        "",
+        "{window: month, amount: 5, unit_price: \"0.002\"}",
+    ));
+    assert!(e.contains("cat.yaml: currency: a plan sets a unit_price"), "{e}");
+    let e = err(&priced(
+        "currency: usd\n",
+        "{window: month, amount: 5, unit_price: \"1\"}",
+    ));
+    assert!(e.contains("currency: \"usd\" is not an ISO 4217 code"), "{e}");
+    let e = err(&priced(
+        "currency: USD\n",
+        "{window: day, amount: 5, unit_price: \"1\"}",
+    ));
+    assert!(
+        e.contains("api_calls[0].unit_price: billing prices the allowance of a billing_period or month limit"),
+        "{e}"
+    );
+    // Prices are read from their text, never through a float, with at most six decimals.
+    let unquoted = priced("currency: USD\n", "{window: month, amount: 5, unit_price: 0.1}");
+    let c = parse(&unquoted, "cat.yaml").unwrap();
+    let price = c.plans["pro"].versions[&1].limits["api_calls"][0].unit_price;
+    assert_eq!(price.map(|p| p.micros()), Some(100_000));
+    for bad in ["\"-1\"", "\"0.0000001\"", "1e3"] {
+        let e = err(&priced(
+            "currency: USD\n",
+            &format!("{{window: month, amount: 5, unit_price: {bad}}}"),
+        ));
+        assert!(e.contains("unit_price"), "{bad}: {e}");
+    }
+    let addon = format!("{}addons:\n  more: {{limits: {{api_calls: [{{window: month, amount: 5, unit_price: \"1\"}}]}}}}\n", priced("currency: USD\n", "{window: month, amount: 5}"));
+    let e = err(&addon);
+    assert!(
+        e.contains("addons.more.limits.api_calls[0].unit_price: only plans set prices"),
+        "{e}"
+    );
+}

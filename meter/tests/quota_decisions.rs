@@ -386,3 +386,25 @@ plans:
     let denied = rate_limited(slot, 1, Some(wait), 1);
     assert_eq!(rate_degraded(denied.clone()), denied);
 }
+
+#[test]
+fn billing_slots_name_their_period_by_its_local_start() {
+    use chrono::TimeZone;
+    let c = example();
+    let mut s = sub("acme", "free");
+    s.time_zone = "Europe/Berlin".into();
+    // 23:30 UTC on the last day of February is already March in Berlin.
+    let at = chrono::Utc.with_ymd_and_hms(2026, 2, 28, 23, 30, 0).unwrap();
+    let e = resolve(&c, &s, &[], at);
+    let p = must_plan(&c, &e, "api_calls", 1, Intent::Record);
+    let month = p.slots.iter().find(|s| s.window == Window::Month).unwrap();
+    assert_eq!(month.period.as_deref(), Some("2026-03"));
+    // Travel quotations have a day and a month limit: only the month names a period.
+    let e = resolve(&c, &sub("acme", "travel_starter"), &[], t0());
+    let p = must_plan(&c, &e, "quotations", 1, Intent::Record);
+    let periods: Vec<_> = p.slots.iter().map(|s| (s.window, s.period.clone())).collect();
+    assert_eq!(
+        periods,
+        vec![(Window::Day, None), (Window::Month, Some("2026-03".to_string()))]
+    );
+}

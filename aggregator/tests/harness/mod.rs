@@ -117,6 +117,7 @@ fn pending(tenant: &str, metric: &str, amount: i64) -> Pending {
                 ends_at: None,
             },
             fail_open: false,
+            period: None,
         }],
         plan: "pro".into(),
         plan_version: 3,

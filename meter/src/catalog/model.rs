@@ -19,6 +19,10 @@ use crate::window::Window;
 pub struct Catalog {
     /// Format version of this file; only `1` exists.
     pub version: u32,
+    /// The ISO 4217 code prices are in (`USD`, `EUR`); required once a plan sets a
+    /// `unit_price`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
     /// Access level of each subscription status. Statuses left out keep their default
     /// (see [`default_access`]).
     #[serde(default, deserialize_with = "unique_map")]
@@ -293,6 +297,11 @@ pub struct LimitDef {
     /// What to decide when the shared store cannot be reached.
     #[serde(default)]
     pub on_backend_failure: FailurePolicy,
+    /// Plans only, on a `billing_period` or `month` limit (the one billing counts
+    /// against): the price of each unit past the included amount, a decimal string in
+    /// the catalog's `currency` (`"0.002"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit_price: Option<crate::billing::Price>,
 }
 
 impl LimitDef {

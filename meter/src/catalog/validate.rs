@@ -97,6 +97,33 @@ pub fn validate(c: &Catalog) -> Result<(), Vec<Problem>> {
             }
         }
         v.grants(c, &path, &a.features, &a.limits);
+        for (metric, list) in &a.limits {
+            for (i, l) in list.iter().enumerate() {
+                if l.unit_price.is_some() {
+                    v.push(
+                        &format!("{path}.limits.{metric}[{i}].unit_price"),
+                        "only plans set prices (an add-on raises the allowance)".into(),
+                    );
+                }
+            }
+        }
+    }
+    let priced = c
+        .plans
+        .values()
+        .flat_map(|p| p.versions.values())
+        .flat_map(|b| b.limits.values().flatten())
+        .any(|l| l.unit_price.is_some());
+    match &c.currency {
+        None if priced => v.push(
+            "currency",
+            "a plan sets a unit_price, so the catalog needs its currency (e.g. USD)".into(),
+        ),
+        Some(cur) if cur.len() != 3 || !cur.bytes().all(|b| b.is_ascii_uppercase()) => v.push(
+            "currency",
+            format!("{cur:?} is not an ISO 4217 code (three capital letters, e.g. USD)"),
+        ),
+        _ => {}
     }
     v.finish()
 }
@@ -308,6 +335,12 @@ impl Checker {
         }
         if l.overage.is_some_and(|o| o > MAX_AMOUNT) {
             bad("overage", "is too large");
+        }
+        if l.unit_price.is_some() && !matches!(w, Window::BillingPeriod | Window::Month) {
+            bad(
+                "unit_price",
+                &format!("billing prices the allowance of a billing_period or month limit, not of a {w} limit"),
+            );
         }
         if l.max_per_request == Some(0) {
             bad("max_per_request", "must be at least 1");
