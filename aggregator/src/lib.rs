@@ -11,10 +11,12 @@
 //! - `worker` (private) consumes one partition: this is where exactly once is made
 //!   (read in order, skip what ClickHouse has, one month per insert, acknowledge after).
 //! - [`sink`] talks to ClickHouse; [`row`] turns an entry into a `usage_events` row.
-//! - [`queries`] are the rollup queries; [`options`] the knobs and their defaults.
+//! - [`queries`] are the rollup queries; [`billing`] bills overage from the raw events
+//!   and exports periods; [`options`] the knobs and their defaults.
 //!
 //! `docs/clickhouse.md` has the schema, the exactly-once argument and the cluster DDL.
 
+pub mod billing;
 pub mod error;
 pub mod options;
 pub mod queries;

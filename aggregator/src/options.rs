@@ -65,6 +65,9 @@ pub struct AggregateOptions {
     pub exit_after_inserts: Option<u64>,
 }
 
+/// The ClickHouse database events go to unless told otherwise.
+pub const DEFAULT_DATABASE: &str = "allot";
+
 impl AggregateOptions {
     /// Options with every default, reading Redis: database `allot`, this host's name and
     /// pid as id, batches of 10,000 rows or 1 s, 30 s leases, 100 ms polls, retries from
@@ -72,7 +75,7 @@ impl AggregateOptions {
     pub fn new(clickhouse_url: &str, redis_url: &str) -> AggregateOptions {
         AggregateOptions {
             clickhouse_url: clickhouse_url.to_string(),
-            database: "allot".into(),
+            database: DEFAULT_DATABASE.into(),
             user: None,
             password: None,
             redis_url: redis_url.to_string(),
@@ -218,7 +221,7 @@ pub struct AggregateArgs {
     )]
     pub clickhouse: String,
     /// ClickHouse database (created, and migrated, at start).
-    #[arg(long, env = "ALLOT_CLICKHOUSE_DATABASE", default_value = "allot")]
+    #[arg(long, env = "ALLOT_CLICKHOUSE_DATABASE", default_value = DEFAULT_DATABASE)]
     pub database: String,
     /// ClickHouse user.
     #[arg(long, env = "ALLOT_CLICKHOUSE_USER")]

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 /// One `usage_events` row, in the table's column order (`inserted_at` is left to its
 /// default, the server's clock).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, clickhouse::Row)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, clickhouse::Row)]
 pub struct EventRow {
     /// Event id.
     pub event_id: String,
@@ -48,6 +48,8 @@ pub struct EventRow {
     /// The billing allowance in force for the event (`None`: no billing-period or month
     /// limit).
     pub included: Option<u64>,
+    /// The billing period `included` belongs to (`2026-11`), or empty.
+    pub billing_period: String,
 }
 
 /// The `Enum8` code of a kind in `usage_events.kind`.
@@ -101,6 +103,7 @@ impl EventRow {
             src: src.to_string(),
             src_offset: offset,
             included: ev.included,
+            billing_period: ev.billing_period.unwrap_or_default(),
         })
     }
 
@@ -175,25 +178,8 @@ mod tests {
     #[test]
     fn months_are_utc() {
         let row = |t: u32| EventRow {
-            event_id: String::new(),
             event_time: t,
-            kind: 1,
-            tenant: String::new(),
-            metric: String::new(),
-            amount: 0,
-            window: String::new(),
-            plan: String::new(),
-            plan_version: 0,
-            outcome: String::new(),
-            reason: String::new(),
-            overage: 0,
-            degraded: 0,
-            dim_keys: vec![],
-            dim_values: vec![],
-            node: String::new(),
-            src: String::new(),
-            src_offset: 0,
-            included: None,
+            ..EventRow::default()
         };
         assert_eq!(row(1_706_745_599).month(), 202401); // 2024-01-31 23:59:59
         assert_eq!(row(1_706_745_600).month(), 202402);

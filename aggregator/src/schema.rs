@@ -185,6 +185,31 @@ ORDER BY (src, src_offset)"],
         // quota fill and billing overage are measured against. Older rows have NULL.
         statements: &["ALTER TABLE usage_events ADD COLUMN included Nullable(UInt64)"],
     },
+    Migration {
+        version: 7,
+        name: "billing",
+        // Each event's billing period (`UsageEvent::billing_period`, empty when it has
+        // none), and the exports of billing periods: frozen lines, then adjustments.
+        // Exports have no partitions, so that one export is one part, landing whole.
+        statements: &[
+            "ALTER TABLE usage_events ADD COLUMN billing_period String",
+            "CREATE TABLE IF NOT EXISTS billing_exports (
+    export_period String,
+    exported_at DateTime('UTC'),
+    kind Enum8('period' = 1, 'adjustment' = 2),
+    for_period String,
+    tenant String,
+    metric String,
+    included Nullable(UInt64),
+    used Int64,
+    overage Int64,
+    amount_micros Int64,
+    unpriced Int64,
+    currency String
+) ENGINE = MergeTree
+ORDER BY (export_period, for_period, tenant, metric)",
+        ],
+    },
 ];
 
 /// Whether a statement adds a column (idempotent by its error, not by `IF NOT EXISTS`,

@@ -116,6 +116,34 @@ impl ClickHouse {
         self.bounded("insert", run).await
     }
 
+    /// Inserts `rows` into `table` as one INSERT.
+    pub async fn insert_rows<T>(&self, table: &str, rows: &[T]) -> Result<(), SinkError>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowWrite,
+    {
+        let run = async {
+            let mut insert = self
+                .client
+                .insert::<T>(table)
+                .await?
+                .with_timeouts(Some(self.timeout), Some(self.timeout));
+            for row in rows {
+                insert.write(row).await?;
+            }
+            insert.end().await
+        };
+        self.bounded("insert", run).await
+    }
+
+    /// The rows of a query (values already in its text).
+    pub async fn fetch_all<T>(&self, sql: &str) -> Result<Vec<T>, SinkError>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowRead,
+    {
+        self.bounded("query", self.client.query_raw(sql).fetch_all::<T>())
+            .await
+    }
+
     /// Makes sure the insert `query_id` is no longer running (`KILL QUERY … SYNC`): after
     /// this, `usage_events` shows it either complete or not at all, and it cannot land
     /// later. Used when an insert's answer was lost, before deciding from

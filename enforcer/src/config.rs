@@ -22,7 +22,8 @@ pub struct ServeArgs {
     /// TOML config file with the same keys as the flags (listen, data_dir, catalog,
     /// cache_ttl, sweep_interval, retention, log_format, redis, redis_wait_replicas,
     /// redis_wait_timeout, backend_deadline, node_id, advertise, peers (a list),
-    /// sync_interval, peer_timeout, soft_grace, rls_domain, max_lateness). Unknown keys are
+    /// sync_interval, peer_timeout, soft_grace, rls_domain, max_lateness, clickhouse,
+    /// clickhouse_database, clickhouse_user, clickhouse_password). Unknown keys are
     /// refused.
     #[arg(long, env = "ALLOT_CONFIG")]
     pub config: Option<PathBuf>,
@@ -103,6 +104,19 @@ pub struct ServeArgs {
     /// [default: allot]
     #[arg(long, env = "ALLOT_RLS_DOMAIN")]
     pub rls_domain: Option<String>,
+    /// ClickHouse (http://host:8123) holding the usage events that `allot aggregate`
+    /// inserts: enables the Billing service (`allot billing`). Not needed to enforce.
+    #[arg(long, env = "ALLOT_CLICKHOUSE")]
+    pub clickhouse: Option<String>,
+    /// With --clickhouse: the database `allot aggregate` writes to. [default: allot]
+    #[arg(long, env = "ALLOT_CLICKHOUSE_DATABASE")]
+    pub clickhouse_database: Option<String>,
+    /// With --clickhouse: the user to connect as. [default: the server's default]
+    #[arg(long, env = "ALLOT_CLICKHOUSE_USER")]
+    pub clickhouse_user: Option<String>,
+    /// With --clickhouse: its password (prefer the environment variable).
+    #[arg(long, env = "ALLOT_CLICKHOUSE_PASSWORD", hide_env_values = true)]
+    pub clickhouse_password: Option<String>,
 }
 
 /// Log output format.
@@ -149,6 +163,10 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde_opt")]
     max_lateness: Option<Duration>,
     rls_domain: Option<String>,
+    clickhouse: Option<String>,
+    clickhouse_database: Option<String>,
+    clickhouse_user: Option<String>,
+    clickhouse_password: Option<String>,
 }
 
 mod humantime_serde_opt {
@@ -190,6 +208,8 @@ pub struct ServeConfig {
     pub peering: Peering,
     /// Oldest event time a Record may carry.
     pub max_lateness: Duration,
+    /// The ClickHouse database of usage events, for billing.
+    pub clickhouse: Option<aggregator::sink::ClickHouseConfig>,
 }
 
 /// How a node exchanges soft-limit counters.
@@ -310,6 +330,19 @@ impl ServeArgs {
                 .clone()
                 .or(file.rls_domain)
                 .unwrap_or_else(|| DEFAULT_RLS_DOMAIN.into()),
+            clickhouse: self.clickhouse.clone().or(file.clickhouse).map(|url| {
+                aggregator::sink::ClickHouseConfig {
+                    url,
+                    database: self
+                        .clickhouse_database
+                        .clone()
+                        .or(file.clickhouse_database)
+                        .unwrap_or_else(|| aggregator::options::DEFAULT_DATABASE.into()),
+                    user: self.clickhouse_user.clone().or(file.clickhouse_user),
+                    password: self.clickhouse_password.clone().or(file.clickhouse_password),
+                    timeout: Duration::from_secs(30),
+                }
+            }),
         };
         let wait = self
             .redis_wait_replicas
@@ -388,6 +421,20 @@ impl ServeArgs {
                 field: "rls_domain",
                 reason: "must not be empty".into(),
             });
+        }
+        if let Some(ch) = &cfg.clickhouse {
+            if !(ch.url.starts_with("http://") || ch.url.starts_with("https://")) {
+                return Err(ConfigError::Invalid {
+                    field: "clickhouse",
+                    reason: format!("{:?} is not http://host:port", ch.url),
+                });
+            }
+            if ch.database.is_empty() {
+                return Err(ConfigError::Invalid {
+                    field: "clickhouse_database",
+                    reason: "must not be empty".into(),
+                });
+            }
         }
         if cfg.retention < Duration::from_secs(24 * 3600) {
             return Err(ConfigError::Invalid {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use allot_proto::v1::admin_server::AdminServer;
+use allot_proto::v1::billing_server::BillingServer;
 use allot_proto::v1::enforcer_server::EnforcerServer;
 use allot_proto::v1::peer_server::PeerServer;
 use allot_proto::v1::spool_server::SpoolServer;
@@ -20,6 +21,7 @@ use crate::degraded::{EntryState, Journal};
 use crate::embedded::EmbeddedStore;
 use crate::engine::{Engine, SystemClock};
 use crate::grpc::admin::AdminService;
+use crate::grpc::billing::BillingService;
 use crate::grpc::enforcer::EnforcerService;
 use crate::grpc::spool::SpoolService;
 use crate::peer::{PeerService, Peers};
@@ -197,6 +199,11 @@ pub async fn run(
         },
     )));
 
+    // Billing only reads ClickHouse, on request: no connection is made here, and a
+    // ClickHouse that is down fails billing calls, never enforcement.
+    let billing = cfg.clickhouse.as_ref().map(|ch| {
+        aggregator::billing::Billing::new(aggregator::sink::ClickHouse::new(ch))
+    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(allot_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -211,6 +218,7 @@ pub async fn run(
             engine.clone(),
             &cfg.rls_domain,
         ))
+        .add_service(BillingServer::new(BillingService::new(engine.clone(), billing)))
         .add_service(AdminServer::new(AdminService::new(engine)))
         .add_service(PeerServer::new(PeerService::new(soft, peers)))
         // With Redis the node ships its spool to the Redis streams itself.

@@ -2,13 +2,14 @@
 //!
 //! This module holds the options shared by every client command, the command list, and the
 //! dispatch. Each group of commands lives in its own module ([`enforce`], [`admin`],
-//! [`tenant`]); answers are printed as tables ([`render`]) or JSON ([`json`]).
+//! [`tenant`], [`billing`]); answers are printed as tables ([`render`]) or JSON ([`json`]).
 //!
 //! Errors come back as `anyhow` errors whose `Display` is the whole line to print, such as
 //! `error: invalid argument: amount: must be positive`. `allot check` is the exception: it
 //! sets its own exit status (see [`ClientCommand::Check`]).
 
 mod admin;
+mod billing;
 mod convert;
 mod enforce;
 mod json;
@@ -96,6 +97,10 @@ pub enum ClientCommand {
     /// Show this node's peers and how far its view of their soft-limit counts may lag
     /// (age of the last merge from each).
     Peers,
+    /// Overage per tenant × metric × billing period, and exports (the node needs
+    /// --clickhouse).
+    #[command(subcommand)]
+    Billing(billing::BillingCommand),
 }
 
 /// Runs one client command against the node named in `opts`.
@@ -131,6 +136,7 @@ pub async fn run(opts: &ClientOptions, cmd: ClientCommand) -> anyhow::Result<()>
         ClientCommand::Grant(args) => admin::grant(channel, out, *args).await,
         ClientCommand::Revoke(args) => admin::revoke(channel, out, args).await,
         ClientCommand::Peers => admin::peers(channel, out).await,
+        ClientCommand::Billing(cmd) => billing::run(channel, out, cmd).await,
     }
 }
 
@@ -267,6 +273,14 @@ mod tests {
         assert_eq!(a.timing, admin::Timing::PeriodEnd);
         assert_eq!(a.add_addons[0].quantity, 3);
         assert!(parse(&["subscription", "change", "--tenant", "t", "--version", "2"]).is_err());
+        let ClientCommand::Billing(billing::BillingCommand::Overage(o)) = client(&[
+            "billing", "overage", "--period", "2026-11", "--tenant", "acme", "--format", "csv",
+        ]) else {
+            panic!()
+        };
+        assert_eq!((o.period.as_str(), o.format), ("2026-11", billing::Format::Csv));
+        assert!(parse(&["billing", "export"]).is_err());
+        assert!(parse(&["billing", "overage", "--period", "2026-11", "--format", "xml"]).is_err());
     }
 
     #[test]

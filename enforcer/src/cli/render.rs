@@ -15,7 +15,7 @@ use prost_types::Timestamp;
 use super::{convert, json};
 
 /// A table with the house style; with headers it is a grid, without a key/value list.
-fn table(headers: &[&str]) -> Table {
+pub(super) fn table(headers: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED)
         .set_content_arrangement(ContentArrangement::Dynamic);

@@ -5,6 +5,7 @@
 //! no logic of their own beyond reading optional proto fields.
 
 pub mod admin;
+pub mod billing;
 pub mod convert;
 pub mod enforcer;
 pub mod envoy_rls;
