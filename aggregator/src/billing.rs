@@ -48,7 +48,7 @@ pub enum BillingError {
         reason: String,
     },
     /// The period has not ended yet, so it cannot be exported.
-    #[error("period {period} has not ended yet: it can be exported from {from} (billing overage shows it so far)")]
+    #[error("period {period} has not ended yet: it can be exported from {} (billing overage shows it so far)", .from.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))]
     NotEnded {
         /// The period.
         period: Period,
@@ -153,7 +153,13 @@ impl PriceList for Catalog {
     }
 
     fn unit_price(&self, plan: &str, version: u32, metric: &str) -> Option<Price> {
-        let limits = self.plans.get(plan)?.versions.get(&version)?.limits.get(metric)?;
+        let limits = self
+            .plans
+            .get(plan)?
+            .versions
+            .get(&version)?
+            .limits
+            .get(metric)?;
         // The limit billing counts against: billing period first, as `included` is.
         [Window::BillingPeriod, Window::Month]
             .iter()
@@ -174,7 +180,9 @@ pub fn events_query(period: Period, tenant: Option<&str>) -> String {
     let from = period.start_utc().timestamp() - 86_400;
     let to = period.plus(2).start_utc().timestamp() + 86_400;
     let label = literal(&period.to_string());
-    let tenant = tenant.map_or(String::new(), |t| format!("\n  AND tenant = {}", literal(t)));
+    let tenant = tenant.map_or(String::new(), |t| {
+        format!("\n  AND tenant = {}", literal(t))
+    });
     format!(
         "SELECT tenant, metric, toUInt32(event_time) AS at, event_id, amount, included, plan, plan_version
 FROM usage_events
@@ -437,6 +445,23 @@ impl ExportRow {
 
 const EXPORT_COLUMNS: &str = "export_period, toUInt32(exported_at) AS exported_at, toInt8(kind) AS kind, for_period, tenant, metric, included, used, overage, amount_micros, unpriced, currency";
 
+/// The lines of the export of `period`, if it was exported.
+pub fn stored_export_query(period: Period) -> String {
+    format!(
+        "SELECT {EXPORT_COLUMNS} FROM {EXPORTS_TABLE} WHERE export_period = {} ORDER BY kind, for_period, tenant, metric",
+        literal(&period.to_string())
+    )
+}
+
+/// Every exported line of the [`ADJUSTMENT_LOOKBACK`] periods before `period`.
+pub fn earlier_exports_query(period: Period) -> String {
+    format!(
+        "SELECT {EXPORT_COLUMNS} FROM {EXPORTS_TABLE} WHERE for_period >= {} AND for_period < {}",
+        literal(&period.plus(-(ADJUSTMENT_LOOKBACK as i32)).to_string()),
+        literal(&period.to_string())
+    )
+}
+
 /// Billing over a ClickHouse database that the aggregator fills.
 #[derive(Clone)]
 pub struct Billing {
@@ -479,13 +504,7 @@ impl Billing {
         prices: &dyn PriceList,
     ) -> Result<Export, BillingError> {
         let label = period.to_string();
-        let stored: Vec<ExportRow> = self
-            .db
-            .fetch_all(&format!(
-                "SELECT {EXPORT_COLUMNS} FROM {EXPORTS_TABLE} WHERE export_period = {} ORDER BY kind, for_period, tenant, metric",
-                literal(&label)
-            ))
-            .await?;
+        let stored: Vec<ExportRow> = self.db.fetch_all(&stored_export_query(period)).await?;
         if let Some(first) = stored.first() {
             return Ok(Export {
                 period: label,
@@ -503,14 +522,7 @@ impl Billing {
             });
         }
         let mut out = period_lines(period, &self.overage(period, None, prices).await?)?;
-        let earlier: Vec<ExportRow> = self
-            .db
-            .fetch_all(&format!(
-                "SELECT {EXPORT_COLUMNS} FROM {EXPORTS_TABLE} WHERE for_period >= {} AND for_period < {}",
-                literal(&period.plus(-(ADJUSTMENT_LOOKBACK as i32)).to_string()),
-                literal(&label)
-            ))
-            .await?;
+        let earlier: Vec<ExportRow> = self.db.fetch_all(&earlier_exports_query(period)).await?;
         let earlier: Vec<ExportLine> = earlier.iter().map(ExportRow::line).collect();
         let mut periods: Vec<Period> = earlier
             .iter()
@@ -590,7 +602,16 @@ mod tests {
         assert_eq!(p.plus(2).to_string(), "2027-01");
         assert_eq!(p.plus(-11).to_string(), "2025-12");
         assert_eq!(p.start_utc().to_rfc3339(), "2026-11-01T00:00:00+00:00");
-        for bad in ["", "2026-13", "2026-1", "26-11", "2026/11", "2026-00", "1969-12", "２０２６-11"] {
+        for bad in [
+            "",
+            "2026-13",
+            "2026-1",
+            "26-11",
+            "2026/11",
+            "2026-00",
+            "1969-12",
+            "２０２６-11",
+        ] {
             let e = bad.parse::<Period>().unwrap_err().to_string();
             assert!(e.starts_with("period: "), "{bad}: {e}");
         }
@@ -619,7 +640,10 @@ mod tests {
     fn adjustments_are_what_changed_since_the_exports() {
         let p: Period = "2026-10".parse().unwrap();
         let now = lines(
-            vec![row("a", "calls", 1, 150, "pro"), row("b", "calls", 1, 10, "pro")],
+            vec![
+                row("a", "calls", 1, 150, "pro"),
+                row("b", "calls", 1, 10, "pro"),
+            ],
             &Flat,
         );
         let mut exported = period_lines(p, &now).unwrap();
@@ -641,7 +665,15 @@ mod tests {
         let adj = adjustments(p, &exported, &now).unwrap();
         let got: Vec<_> = adj
             .iter()
-            .map(|a| (a.tenant.as_str(), a.used, a.overage, a.amount_micros, a.kind))
+            .map(|a| {
+                (
+                    a.tenant.as_str(),
+                    a.used,
+                    a.overage,
+                    a.amount_micros,
+                    a.kind,
+                )
+            })
             .collect();
         assert_eq!(
             got,

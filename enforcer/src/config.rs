@@ -339,7 +339,10 @@ impl ServeArgs {
                         .or(file.clickhouse_database)
                         .unwrap_or_else(|| aggregator::options::DEFAULT_DATABASE.into()),
                     user: self.clickhouse_user.clone().or(file.clickhouse_user),
-                    password: self.clickhouse_password.clone().or(file.clickhouse_password),
+                    password: self
+                        .clickhouse_password
+                        .clone()
+                        .or(file.clickhouse_password),
                     timeout: Duration::from_secs(30),
                 }
             }),

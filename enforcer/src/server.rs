@@ -201,9 +201,10 @@ pub async fn run(
 
     // Billing only reads ClickHouse, on request: no connection is made here, and a
     // ClickHouse that is down fails billing calls, never enforcement.
-    let billing = cfg.clickhouse.as_ref().map(|ch| {
-        aggregator::billing::Billing::new(aggregator::sink::ClickHouse::new(ch))
-    });
+    let billing = cfg
+        .clickhouse
+        .as_ref()
+        .map(|ch| aggregator::billing::Billing::new(aggregator::sink::ClickHouse::new(ch)));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(allot_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -218,7 +219,10 @@ pub async fn run(
             engine.clone(),
             &cfg.rls_domain,
         ))
-        .add_service(BillingServer::new(BillingService::new(engine.clone(), billing)))
+        .add_service(BillingServer::new(BillingService::new(
+            engine.clone(),
+            billing,
+        )))
         .add_service(AdminServer::new(AdminService::new(engine)))
         .add_service(PeerServer::new(PeerService::new(soft, peers)))
         // With Redis the node ships its spool to the Redis streams itself.

@@ -1,7 +1,9 @@
 //! End to end: gRPC Reserve/Commit/Record on a real node over Redis → the partition
 //! streams (hard-cap events from the scripts, soft-only ones shipped by the node) →
 //! `allot aggregate` → ClickHouse 18.16. The monthly rollup equals what the client
-//! counted, to the unit, and every denial is there once.
+//! counted, to the unit, and every denial is there once; billing overage (through the
+//! node's Billing service and `allot billing overage`) equals the client's ledger across
+//! a mid-period plan change.
 
 mod harness;
 
@@ -14,19 +16,52 @@ use harness::warehouse::{usage_rows, wait_rollup, ClickHouseServer, Totals};
 use harness::{record, reserve, subscribe, Node};
 
 const CATALOG: &str = "version: 1
+currency: USD
 metrics:
   calls: { unit: call }
   soft_calls: { unit: call }
 plans:
   p:
+    tier: 1
     versions:
       1:
         limits:
           calls:
             - { window: day, amount: 2000 }
           soft_calls:
-            - { window: month, amount: 50, enforcement: soft }
+            - { window: month, amount: 50, enforcement: soft, unit_price: \"0.5\" }
+  bigger:
+    tier: 2
+    versions:
+      1:
+        limits:
+          calls:
+            - { window: day, amount: 2000 }
+          soft_calls:
+            - { window: month, amount: 100, enforcement: soft, unit_price: \"0.25\" }
 ";
+
+/// A tenant's soft usage as the client saw it: each acknowledged amount with the
+/// allowance and price of the plan it was on.
+#[derive(Default)]
+struct SoftLedger {
+    events: Vec<(u64, u64, u64)>,
+}
+
+impl SoftLedger {
+    /// (used, overage, amount in millionths): each event is over for what takes the
+    /// running total past its own allowance.
+    fn bill(&self) -> (u64, u64, u64) {
+        let (mut used, mut over, mut micros) = (0, 0, 0);
+        for (amount, included, price) in &self.events {
+            let past = (used + amount).saturating_sub(*included).min(*amount);
+            over += past;
+            micros += past * price;
+            used += amount;
+        }
+        (used, over, micros)
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_through_a_node_reaches_the_monthly_rollup_exactly() {
@@ -36,6 +71,8 @@ async fn usage_through_a_node_reaches_the_monthly_rollup_exactly() {
         .catalog(CATALOG)
         .arg("--redis")
         .arg(&redis.url)
+        .arg("--clickhouse")
+        .arg(&ch.url)
         .start()
         .await;
     let mut admin = node.admin().await;
@@ -45,7 +82,20 @@ async fn usage_through_a_node_reaches_the_monthly_rollup_exactly() {
     let mut e = node.enforcer().await;
     let mut ledger: Totals = BTreeMap::new();
     let mut denials = 0u64;
+    let mut soft: BTreeMap<&str, SoftLedger> = BTreeMap::new();
     for i in 0..60i64 {
+        if i == 30 {
+            // Mid-period upgrade: acme's allowance is 100 at 0.25 from now on.
+            admin
+                .change_subscription(pb::ChangeSubscriptionRequest {
+                    tenant: "acme".into(),
+                    plan: "bigger".into(),
+                    timing: pb::ChangeTiming::Immediately as i32,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
         for t in ["acme", "globex"] {
             let r = e
                 .reserve(reserve(t, "calls", 10 + i % 7, &format!("{t}-r{i}")))
@@ -78,6 +128,12 @@ async fn usage_through_a_node_reaches_the_monthly_rollup_exactly() {
                 .into_inner();
             assert!(r.recorded);
             *ledger.entry((t.into(), "soft_calls".into())).or_default() += 2;
+            let (included, price) = if t == "acme" && i >= 30 {
+                (100, 250_000)
+            } else {
+                (50, 500_000)
+            };
+            soft.entry(t).or_default().events.push((2, included, price));
         }
     }
     // Refused by the day cap: a denial, not usage.
@@ -114,8 +170,94 @@ async fn usage_through_a_node_reaches_the_monthly_rollup_exactly() {
         .fetch_one()
         .await
         .unwrap();
-    // 50 included per tenant, 2 per record: records 26 to 60 of each tenant are overage.
-    assert_eq!(over, 2 * 35);
+    // 2 per record. globex: 50 included, records 26 to 60 are overage (35). acme: the
+    // same to record 30 (5), then 100 included: records 51 to 60 (10).
+    assert_eq!(over, 35 + 5 + 10);
+
+    // Billing, through the node: every line equals the client's ledger.
+    let periods: Vec<String> = client
+        .query("SELECT DISTINCT billing_period FROM usage_events WHERE metric = 'soft_calls'")
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(periods.len(), 1, "one billing period: {periods:?}");
+    let period = &periods[0];
+    let mut billing = pb::billing_client::BillingClient::connect(node.endpoint.clone())
+        .await
+        .unwrap();
+    let r = billing
+        .overage(pb::OverageRequest {
+            period: period.clone(),
+            tenant: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.currency, "USD");
+    let got: Vec<(String, String, i64, i64, i64)> = r
+        .lines
+        .iter()
+        .map(|l| {
+            (
+                l.tenant.clone(),
+                l.metric.clone(),
+                l.used,
+                l.overage,
+                l.amount_micros,
+            )
+        })
+        .collect();
+    let mut want = Vec::new();
+    for ((t, m), used) in &ledger {
+        let (over, micros) = match m.as_str() {
+            "soft_calls" => {
+                let (u, o, a) = soft[t.as_str()].bill();
+                assert_eq!(u as i64, *used);
+                (o as i64, a as i64)
+            }
+            // A day limit is no billing allowance: nothing is overage.
+            _ => (0, 0),
+        };
+        want.push((t.clone(), m.clone(), *used, over, micros));
+    }
+    assert_eq!(got, want);
+    // acme: 10 over at 0.50, then 20 at 0.25; globex: 70 at 0.50.
+    assert_eq!((want[1].3, want[1].4, want[3].3), (30, 10_000_000, 70));
+    let acme = r
+        .lines
+        .iter()
+        .find(|l| l.tenant == "acme" && l.metric == "soft_calls");
+    assert_eq!(
+        acme.map(|l| (l.plan.as_str(), l.included, l.amount.as_str())),
+        Some(("bigger", Some(100), "10.00"))
+    );
+
+    // As a user: the CLI's CSV for one tenant.
+    let (code, out, err) = node
+        .cli(&[
+            "billing", "overage", "--period", period, "--tenant", "globex", "--format", "csv",
+        ])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<&str> = out.lines().collect();
+    assert_eq!(rows.len(), 3, "{out}");
+    assert!(
+        rows[0].starts_with("kind,period,tenant,metric,plan,included"),
+        "{out}"
+    );
+    assert_eq!(
+        rows[2],
+        format!("period,{period},globex,soft_calls,p@1,50,120,70,35.00,35000000,0,USD")
+    );
+    // The period is still running: it cannot be exported yet, and says from when.
+    let e = billing
+        .export(pb::ExportRequest {
+            period: period.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("has not ended yet"), "{}", e.message());
     aggregator.start_kill().unwrap();
     let _ = aggregator.wait().await;
 }

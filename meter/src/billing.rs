@@ -69,7 +69,11 @@ impl FromStr for Price {
             .filter(|u| *u <= MAX_PRICE_UNITS)
             .ok_or_else(|| bad(&format!("at most {MAX_PRICE_UNITS} per unit")))?;
         let scale = 10u64.pow(PRICE_DECIMALS - frac.len() as u32);
-        let frac: u64 = if frac.is_empty() { 0 } else { frac.parse().unwrap_or(0) };
+        let frac: u64 = if frac.is_empty() {
+            0
+        } else {
+            frac.parse().unwrap_or(0)
+        };
         Ok(Price(units * MICROS + frac * scale))
     }
 }
@@ -215,9 +219,23 @@ mod tests {
         assert_eq!("0.002".parse::<Price>().unwrap().micros(), 2_000);
         assert_eq!("12".parse::<Price>().unwrap().micros(), 12_000_000);
         assert_eq!("1.000001".parse::<Price>().unwrap().micros(), 1_000_001);
-        assert_eq!("1000000".parse::<Price>().unwrap().to_string(), "1000000.00");
+        assert_eq!(
+            "1000000".parse::<Price>().unwrap().to_string(),
+            "1000000.00"
+        );
         assert_eq!(Price::from_micros(125).to_string(), "0.000125");
-        for bad in ["", "-1", "1.", ".5", "0.0000001", "1e3", "1,5", " 1", "1000001", "99999999999999999999"] {
+        for bad in [
+            "",
+            "-1",
+            "1.",
+            ".5",
+            "0.0000001",
+            "1e3",
+            "1,5",
+            " 1",
+            "1000001",
+            "99999999999999999999",
+        ] {
             assert!(bad.parse::<Price>().is_err(), "{bad:?} parsed");
         }
         let err = "0.0000001".parse::<Price>().unwrap_err().to_string();

@@ -149,12 +149,18 @@ fn prices_are_exact_on_billing_limits_of_plans_with_a_currency() {
         "",
         "{window: month, amount: 5, unit_price: \"0.002\"}",
     ));
-    assert!(e.contains("cat.yaml: currency: a plan sets a unit_price"), "{e}");
+    assert!(
+        e.contains("cat.yaml: currency: a plan sets a unit_price"),
+        "{e}"
+    );
     let e = err(&priced(
         "currency: usd\n",
         "{window: month, amount: 5, unit_price: \"1\"}",
     ));
-    assert!(e.contains("currency: \"usd\" is not an ISO 4217 code"), "{e}");
+    assert!(
+        e.contains("currency: \"usd\" is not an ISO 4217 code"),
+        "{e}"
+    );
     let e = err(&priced(
         "currency: USD\n",
         "{window: day, amount: 5, unit_price: \"1\"}",
@@ -164,7 +170,10 @@ fn prices_are_exact_on_billing_limits_of_plans_with_a_currency() {
         "{e}"
     );
     // Prices are read from their text, never through a float, with at most six decimals.
-    let unquoted = priced("currency: USD\n", "{window: month, amount: 5, unit_price: 0.1}");
+    let unquoted = priced(
+        "currency: USD\n",
+        "{window: month, amount: 5, unit_price: 0.1}",
+    );
     let c = parse(&unquoted, "cat.yaml").unwrap();
     let price = c.plans["pro"].versions[&1].limits["api_calls"][0].unit_price;
     assert_eq!(price.map(|p| p.micros()), Some(100_000));

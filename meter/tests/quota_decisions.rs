@@ -394,7 +394,9 @@ fn billing_slots_name_their_period_by_its_local_start() {
     let mut s = sub("acme", "free");
     s.time_zone = "Europe/Berlin".into();
     // 23:30 UTC on the last day of February is already March in Berlin.
-    let at = chrono::Utc.with_ymd_and_hms(2026, 2, 28, 23, 30, 0).unwrap();
+    let at = chrono::Utc
+        .with_ymd_and_hms(2026, 2, 28, 23, 30, 0)
+        .unwrap();
     let e = resolve(&c, &s, &[], at);
     let p = must_plan(&c, &e, "api_calls", 1, Intent::Record);
     let month = p.slots.iter().find(|s| s.window == Window::Month).unwrap();
@@ -402,9 +404,16 @@ fn billing_slots_name_their_period_by_its_local_start() {
     // Travel quotations have a day and a month limit: only the month names a period.
     let e = resolve(&c, &sub("acme", "travel_starter"), &[], t0());
     let p = must_plan(&c, &e, "quotations", 1, Intent::Record);
-    let periods: Vec<_> = p.slots.iter().map(|s| (s.window, s.period.clone())).collect();
+    let periods: Vec<_> = p
+        .slots
+        .iter()
+        .map(|s| (s.window, s.period.clone()))
+        .collect();
     assert_eq!(
         periods,
-        vec![(Window::Day, None), (Window::Month, Some("2026-03".to_string()))]
+        vec![
+            (Window::Day, None),
+            (Window::Month, Some("2026-03".to_string()))
+        ]
     );
 }

@@ -268,13 +268,20 @@ mod tests {
             "period,2026-10,acme,api_calls,pro@2,1000,1200,200,0.08,80000,0,USD"
         );
         // A value with a comma is quoted, not split.
-        assert!(lines[2].starts_with("adjustment,2026-10,\"o'brien,inc\","), "{}", lines[2]);
+        assert!(
+            lines[2].starts_with("adjustment,2026-10,\"o'brien,inc\","),
+            "{}",
+            lines[2]
+        );
     }
 
     #[test]
     fn tables_name_the_currency_and_say_when_there_is_nothing() {
         let t = table("EUR", &[line("acme", false)], false);
-        assert!(t.contains("amount (EUR)") && t.contains("pro@2") && t.contains("0.08"), "{t}");
+        assert!(
+            t.contains("amount (EUR)") && t.contains("pro@2") && t.contains("0.08"),
+            "{t}"
+        );
         assert!(!t.contains("adjustment"));
         let t = table("EUR", &[line("acme", true)], true);
         assert!(t.contains("adjustment") && !t.contains("pro@2"), "{t}");

@@ -278,7 +278,10 @@ mod tests {
         ]) else {
             panic!()
         };
-        assert_eq!((o.period.as_str(), o.format), ("2026-11", billing::Format::Csv));
+        assert_eq!(
+            (o.period.as_str(), o.format),
+            ("2026-11", billing::Format::Csv)
+        );
         assert!(parse(&["billing", "export"]).is_err());
         assert!(parse(&["billing", "overage", "--period", "2026-11", "--format", "xml"]).is_err());
     }

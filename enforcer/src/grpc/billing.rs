@@ -84,7 +84,10 @@ fn export_line(l: ExportLine) -> pb::BillingLine {
             LineKind::Period => pb::BillingLineKind::Period,
             LineKind::Adjustment => pb::BillingLineKind::Adjustment,
         } as i32,
-        amount: format!("{sign}{}", decimal(u128::from(l.amount_micros.unsigned_abs()))),
+        amount: format!(
+            "{sign}{}",
+            decimal(u128::from(l.amount_micros.unsigned_abs()))
+        ),
         period: l.for_period,
         tenant: l.tenant,
         metric: l.metric,
