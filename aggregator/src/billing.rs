@@ -242,8 +242,14 @@ pub struct BillLine {
 /// The lines of a period from its events (any order), priced by `prices`; metrics that
 /// are not billed are left out.
 pub fn lines(rows: Vec<BillableRow>, prices: &dyn PriceList) -> Vec<BillLine> {
-    type Key = (String, String);
-    let mut groups: BTreeMap<Key, (Vec<Billable>, (u32, String, u32, String))> = BTreeMap::new();
+    /// A tenant × metric's events, and its latest event (time, id) with its plan.
+    #[derive(Default)]
+    struct Group {
+        events: Vec<Billable>,
+        last: (u32, String),
+        plan: (String, u32),
+    }
+    let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
     for r in rows {
         if r.amount <= 0 || !prices.is_billed(&r.metric) {
             continue;
@@ -252,11 +258,11 @@ pub fn lines(rows: Vec<BillableRow>, prices: &dyn PriceList) -> Vec<BillLine> {
             .entry((r.tenant.clone(), r.metric.clone()))
             .or_default();
         // The plan of the latest event (ties by id, as billing orders them).
-        let last = (r.at, r.event_id.clone(), r.plan_version, r.plan.clone());
-        if (last.0, &last.1) >= (g.1 .0, &g.1 .1) {
-            g.1 = last;
+        if (r.at, &r.event_id) >= (g.last.0, &g.last.1) {
+            g.last = (r.at, r.event_id.clone());
+            g.plan = (r.plan.clone(), r.plan_version);
         }
-        g.0.push(Billable {
+        g.events.push(Billable {
             at: DateTime::from_timestamp(i64::from(r.at), 0).unwrap_or_default(),
             unit_price: prices.unit_price(&r.plan, r.plan_version, &r.metric),
             id: r.event_id,
@@ -266,13 +272,13 @@ pub fn lines(rows: Vec<BillableRow>, prices: &dyn PriceList) -> Vec<BillLine> {
     }
     groups
         .into_iter()
-        .map(|((tenant, metric), (events, (_, _, plan_version, plan)))| {
-            let l = line(events);
+        .map(|((tenant, metric), g)| {
+            let l = line(g.events);
             BillLine {
                 tenant,
                 metric,
-                plan,
-                plan_version,
+                plan: g.plan.0,
+                plan_version: g.plan.1,
                 included: l.included,
                 used: l.used,
                 overage: l.overage,

@@ -5,8 +5,8 @@
 mod harness;
 
 use aggregator::billing::{
-    earlier_exports_query, events_query, lines, stored_export_query, Billing, BillingError,
-    LineKind, Period, PriceList,
+    earlier_exports_query, events_query, stored_export_query, Billing, BillingError, LineKind,
+    Period, PriceList,
 };
 use aggregator::schema::migrate;
 use aggregator::sink::ClickHouse;
