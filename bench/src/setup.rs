@@ -100,6 +100,7 @@ pub async fn prepare(channel: Channel, tenants: usize, spawned: bool) -> anyhow:
                 source_name: "bench/catalog.yaml".to_owned(),
                 dry_run: false,
                 actor: "bench".to_owned(),
+                reason: "bench setup".to_owned(),
             })
             .await
             .map_err(|s| status_error("Admin.ApplyCatalog", &s))?;

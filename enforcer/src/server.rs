@@ -139,8 +139,14 @@ pub async fn run(
             path: path.display().to_string(),
             source,
         })?;
+        let who = crate::engine::admin::Who {
+            source: meter::ledger::Source::System,
+            actor: format!("node {}", engine.node_id()),
+            reason: format!("catalog file {} at start", path.display()),
+            correlation_id: String::new(),
+        };
         match engine
-            .apply_catalog(&text, &path.display().to_string(), false)
+            .apply_catalog(&text, &path.display().to_string(), false, &who)
             .await
         {
             Ok(a) => {
@@ -186,6 +192,10 @@ pub async fn run(
         )));
     }
     let spool_service = (!shared_store).then(|| SpoolService::new(disk.clone()));
+    tasks.push(tokio::spawn(record_scheduled(
+        engine.clone(),
+        cfg.retention,
+    )));
     tasks.push(tokio::spawn(sweep(
         engine.clone(),
         backend,
@@ -408,6 +418,30 @@ struct Timing {
 }
 
 /// Releases reservations past their TTL, and now and then forgets what expired.
+/// How often changes made by time are looked for and recorded in the ledger. They take
+/// effect at their instant regardless (resolution is by time); this is only how soon the
+/// ledger shows them, each with its exact instant.
+const SCHEDULE_SCAN: Duration = Duration::from_secs(10);
+
+/// Records the changes time makes (trial ends, scheduled changes, expiring overrides) in
+/// the ledger, with their instants. At start it looks back over the retention period, so
+/// changes that fell while no node ran are recorded too.
+async fn record_scheduled(engine: Arc<Engine>, retention: Duration) {
+    let back = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::days(7));
+    let mut after = engine.now() - back;
+    let mut tick = tokio::time::interval(SCHEDULE_SCAN);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let upto = engine.now();
+        match engine.record_due(after, upto).await {
+            Ok(_) => after = upto,
+            // Retried from the same instant next time: nothing is skipped.
+            Err(e) => tracing::warn!(error = %e, "scheduled changes not recorded yet"),
+        }
+    }
+}
+
 async fn sweep(
     engine: Arc<Engine>,
     backend: Backend,

@@ -727,6 +727,7 @@ async fn admin_rpcs_and_their_bad_input() {
             tenant: "acme".into(),
             at_period_end: false,
             actor: "test".into(),
+            reason: "customer left".into(),
         })
         .await
         .unwrap();
@@ -747,6 +748,7 @@ async fn catalogs_are_validated_and_published_versions_immutable() {
         source_name: "new.yaml".into(),
         dry_run: false,
         actor: "test".into(),
+        reason: String::new(),
     };
     let s = admin
         .apply_catalog(apply("version: 1\nmetrics: [".into()))
@@ -872,6 +874,7 @@ async fn lifecycle_corner_cases_through_the_api() {
             tenant: "acme".into(),
             at_period_end: false,
             actor: "t".into(),
+            reason: String::new(),
         })
         .await
         .unwrap();

@@ -65,7 +65,18 @@ async fn lost_sweep_index_entries_are_restored() {
         scheduled_change: None,
         cancel_at: None,
     };
-    store.save_subscription(&sub).await.unwrap();
+    let entry = meter::ledger::LedgerEntry::change(
+        "e1".into(),
+        now,
+        "acme",
+        meter::ledger::Source::Admin,
+        "subscription.put",
+        "test",
+        "",
+        None,
+        Some(meter::ledger::snapshot(&sub)),
+    );
+    store.save_subscription(&sub, &entry).await.unwrap();
     let op = ReserveOp {
         tenant: "acme".into(),
         metric: "calls".into(),

@@ -159,6 +159,7 @@ async fn admin_changes_on_one_node_apply_on_the_others() {
             source_name: "new".into(),
             dry_run: false,
             actor: "t".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -19,6 +19,7 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 
 use crate::catalog::parse;
 use crate::grant::{Change, Override};
+use crate::ledger::{LedgerEntry, Source};
 use crate::lifecycle::{PlanRef, Status, Subscription};
 use crate::store::{
     ControlStore, RecordOp, ReserveOp, Settlement, SlotSpec, SlotUsage, StoreError, UsageStore,
@@ -92,6 +93,7 @@ where
     gauge_goes_down_but_not_below_zero(&make().await).await;
     tenants_are_isolated(&make().await).await;
     control_state_round_trips(&make().await).await;
+    changes_are_recorded_with_their_entries(&make().await).await;
 }
 
 /// Units are held and visible as reserved.
@@ -379,7 +381,7 @@ pub async fn control_state_round_trips<S: Backend>(s: &S) {
         "test",
     )
     .unwrap();
-    s.save_catalog(&c).await.unwrap();
+    s.save_catalog(&c, &entry("c1", "")).await.unwrap();
     assert_eq!(s.catalog().await.unwrap(), Some(c));
 
     let sub = Subscription {
@@ -399,7 +401,9 @@ pub async fn control_state_round_trips<S: Backend>(s: &S) {
         scheduled_change: None,
         cancel_at: None,
     };
-    s.save_subscription(&sub).await.unwrap();
+    s.save_subscription(&sub, &entry("e1", "acme"))
+        .await
+        .unwrap();
     assert_eq!(s.subscription("acme").await.unwrap(), Some(sub));
     assert_eq!(s.subscription("globex").await.unwrap(), None);
     assert_eq!(s.tenants().await.unwrap(), vec!["acme".to_string()]);
@@ -417,13 +421,80 @@ pub async fn control_state_round_trips<S: Backend>(s: &S) {
         reason: "goodwill".into(),
         created_at: t0(),
     };
-    s.add_override(&o).await.unwrap();
+    s.add_override(&o, &entry("e2", "acme")).await.unwrap();
     assert!(matches!(
-        s.add_override(&o).await.unwrap_err(),
+        s.add_override(&o, &entry("e3", "acme")).await.unwrap_err(),
         StoreError::Conflict(_)
     ));
     assert_eq!(s.overrides("acme").await.unwrap(), vec![o]);
     assert!(s.overrides("globex").await.unwrap().is_empty());
-    assert!(s.remove_override("acme", "o1").await.unwrap());
-    assert!(!s.remove_override("acme", "o1").await.unwrap());
+    assert!(s
+        .remove_override("acme", "o1", &entry("e4", "acme"))
+        .await
+        .unwrap());
+    assert!(!s
+        .remove_override("acme", "o1", &entry("e5", "acme"))
+        .await
+        .unwrap());
+}
+
+fn entry(id: &str, tenant: &str) -> LedgerEntry {
+    let n: i64 = id
+        .trim_start_matches(|c: char| c.is_alphabetic())
+        .parse()
+        .unwrap_or(0);
+    LedgerEntry {
+        id: id.into(),
+        at: t0() + Duration::seconds(n),
+        tenant: tenant.into(),
+        source: Source::Admin,
+        action: "test".into(),
+        actor: "support@example.com".into(),
+        reason: "conformance".into(),
+        correlation_id: format!("req-{id}"),
+        before: String::new(),
+        after: "{}".into(),
+        applied: true,
+    }
+}
+
+/// A change and its ledger entry land together: refused changes record nothing, entries
+/// come back oldest first per tenant, and an id recorded twice is kept once.
+pub async fn changes_are_recorded_with_their_entries<S: Backend>(s: &S) {
+    let ids = |v: Vec<LedgerEntry>| v.into_iter().map(|e| e.id).collect::<Vec<_>>();
+    let o = Override {
+        id: "o1".into(),
+        tenant: "acme".into(),
+        change: Change::EnableFeature {
+            feature: "sso".into(),
+        },
+        valid_from: t0(),
+        valid_to: None,
+        actor: "support@example.com".into(),
+        reason: "trial of sso".into(),
+        created_at: t0(),
+    };
+    s.add_override(&o, &entry("e1", "acme")).await.unwrap();
+    // Refused: already there, or nothing to remove. Neither is recorded.
+    s.add_override(&o, &entry("e2", "acme")).await.unwrap_err();
+    assert!(!s
+        .remove_override("acme", "nope", &entry("e3", "acme"))
+        .await
+        .unwrap());
+    assert!(s
+        .remove_override("acme", "o1", &entry("e4", "acme"))
+        .await
+        .unwrap());
+    // Recorded out of time order: read back in time order.
+    assert!(s.record_entry(&entry("e9", "acme")).await.unwrap());
+    assert!(s.record_entry(&entry("e5", "acme")).await.unwrap());
+    // The same id again (another node recording the same scheduled change): kept once.
+    assert!(!s.record_entry(&entry("e5", "acme")).await.unwrap());
+    assert!(s.record_entry(&entry("e6", "globex")).await.unwrap());
+    let all = s.ledger("acme", 100).await.unwrap();
+    assert_eq!(ids(all.clone()), ["e1", "e4", "e5", "e9"]);
+    assert_eq!(all[0], entry("e1", "acme"));
+    assert_eq!(ids(s.ledger("acme", 2).await.unwrap()), ["e5", "e9"]);
+    assert_eq!(ids(s.ledger("globex", 100).await.unwrap()), ["e6"]);
+    assert!(s.ledger("initech", 100).await.unwrap().is_empty());
 }

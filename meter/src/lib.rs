@@ -9,6 +9,7 @@
 //! - [`lifecycle`]: subscriptions and what is in force at an instant (trials, scheduled
 //!   downgrades, cancellation).
 //! - [`grant`]: time-boxed overrides.
+//! - [`ledger`]: the record of every entitlement change, and the ones time makes.
 //! - [`resolve`]: catalog + subscription + overrides → [`resolve::Entitlements`], with
 //!   provenance.
 //! - [`window`] and [`gcra`]: calendar periods in the tenant's zone, and token buckets.
@@ -29,6 +30,7 @@ pub mod gcra;
 pub mod grant;
 pub mod hint;
 pub mod keys;
+pub mod ledger;
 pub mod lifecycle;
 pub mod quota;
 pub mod resolve;

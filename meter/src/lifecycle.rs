@@ -135,7 +135,7 @@ pub struct Subscription {
 }
 
 /// What is in force at one instant.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct InForce {
     /// The plan in force.
     pub plan: PlanRef,

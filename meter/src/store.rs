@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::Catalog;
 use crate::grant::Override;
+use crate::ledger::LedgerEntry;
 use crate::lifecycle::Subscription;
 
 /// A counter a request touches: one window period of one metric of one tenant.
@@ -305,23 +306,41 @@ pub trait RateStore: Send + Sync {
     ) -> Result<(), StoreError>;
 }
 
-/// Catalog, subscriptions and overrides.
+/// Catalog, subscriptions, overrides, and the ledger of their changes.
+///
+/// Every change is written together with its [`LedgerEntry`], in one atomic step where
+/// the backend allows (the catalog, shared by every tenant, may be written just before
+/// its entry).
 #[async_trait::async_trait]
 pub trait ControlStore: Send + Sync {
     /// The current catalog, if one was saved.
     async fn catalog(&self) -> Result<Option<Catalog>, StoreError>;
     /// Replaces the catalog (the caller validated it against the previous one).
-    async fn save_catalog(&self, catalog: &Catalog) -> Result<(), StoreError>;
+    async fn save_catalog(&self, catalog: &Catalog, entry: &LedgerEntry) -> Result<(), StoreError>;
     /// A tenant's subscription.
     async fn subscription(&self, tenant: &str) -> Result<Option<Subscription>, StoreError>;
     /// Creates or replaces a tenant's subscription.
-    async fn save_subscription(&self, sub: &Subscription) -> Result<(), StoreError>;
+    async fn save_subscription(
+        &self,
+        sub: &Subscription,
+        entry: &LedgerEntry,
+    ) -> Result<(), StoreError>;
     /// Every tenant with a subscription, sorted.
     async fn tenants(&self) -> Result<Vec<String>, StoreError>;
     /// A tenant's overrides, expired ones included, sorted by id.
     async fn overrides(&self, tenant: &str) -> Result<Vec<Override>, StoreError>;
-    /// Adds an override; an existing id is a conflict.
-    async fn add_override(&self, o: &Override) -> Result<(), StoreError>;
-    /// Removes an override; returns whether it existed.
-    async fn remove_override(&self, tenant: &str, id: &str) -> Result<bool, StoreError>;
+    /// Adds an override; an existing id is a conflict (and nothing is recorded).
+    async fn add_override(&self, o: &Override, entry: &LedgerEntry) -> Result<(), StoreError>;
+    /// Removes an override; returns whether it existed (the entry is recorded only then).
+    async fn remove_override(
+        &self,
+        tenant: &str,
+        id: &str,
+        entry: &LedgerEntry,
+    ) -> Result<bool, StoreError>;
+    /// Records an entry no change of this store carries (a time-driven change, a refused
+    /// request); an id recorded before is kept as it was. Returns whether it was new.
+    async fn record_entry(&self, entry: &LedgerEntry) -> Result<bool, StoreError>;
+    /// The last `limit` entries of a tenant's ledger (`""`: catalog-wide), oldest first.
+    async fn ledger(&self, tenant: &str, limit: usize) -> Result<Vec<LedgerEntry>, StoreError>;
 }

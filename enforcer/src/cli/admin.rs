@@ -60,6 +60,9 @@ pub struct SubscribeArgs {
     /// Who makes the change, for the audit trail.
     #[arg(long, env = "ALLOT_ACTOR")]
     pub actor: Option<String>,
+    /// Why, for the audit trail (`allot tenant history`).
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 /// `allot subscription` commands.
@@ -122,6 +125,9 @@ pub struct ChangeArgs {
     /// Who makes the change, for the audit trail.
     #[arg(long, env = "ALLOT_ACTOR")]
     pub actor: Option<String>,
+    /// Why, for the audit trail (`allot tenant history`).
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 /// Options of `allot subscription cancel`.
@@ -136,6 +142,9 @@ pub struct CancelArgs {
     /// Who makes the change, for the audit trail.
     #[arg(long, env = "ALLOT_ACTOR")]
     pub actor: Option<String>,
+    /// Why, for the audit trail (`allot tenant history`).
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 /// `allot catalog` commands.
@@ -162,6 +171,9 @@ pub struct ApplyArgs {
     /// Who applies it, for the audit trail.
     #[arg(long, env = "ALLOT_ACTOR")]
     pub actor: Option<String>,
+    /// Why, for the audit trail (`allot tenant history`).
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 /// What an override changes; it decides which other options apply.
@@ -297,6 +309,7 @@ pub async fn subscribe(channel: &Channel, out: Output, args: SubscribeArgs) -> a
         post_trial_plan,
         post_trial_plan_version,
         actor: args.actor.unwrap_or_default(),
+        reason: args.reason.unwrap_or_default(),
     };
     let response = client(channel)
         .put_subscription(request)
@@ -328,6 +341,7 @@ pub async fn subscription(
                 remove_addons: args.remove_addons,
                 status: args.status.unwrap_or_default(),
                 actor: args.actor.unwrap_or_default(),
+                reason: args.reason.unwrap_or_default(),
             };
             client(channel).change_subscription(request).await
         }
@@ -336,6 +350,7 @@ pub async fn subscription(
                 tenant: args.tenant,
                 at_period_end: args.at_period_end,
                 actor: args.actor.unwrap_or_default(),
+                reason: args.reason.unwrap_or_default(),
             };
             client(channel).cancel_subscription(request).await
         }
@@ -356,6 +371,7 @@ pub async fn catalog(channel: &Channel, out: Output, cmd: CatalogCommand) -> any
                 source_name,
                 dry_run: args.dry_run,
                 actor: args.actor.unwrap_or_default(),
+                reason: args.reason.unwrap_or_default(),
             };
             let response = client(channel)
                 .apply_catalog(request)

@@ -253,6 +253,30 @@ pub fn tenant(
     })
 }
 
+/// `allot tenant history`.
+pub fn history(entries: &[allot_proto::v1::LedgerEntry]) -> Json {
+    Json::Array(
+        entries
+            .iter()
+            .map(|e| {
+                let state = |s: &str| serde_json::from_str::<Json>(s).unwrap_or(Json::Null);
+                json!({
+                    "id": e.id,
+                    "at": instant(e.at.as_ref()),
+                    "source": e.source,
+                    "action": e.action,
+                    "actor": e.actor,
+                    "reason": e.reason,
+                    "correlation_id": e.correlation_id,
+                    "applied": e.applied,
+                    "before": state(&e.before),
+                    "after": state(&e.after),
+                })
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

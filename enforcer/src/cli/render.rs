@@ -565,6 +565,41 @@ pub fn peers(p: &allot_proto::v1::GetPeersResponse) -> String {
     )
 }
 
+/// `allot tenant history`: one row per entry; with `diff`, the states under it.
+pub fn history(tenant: &str, entries: &[allot_proto::v1::LedgerEntry], diff: bool) -> String {
+    if entries.is_empty() {
+        return format!("no recorded changes for {tenant}");
+    }
+    let mut t = table(&["at", "action", "source", "actor", "reason", "correlation"]);
+    for e in entries {
+        let action = if e.applied {
+            e.action.clone()
+        } else {
+            format!("{} (refused)", e.action)
+        };
+        t.add_row(vec![
+            when(e.at.as_ref()),
+            action,
+            e.source.clone(),
+            e.actor.clone(),
+            e.reason.clone(),
+            e.correlation_id.clone(),
+        ]);
+        if diff {
+            let show = |s: &str| {
+                if s.is_empty() {
+                    "-".to_string()
+                } else {
+                    s.to_string()
+                }
+            };
+            t.add_row(vec![String::new(), format!("before: {}", show(&e.before))]);
+            t.add_row(vec![String::new(), format!("after: {}", show(&e.after))]);
+        }
+    }
+    t.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

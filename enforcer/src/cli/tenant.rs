@@ -1,9 +1,11 @@
 //! `allot tenant show`: the support view of one tenant, from GetTenant plus the current
-//! usage of each limited metric.
+//! usage of each limited metric; `allot tenant history`: its entitlement ledger.
 
 use allot_proto::v1::admin_client::AdminClient;
 use allot_proto::v1::enforcer_client::EnforcerClient;
-use allot_proto::v1::{GetTenantRequest, GetTenantResponse, GetUsageRequest, GetUsageResponse};
+use allot_proto::v1::{
+    GetTenantHistoryRequest, GetTenantRequest, GetTenantResponse, GetUsageRequest, GetUsageResponse,
+};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
 use tonic::transport::Channel;
@@ -18,6 +20,23 @@ pub enum TenantCommand {
     /// Show what a tenant has and why: plan, status, access, every feature and limit with
     /// the grants that made it and since when, overrides, and current usage.
     Show(ShowArgs),
+    /// Print a tenant's audit trail: every change of its entitlements (Admin API,
+    /// webhooks, trial ends, scheduled changes, expiring overrides) with when, source,
+    /// actor, reason and correlation id, and refused requests; oldest first.
+    History(HistoryArgs),
+}
+
+/// Options of `allot tenant history`.
+#[derive(Debug, Clone, Args)]
+pub struct HistoryArgs {
+    /// Tenant id; `-` for catalog changes.
+    pub tenant: String,
+    /// How many of the newest entries to show (at most 10000).
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+    /// Also print each entry's state before and after (JSON).
+    #[arg(long)]
+    pub diff: bool,
 }
 
 /// Options of `allot tenant show`.
@@ -40,7 +59,10 @@ type UsageByMetric = Vec<(String, Result<GetUsageResponse, String>)>;
 
 /// Runs `allot tenant show`.
 pub async fn run(channel: &Channel, out: Output, cmd: TenantCommand) -> anyhow::Result<()> {
-    let TenantCommand::Show(args) = cmd;
+    let args = match cmd {
+        TenantCommand::Show(args) => args,
+        TenantCommand::History(args) => return history(channel, out, args).await,
+    };
     let request = GetTenantRequest {
         tenant: args.tenant.clone(),
         at: args.at.map(convert::to_timestamp),
@@ -59,6 +81,28 @@ pub async fn run(channel: &Channel, out: Output, cmd: TenantCommand) -> anyhow::
     out.emit(
         || json::tenant(&args.tenant, &response, usage),
         || render::tenant(&args.tenant, &response, usage),
+    )
+}
+
+/// Runs `allot tenant history`.
+async fn history(channel: &Channel, out: Output, args: HistoryArgs) -> anyhow::Result<()> {
+    let tenant = if args.tenant == "-" {
+        String::new()
+    } else {
+        args.tenant.clone()
+    };
+    let entries = AdminClient::new(channel.clone())
+        .get_tenant_history(GetTenantHistoryRequest {
+            tenant,
+            limit: args.limit,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .entries;
+    out.emit(
+        || json::history(&entries),
+        || render::history(&args.tenant, &entries, args.diff),
     )
 }
 

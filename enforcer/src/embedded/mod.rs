@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use chrono::{DateTime, Utc};
 use meter::catalog::Catalog;
 use meter::grant::Override;
+use meter::ledger::LedgerEntry;
 use meter::lifecycle::Subscription;
 use meter::store::{
     ControlStore, RecordOp, RecordOutcome, Reservation, ReserveOp, ReserveOutcome, SettleOutcome,
@@ -355,16 +356,22 @@ impl ControlStore for EmbeddedStore {
         Ok(self.lock().catalog.clone())
     }
 
-    async fn save_catalog(&self, catalog: &Catalog) -> Result<(), StoreError> {
-        self.apply(|s| writes_only(s.save_catalog(catalog))).await
+    async fn save_catalog(&self, catalog: &Catalog, entry: &LedgerEntry) -> Result<(), StoreError> {
+        self.apply(|s| writes_only(s.save_catalog(catalog, entry)))
+            .await
     }
 
     async fn subscription(&self, tenant: &str) -> Result<Option<Subscription>, StoreError> {
         Ok(self.lock().subscriptions.get(tenant).cloned())
     }
 
-    async fn save_subscription(&self, sub: &Subscription) -> Result<(), StoreError> {
-        self.apply(|s| writes_only(s.save_subscription(sub))).await
+    async fn save_subscription(
+        &self,
+        sub: &Subscription,
+        entry: &LedgerEntry,
+    ) -> Result<(), StoreError> {
+        self.apply(|s| writes_only(s.save_subscription(sub, entry)))
+            .await
     }
 
     async fn tenants(&self) -> Result<Vec<String>, StoreError> {
@@ -386,13 +393,18 @@ impl ControlStore for EmbeddedStore {
         Ok(out)
     }
 
-    async fn add_override(&self, o: &Override) -> Result<(), StoreError> {
-        self.apply(|s| writes_only(s.add_override(o)?)).await
+    async fn add_override(&self, o: &Override, entry: &LedgerEntry) -> Result<(), StoreError> {
+        self.apply(|s| writes_only(s.add_override(o, entry)?)).await
     }
 
-    async fn remove_override(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
+    async fn remove_override(
+        &self,
+        tenant: &str,
+        id: &str,
+        entry: &LedgerEntry,
+    ) -> Result<bool, StoreError> {
         self.apply(|s| {
-            Ok(match s.remove_override(tenant, id) {
+            Ok(match s.remove_override(tenant, id, entry) {
                 Some(writes) => Applied {
                     answer: true,
                     writes,
@@ -404,5 +416,20 @@ impl ControlStore for EmbeddedStore {
             })
         })
         .await
+    }
+
+    async fn record_entry(&self, entry: &LedgerEntry) -> Result<bool, StoreError> {
+        self.apply(|s| {
+            let writes: Vec<_> = s.record_entry(entry).into_iter().collect();
+            Ok(Applied {
+                answer: !writes.is_empty(),
+                writes,
+            })
+        })
+        .await
+    }
+
+    async fn ledger(&self, tenant: &str, limit: usize) -> Result<Vec<LedgerEntry>, StoreError> {
+        Ok(self.lock().ledger_of(tenant, limit))
     }
 }

@@ -5,12 +5,13 @@
 //! holds the state lock while it applies an operation and queues its writes, so writes
 //! reach the disk in the order the state changed.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use meter::catalog::Catalog;
 use meter::event::{EventKind, Spooled};
 use meter::grant::Override;
+use meter::ledger::LedgerEntry;
 use meter::lifecycle::Subscription;
 use meter::store::{
     RecordOp, RecordOutcome, Reservation, ReserveOp, ReserveOutcome, SettleOutcome, Settlement,
@@ -37,11 +38,13 @@ pub enum Table {
     Overrides,
     /// Usage events by sequence number, until an aggregator acknowledges them.
     Spool,
+    /// Ledger entries by tenant, time and id.
+    Ledger,
 }
 
 impl Table {
     /// Every table.
-    pub const ALL: [Table; 8] = [
+    pub const ALL: [Table; 9] = [
         Table::Counters,
         Table::Reservations,
         Table::Idempotency,
@@ -50,6 +53,7 @@ impl Table {
         Table::Subscriptions,
         Table::Overrides,
         Table::Spool,
+        Table::Ledger,
     ];
 
     /// Its name on disk.
@@ -63,6 +67,7 @@ impl Table {
             Table::Subscriptions => "subscriptions",
             Table::Overrides => "overrides",
             Table::Spool => "spool",
+            Table::Ledger => "ledger",
         }
     }
 }
@@ -129,6 +134,17 @@ pub struct State {
     pub(crate) overrides: HashMap<String, Override>,
     /// The next spool sequence number.
     pub(crate) spool_next: u64,
+    /// Ledger entries by [`ledger_key`], and the (tenant, id) of each.
+    pub(crate) ledger: BTreeMap<String, LedgerEntry>,
+    pub(crate) ledger_ids: HashSet<String>,
+}
+
+/// Row key of a ledger entry: by tenant, then time (zero-padded milliseconds), then id.
+pub fn ledger_key(e: &LedgerEntry) -> String {
+    row_key(
+        &e.tenant,
+        &format!("{:020}\u{1f}{}", e.at.timestamp_millis().max(0), e.id),
+    )
 }
 
 /// Row key of a tenant-scoped item. The separator cannot occur in tenant ids.
@@ -575,20 +591,51 @@ impl State {
         writes
     }
 
+    /// Records a ledger entry; `None` when its id was recorded before.
+    pub fn record_entry(&mut self, e: &LedgerEntry) -> Option<Write> {
+        if !self.ledger_ids.insert(row_key(&e.tenant, &e.id)) {
+            return None;
+        }
+        let key = ledger_key(e);
+        self.ledger.insert(key.clone(), e.clone());
+        Some(Write::Put(Table::Ledger, key, json(e)))
+    }
+
+    /// The last `limit` ledger entries of `tenant`, oldest first.
+    pub fn ledger_of(&self, tenant: &str, limit: usize) -> Vec<LedgerEntry> {
+        let prefix = row_key(tenant, "");
+        let mut out: Vec<LedgerEntry> = self
+            .ledger
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, e)| e.clone())
+            .collect();
+        out.drain(..out.len().saturating_sub(limit));
+        out
+    }
+
     /// Replaces the catalog.
-    pub fn save_catalog(&mut self, c: &Catalog) -> Vec<Write> {
+    pub fn save_catalog(&mut self, c: &Catalog, e: &LedgerEntry) -> Vec<Write> {
         self.catalog = Some(c.clone());
-        vec![Write::Put(Table::Control, "catalog".into(), json(c))]
+        let mut w = vec![Write::Put(Table::Control, "catalog".into(), json(c))];
+        w.extend(self.record_entry(e));
+        w
     }
 
     /// Creates or replaces a subscription.
-    pub fn save_subscription(&mut self, s: &Subscription) -> Vec<Write> {
+    pub fn save_subscription(&mut self, s: &Subscription, e: &LedgerEntry) -> Vec<Write> {
         self.subscriptions.insert(s.tenant.clone(), s.clone());
-        vec![Write::Put(Table::Subscriptions, s.tenant.clone(), json(s))]
+        let mut w = vec![Write::Put(Table::Subscriptions, s.tenant.clone(), json(s))];
+        w.extend(self.record_entry(e));
+        w
     }
 
     /// Adds an override.
-    pub fn add_override(&mut self, o: &Override) -> Result<Vec<Write>, StoreError> {
+    pub fn add_override(
+        &mut self,
+        o: &Override,
+        e: &LedgerEntry,
+    ) -> Result<Vec<Write>, StoreError> {
         let key = row_key(&o.tenant, &o.id);
         if self.overrides.contains_key(&key) {
             return Err(StoreError::Conflict(format!(
@@ -597,14 +644,23 @@ impl State {
             )));
         }
         self.overrides.insert(key.clone(), o.clone());
-        Ok(vec![Write::Put(Table::Overrides, key, json(o))])
+        let mut w = vec![Write::Put(Table::Overrides, key, json(o))];
+        w.extend(self.record_entry(e));
+        Ok(w)
     }
 
     /// Removes an override.
-    pub fn remove_override(&mut self, tenant: &str, id: &str) -> Option<Vec<Write>> {
+    pub fn remove_override(
+        &mut self,
+        tenant: &str,
+        id: &str,
+        e: &LedgerEntry,
+    ) -> Option<Vec<Write>> {
         let key = row_key(tenant, id);
         self.overrides.remove(&key)?;
-        Some(vec![Write::Delete(Table::Overrides, key)])
+        let mut w = vec![Write::Delete(Table::Overrides, key)];
+        w.extend(self.record_entry(e));
+        Some(w)
     }
 
     /// Rebuilds the state from the rows of one table.
@@ -646,6 +702,11 @@ impl State {
             Table::Overrides => {
                 self.overrides
                     .insert(key.into(), serde_json::from_slice(value).map_err(bad)?);
+            }
+            Table::Ledger => {
+                let e: LedgerEntry = serde_json::from_slice(value).map_err(bad)?;
+                self.ledger_ids.insert(row_key(&e.tenant, &e.id));
+                self.ledger.insert(key.into(), e);
             }
             Table::Spool => {
                 // Only the sequence is kept in memory; entries are read from disk.

@@ -1,13 +1,16 @@
 //! Admin operations: catalog, subscriptions, overrides, and the tenant view.
 //!
-//! Every change is validated against the catalog before anything is written, and drops the
-//! tenant's cached entitlements on this node so the next request sees it.
+//! Every change is validated against the catalog before anything is written, is written
+//! together with its ledger entry (who, why, before → after: [`meter::ledger`]), and drops
+//! the tenant's cached entitlements on this node so the next request sees it.
 
 use chrono::{DateTime, Utc};
 use meter::catalog::{self, Catalog};
 use meter::grant::Override;
+use meter::ledger::{snapshot, LedgerEntry, Source};
 use meter::lifecycle::{AddonRef, ChangeTiming, PlanRef, Status, Subscription};
 use meter::resolve::{resolve, Entitlements};
+use serde::Serialize;
 
 use super::{check_tenant, Engine, EngineError};
 
@@ -22,6 +25,7 @@ pub struct Applied {
 }
 
 /// A new subscription, as asked for.
+#[derive(Debug, Clone, Default)]
 pub struct NewSubscription {
     /// Tenant.
     pub tenant: String,
@@ -56,6 +60,55 @@ pub struct SubscriptionChange {
     pub remove_addons: Vec<String>,
     /// New status.
     pub status: Option<String>,
+}
+
+/// Who asks for a change, and why: what its ledger entry says.
+#[derive(Debug, Clone)]
+pub struct Who {
+    /// Where the request came from.
+    pub source: Source,
+    /// The principal (a token's, else the one the request names).
+    pub actor: String,
+    /// Why, as given.
+    pub reason: String,
+    /// The caller's correlation id (`x-correlation-id`), or empty.
+    pub correlation_id: String,
+}
+
+impl Who {
+    /// An Admin API caller.
+    pub fn admin(actor: &str, reason: &str) -> Who {
+        Who {
+            source: Source::Admin,
+            actor: actor.to_string(),
+            reason: reason.to_string(),
+            correlation_id: String::new(),
+        }
+    }
+
+    /// The entry of a change of `tenant` by this caller.
+    fn entry<B: Serialize, A: Serialize>(
+        &self,
+        at: DateTime<Utc>,
+        tenant: &str,
+        action: &str,
+        before: Option<&B>,
+        after: Option<&A>,
+    ) -> LedgerEntry {
+        LedgerEntry {
+            id: uuid::Uuid::now_v7().simple().to_string(),
+            at,
+            tenant: tenant.to_string(),
+            source: self.source,
+            action: action.to_string(),
+            actor: self.actor.clone(),
+            reason: self.reason.clone(),
+            correlation_id: self.correlation_id.clone(),
+            before: before.map(snapshot).unwrap_or_default(),
+            after: after.map(snapshot).unwrap_or_default(),
+            applied: true,
+        }
+    }
 }
 
 /// The support view of a tenant.
@@ -126,6 +179,7 @@ impl Engine {
         yaml: &str,
         source: &str,
         dry_run: bool,
+        who: &Who,
     ) -> Result<Applied, EngineError> {
         let source = if source.is_empty() { "catalog" } else { source };
         let new = catalog::parse(yaml, source).map_err(|e| {
@@ -185,7 +239,16 @@ impl Engine {
                 plans,
             });
         }
-        self.control.save_catalog(&new).await?;
+        // The entry names the plan versions, not the whole catalog: the catalog itself is
+        // kept, and published versions never change.
+        let entry = who.entry(
+            self.now(),
+            "",
+            "catalog.apply",
+            old.as_ref().map(|(v, _)| v),
+            Some(&plans),
+        );
+        self.control.save_catalog(&new, &entry).await?;
         tracing::info!(source, "catalog applied");
         self.set_catalog(new);
         Ok(Applied {
@@ -214,6 +277,7 @@ impl Engine {
     pub async fn put_subscription(
         &self,
         req: NewSubscription,
+        who: &Who,
     ) -> Result<Subscription, EngineError> {
         let _serial = self.admin_lock.lock().await;
         check_tenant(&req.tenant)?;
@@ -247,6 +311,7 @@ impl Engine {
         // are given: both key the usage counters, and changing them by accident would
         // start every period afresh.
         let previous = self.control.subscription(&req.tenant).await?;
+        let before = previous.clone();
         let sub = Subscription {
             tenant: req.tenant.clone(),
             plan,
@@ -268,7 +333,14 @@ impl Engine {
             cancel_at: None,
         };
         checked(&sub, &c)?;
-        self.control.save_subscription(&sub).await?;
+        let entry = who.entry(
+            now,
+            &sub.tenant,
+            "subscription.put",
+            before.as_ref(),
+            Some(&sub),
+        );
+        self.control.save_subscription(&sub, &entry).await?;
         self.cache.invalidate(&sub.tenant);
         Ok(sub)
     }
@@ -288,10 +360,12 @@ impl Engine {
         &self,
         tenant: &str,
         change: SubscriptionChange,
+        who: &Who,
     ) -> Result<Subscription, EngineError> {
         let (_, c) = self.catalog()?;
         let _serial = self.admin_lock.lock().await;
         let mut sub = self.existing(tenant).await?;
+        let before = sub.clone();
         let now = self.now();
         sub.settle(now);
         // Add-ons stop applying when a scheduled change or a trial end moves the tenant to
@@ -352,7 +426,14 @@ impl Engine {
             }
         }
         checked(&sub, &c)?;
-        self.control.save_subscription(&sub).await?;
+        let entry = who.entry(
+            now,
+            tenant,
+            "subscription.change",
+            Some(&before),
+            Some(&sub),
+        );
+        self.control.save_subscription(&sub, &entry).await?;
         self.cache.invalidate(tenant);
         Ok(sub)
     }
@@ -362,57 +443,121 @@ impl Engine {
         &self,
         tenant: &str,
         at_period_end: bool,
+        who: &Who,
     ) -> Result<Subscription, EngineError> {
         let _serial = self.admin_lock.lock().await;
         let mut sub = self.existing(tenant).await?;
+        let before = sub.clone();
         let timing = if at_period_end {
             ChangeTiming::PeriodEnd
         } else {
             ChangeTiming::Immediately
         };
-        sub.cancel(timing, self.now());
-        self.control.save_subscription(&sub).await?;
+        let now = self.now();
+        sub.cancel(timing, now);
+        let entry = who.entry(
+            now,
+            tenant,
+            "subscription.cancel",
+            Some(&before),
+            Some(&sub),
+        );
+        self.control.save_subscription(&sub, &entry).await?;
         self.cache.invalidate(tenant);
         Ok(sub)
     }
 
     /// Adds an override.
-    pub async fn grant(&self, o: Override) -> Result<Override, EngineError> {
+    pub async fn grant(&self, o: Override, who: &Who) -> Result<Override, EngineError> {
         let _serial = self.admin_lock.lock().await;
         let (_, c) = self.catalog()?;
         self.existing(&o.tenant).await?;
         meter::keys::check_key(&o.id).map_err(|r| EngineError::invalid("id", r))?;
         o.check_against(&c)?;
-        self.control.add_override(&o).await.map_err(|e| match e {
-            meter::store::StoreError::Conflict(m) => EngineError::AlreadyExists(m),
-            e => e.into(),
-        })?;
+        let entry = who.entry(
+            o.created_at,
+            &o.tenant,
+            "override.grant",
+            None::<&Override>,
+            Some(&o),
+        );
+        self.control
+            .add_override(&o, &entry)
+            .await
+            .map_err(|e| match e {
+                meter::store::StoreError::Conflict(m) => EngineError::AlreadyExists(m),
+                e => e.into(),
+            })?;
         tracing::info!(tenant = %o.tenant, id = %o.id, actor = %o.actor, reason = %o.reason, "override granted");
         self.cache.invalidate(&o.tenant);
         Ok(o)
     }
 
     /// Removes an override; false if it was not there.
-    pub async fn revoke(
-        &self,
-        tenant: &str,
-        id: &str,
-        actor: &str,
-        reason: &str,
-    ) -> Result<bool, EngineError> {
+    pub async fn revoke(&self, tenant: &str, id: &str, who: &Who) -> Result<bool, EngineError> {
         let _serial = self.admin_lock.lock().await;
         check_tenant(tenant)?;
         meter::keys::check_key(id).map_err(|r| EngineError::invalid("id", r))?;
-        if actor.trim().is_empty() {
+        if who.actor.trim().is_empty() {
             return Err(EngineError::invalid(
                 "actor",
                 "must not be empty: say who revokes it",
             ));
         }
-        let removed = self.control.remove_override(tenant, id).await?;
-        tracing::info!(tenant, id, actor, reason, removed, "override revoked");
+        let before = self
+            .control
+            .overrides(tenant)
+            .await?
+            .into_iter()
+            .find(|o| o.id == id);
+        let entry = who.entry(
+            self.now(),
+            tenant,
+            "override.revoke",
+            before.as_ref(),
+            None::<&Override>,
+        );
+        let removed = self.control.remove_override(tenant, id, &entry).await?;
+        tracing::info!(tenant, id, actor = %who.actor, reason = %who.reason, removed, "override revoked");
         self.cache.invalidate(tenant);
         Ok(removed)
+    }
+
+    /// Records the changes time made in `(after, upto]` (trial ends, scheduled plan changes
+    /// and cancellations, overrides starting or expiring) for every tenant; returns how
+    /// many were new. Entry ids derive from the change, so nodes running this at once, or
+    /// a node running it again after a restart, record each change once.
+    pub async fn record_due(
+        &self,
+        after: DateTime<Utc>,
+        upto: DateTime<Utc>,
+    ) -> Result<usize, EngineError> {
+        let mut new = 0;
+        for tenant in self.control.tenants().await? {
+            let Some(sub) = self.control.subscription(&tenant).await? else {
+                continue;
+            };
+            let overrides = self.control.overrides(&tenant).await?;
+            for e in meter::ledger::due(&sub, &overrides, after, upto) {
+                if self.control.record_entry(&e).await? {
+                    tracing::info!(tenant = %e.tenant, action = %e.action, at = %e.at, "scheduled change recorded");
+                    new += 1;
+                }
+            }
+        }
+        Ok(new)
+    }
+
+    /// The last `limit` entries of a tenant's ledger (`""`: catalog changes), oldest first.
+    pub async fn history(
+        &self,
+        tenant: &str,
+        limit: usize,
+    ) -> Result<Vec<LedgerEntry>, EngineError> {
+        if !tenant.is_empty() {
+            check_tenant(tenant)?;
+        }
+        Ok(self.control.ledger(tenant, limit).await?)
     }
 
     /// The tenant's subscription, overrides and effective entitlements at `at` (default

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, from_ts, ts};
 use super::status::invalid;
-use crate::engine::admin::{NewSubscription, SubscriptionChange};
+use crate::engine::admin::{NewSubscription, SubscriptionChange, Who};
 use crate::engine::Engine;
 
 /// The Admin service over an engine.
@@ -24,6 +24,24 @@ impl AdminService {
     pub fn new(engine: Arc<Engine>) -> Self {
         AdminService { engine }
     }
+}
+
+/// Metadata key of a caller's correlation id, recorded with its changes.
+pub const CORRELATION_ID: &str = "x-correlation-id";
+
+/// Who a request comes from, and why, from its `actor` and `reason` fields and its
+/// correlation id.
+fn who<T>(req: &Request<T>, fields: impl Fn(&T) -> (&String, &String)) -> Who {
+    let (actor, reason) = fields(req.get_ref());
+    let mut w = Who::admin(actor, reason);
+    if let Some(id) = req
+        .metadata()
+        .get(CORRELATION_ID)
+        .and_then(|v| v.to_str().ok())
+    {
+        w.correlation_id = id.chars().take(256).collect();
+    }
+    w
 }
 
 fn non_empty(s: String) -> Option<String> {
@@ -91,10 +109,11 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::ApplyCatalogRequest>,
     ) -> Result<Response<pb::ApplyCatalogResponse>, Status> {
+        let who = who(&req, |r| (&r.actor, &r.reason));
         let r = req.into_inner();
         let out = self
             .engine
-            .apply_catalog(&r.yaml, &r.source_name, r.dry_run)
+            .apply_catalog(&r.yaml, &r.source_name, r.dry_run, &who)
             .await?;
         if out.applied {
             tracing::info!(actor = %r.actor, "catalog applied through the Admin API");
@@ -119,6 +138,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::PutSubscriptionRequest>,
     ) -> Result<Response<pb::SubscriptionResponse>, Status> {
+        let who = who(&req, |r| (&r.actor, &r.reason));
         let r = req.into_inner();
         if r.plan.is_empty() {
             return Err(invalid("plan", "required"));
@@ -135,7 +155,7 @@ impl Admin for AdminService {
             post_trial_plan: non_empty(r.post_trial_plan)
                 .map(|p| (p, version(r.post_trial_plan_version))),
         };
-        let sub = self.engine.put_subscription(new).await?;
+        let sub = self.engine.put_subscription(new, &who).await?;
         tracing::info!(tenant = %sub.tenant, plan = %sub.plan, actor = %r.actor, "subscription put");
         Ok(Response::new(pb::SubscriptionResponse {
             subscription: Some(convert::subscription(&sub)),
@@ -146,6 +166,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::ChangeSubscriptionRequest>,
     ) -> Result<Response<pb::SubscriptionResponse>, Status> {
+        let who = who(&req, |r| (&r.actor, &r.reason));
         let r = req.into_inner();
         let timing = match pb::ChangeTiming::try_from(r.timing) {
             Ok(pb::ChangeTiming::Auto) => None,
@@ -160,7 +181,10 @@ impl Admin for AdminService {
             remove_addons: r.remove_addons,
             status: non_empty(r.status),
         };
-        let sub = self.engine.change_subscription(&r.tenant, change).await?;
+        let sub = self
+            .engine
+            .change_subscription(&r.tenant, change, &who)
+            .await?;
         tracing::info!(tenant = %sub.tenant, plan = %sub.plan, actor = %r.actor, "subscription changed");
         Ok(Response::new(pb::SubscriptionResponse {
             subscription: Some(convert::subscription(&sub)),
@@ -171,10 +195,11 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::CancelSubscriptionRequest>,
     ) -> Result<Response<pb::SubscriptionResponse>, Status> {
+        let who = who(&req, |r| (&r.actor, &r.reason));
         let r = req.into_inner();
         let sub = self
             .engine
-            .cancel_subscription(&r.tenant, r.at_period_end)
+            .cancel_subscription(&r.tenant, r.at_period_end, &who)
             .await?;
         tracing::info!(tenant = %sub.tenant, at_period_end = r.at_period_end, actor = %r.actor, "subscription canceled");
         Ok(Response::new(pb::SubscriptionResponse {
@@ -186,6 +211,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::GrantOverrideRequest>,
     ) -> Result<Response<pb::GrantOverrideResponse>, Status> {
+        let who = who(&req, |r| (&r.actor, &r.reason));
         let r = req.into_inner();
         let now = self.engine.now();
         let change = change_of(&r)?;
@@ -214,7 +240,7 @@ impl Admin for AdminService {
             reason: r.reason,
             created_at: now,
         };
-        let o = self.engine.grant(o).await?;
+        let o = self.engine.grant(o, &who).await?;
         Ok(Response::new(pb::GrantOverrideResponse {
             r#override: Some(convert::override_(&o, now)),
         }))
@@ -224,11 +250,9 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::RevokeOverrideRequest>,
     ) -> Result<Response<pb::RevokeOverrideResponse>, Status> {
+        let who = who(&req, |r| (&r.actor, &r.reason));
         let r = req.into_inner();
-        let revoked = self
-            .engine
-            .revoke(&r.tenant, &r.id, &r.actor, &r.reason)
-            .await?;
+        let revoked = self.engine.revoke(&r.tenant, &r.id, &who).await?;
         Ok(Response::new(pb::RevokeOverrideResponse { revoked }))
     }
 
@@ -256,6 +280,22 @@ impl Admin for AdminService {
             peers,
             slots: self.engine.soft().len() as u64,
             live_nodes: u32::try_from(self.engine.live_nodes()).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn get_tenant_history(
+        &self,
+        req: Request<pb::GetTenantHistoryRequest>,
+    ) -> Result<Response<pb::GetTenantHistoryResponse>, Status> {
+        let r = req.into_inner();
+        let limit = match r.limit {
+            0 => 100,
+            n @ 1..=10_000 => n as usize,
+            n => return Err(invalid("limit", format!("{n} is more than 10000"))),
+        };
+        let entries = self.engine.history(&r.tenant, limit).await?;
+        Ok(Response::new(pb::GetTenantHistoryResponse {
+            entries: entries.into_iter().map(convert::ledger_entry).collect(),
         }))
     }
 

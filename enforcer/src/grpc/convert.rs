@@ -225,3 +225,20 @@ pub fn override_(o: &Override, now: DateTime<Utc>) -> pb::Override {
         active: o.active_at(now),
     }
 }
+
+/// A ledger entry on the wire.
+pub fn ledger_entry(e: meter::ledger::LedgerEntry) -> pb::LedgerEntry {
+    pb::LedgerEntry {
+        at: Some(ts(e.at)),
+        source: e.source.as_str().to_string(),
+        id: e.id,
+        tenant: e.tenant,
+        action: e.action,
+        actor: e.actor,
+        reason: e.reason,
+        correlation_id: e.correlation_id,
+        before: e.before,
+        after: e.after,
+        applied: e.applied,
+    }
+}

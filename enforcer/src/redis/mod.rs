@@ -27,6 +27,7 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 use meter::catalog::Catalog;
 use meter::grant::Override;
+use meter::ledger::LedgerEntry;
 use meter::lifecycle::Subscription;
 use meter::quota::RateSlot;
 use meter::store::{
@@ -73,6 +74,7 @@ pub struct RedisStore {
     usage: Script,
     gcra: Script,
     ship: Script,
+    ledger: Script,
 }
 
 fn unavailable(e: Error) -> StoreError {
@@ -195,6 +197,7 @@ impl RedisStore {
             usage: Script::from_lua(include_str!("lua/usage.lua")),
             gcra: Script::from_lua(include_str!("lua/gcra.lua")),
             ship: Script::from_lua(include_str!("lua/ship.lua")),
+            ledger: Script::from_lua(include_str!("lua/ledger.lua")),
         };
         for s in [
             &store.reserve,
@@ -203,6 +206,7 @@ impl RedisStore {
             &store.usage,
             &store.gcra,
             &store.ship,
+            &store.ledger,
         ] {
             s.load(&store.client).await.map_err(unavailable)?;
         }
@@ -912,12 +916,15 @@ impl ControlStore for RedisStore {
         .transpose()
     }
 
-    async fn save_catalog(&self, catalog: &Catalog) -> Result<(), StoreError> {
+    async fn save_catalog(&self, catalog: &Catalog, entry: &LedgerEntry) -> Result<(), StoreError> {
         let text = serde_json::to_string(catalog).expect("catalog serializes");
         self.client
             .set::<(), _, _>(CATALOG, text, None, None, false)
             .await
             .map_err(unavailable)?;
+        // The catalog key is shared by every tenant, so it is in another Cluster slot
+        // than the ledger: written just before its entry, not with it.
+        self.ledger_op(entry, LedgerOp::None).await?;
         self.announce(CATALOG_CHANGED).await;
         Ok(())
     }
@@ -935,12 +942,14 @@ impl ControlStore for RedisStore {
         .transpose()
     }
 
-    async fn save_subscription(&self, sub: &Subscription) -> Result<(), StoreError> {
+    async fn save_subscription(
+        &self,
+        sub: &Subscription,
+        entry: &LedgerEntry,
+    ) -> Result<(), StoreError> {
         let text = serde_json::to_string(sub).expect("subscription serializes");
-        self.client
-            .set::<(), _, _>(tenant_key(&sub.tenant, "sub"), text, None, None, false)
-            .await
-            .map_err(unavailable)?;
+        self.ledger_op(entry, LedgerOp::Set(tenant_key(&sub.tenant, "sub"), text))
+            .await?;
         self.client
             .sadd::<(), _, _>(TENANTS, sub.tenant.as_str())
             .await
@@ -972,13 +981,14 @@ impl ControlStore for RedisStore {
         Ok(out)
     }
 
-    async fn add_override(&self, o: &Override) -> Result<(), StoreError> {
+    async fn add_override(&self, o: &Override, entry: &LedgerEntry) -> Result<(), StoreError> {
         let text = serde_json::to_string(o).expect("override serializes");
-        let added: bool = self
-            .client
-            .hsetnx(tenant_key(&o.tenant, "ovr"), o.id.as_str(), text)
-            .await
-            .map_err(unavailable)?;
+        let added = self
+            .ledger_op(
+                entry,
+                LedgerOp::AddField(tenant_key(&o.tenant, "ovr"), o.id.clone(), text),
+            )
+            .await?;
         if !added {
             return Err(StoreError::Conflict(format!(
                 "override {} already exists",
@@ -989,16 +999,109 @@ impl ControlStore for RedisStore {
         Ok(())
     }
 
-    async fn remove_override(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
-        let removed: i64 = self
-            .client
-            .hdel(tenant_key(tenant, "ovr"), id)
-            .await
-            .map_err(unavailable)?;
-        if removed > 0 {
+    async fn remove_override(
+        &self,
+        tenant: &str,
+        id: &str,
+        entry: &LedgerEntry,
+    ) -> Result<bool, StoreError> {
+        let removed = self
+            .ledger_op(
+                entry,
+                LedgerOp::RemoveField(tenant_key(tenant, "ovr"), id.to_string()),
+            )
+            .await?;
+        if removed {
             self.announce(tenant).await;
         }
-        Ok(removed > 0)
+        Ok(removed)
+    }
+
+    async fn record_entry(&self, entry: &LedgerEntry) -> Result<bool, StoreError> {
+        self.ledger_op(entry, LedgerOp::None).await
+    }
+
+    async fn ledger(&self, tenant: &str, limit: usize) -> Result<Vec<LedgerEntry>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let from = -i64::try_from(limit).unwrap_or(i64::MAX);
+        let ids: Vec<String> = self
+            .client
+            .zrange(
+                tenant_key(tenant, "ledger"),
+                from,
+                -1,
+                None,
+                false,
+                None,
+                false,
+            )
+            .await
+            .map_err(unavailable)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let texts: Vec<Option<String>> = self
+            .client
+            .hmget(tenant_key(tenant, "ledger-e"), ids)
+            .await
+            .map_err(unavailable)?;
+        texts
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                serde_json::from_str(&t)
+                    .map_err(|e| StoreError::Corrupt(format!("ledger of {tenant}: {e}")))
+            })
+            .collect()
+    }
+}
+
+/// What [`RedisStore::ledger_op`] changes together with the entry.
+enum LedgerOp {
+    /// Nothing: the entry alone.
+    None,
+    /// `SET key value`.
+    Set(String, String),
+    /// Add a hash field, refused if present.
+    AddField(String, String, String),
+    /// Remove a hash field; nothing is recorded if it is absent.
+    RemoveField(String, String),
+}
+
+impl RedisStore {
+    /// Runs `op` and records `entry` in one script; whether both happened (false: the op
+    /// refused, or the entry id was recorded before).
+    async fn ledger_op(&self, entry: &LedgerEntry, op: LedgerOp) -> Result<bool, StoreError> {
+        let (name, target, field, value) = match op {
+            LedgerOp::None => ("none", String::new(), String::new(), String::new()),
+            LedgerOp::Set(k, v) => ("set", k, String::new(), v),
+            LedgerOp::AddField(k, f, v) => ("hsetnx", k, f, v),
+            LedgerOp::RemoveField(k, f) => ("hdel", k, f, String::new()),
+        };
+        let index = tenant_key(&entry.tenant, "ledger");
+        // 'none' names the index again: every key of the script is in the tenant's slot.
+        let target = if target.is_empty() {
+            index.clone()
+        } else {
+            target
+        };
+        let keys = vec![index, tenant_key(&entry.tenant, "ledger-e"), target];
+        let args = vec![
+            entry.id.clone(),
+            serde_json::to_string(entry).expect("ledger entries serialize"),
+            entry.at.timestamp_millis().to_string(),
+            name.to_string(),
+            field,
+            value,
+        ];
+        let v: Value = self
+            .ledger
+            .evalsha_with_reload(&self.client, keys, args)
+            .await
+            .map_err(write_error)?;
+        Ok(v.as_i64() == Some(1))
     }
 }
 
