@@ -166,6 +166,30 @@ async fn readme_tour_works() {
     ok(&r);
     assert!(r.1.contains("travel_pro"));
 
+    // The audit trail of everything above, oldest first.
+    let h = json(node.cli(&["tenant", "history", "acme", "--json"]).await);
+    let actions: Vec<&str> = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["subscription.put", "override.grant", "subscription.change"]
+    );
+    assert_eq!(h[1]["actor"], "support@example.com");
+    assert_eq!(h[1]["reason"], "incident goodwill");
+    assert_eq!(h[2]["before"]["plan"]["code"], "free");
+    assert_eq!(h[2]["after"]["plan"]["code"], "pro");
+    let r = node.cli(&["tenant", "history", "acme"]).await;
+    ok(&r);
+    assert!(
+        r.1.contains("override.grant") && r.1.contains("incident goodwill"),
+        "{}",
+        r.1
+    );
+
     // Errors: a clear line on stderr and a failing exit code.
     let r = node
         .cli(&[
