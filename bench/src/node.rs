@@ -119,6 +119,8 @@ pub async fn start_allot(
         .arg(&data)
         .arg("--catalog")
         .arg(&catalog)
+        // Loopback only, throwaway data: no API tokens.
+        .arg("--insecure-no-auth")
         .args(extra_args)
         // The log is a file: no colour codes in it.
         .env("NO_COLOR", "1")

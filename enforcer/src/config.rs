@@ -23,8 +23,8 @@ pub struct ServeArgs {
     /// cache_ttl, sweep_interval, retention, log_format, redis, redis_wait_replicas,
     /// redis_wait_timeout, backend_deadline, node_id, advertise, peers (a list),
     /// sync_interval, peer_timeout, soft_grace, rls_domain, max_lateness, clickhouse,
-    /// clickhouse_database, clickhouse_user, clickhouse_password). Unknown keys are
-    /// refused.
+    /// clickhouse_database, clickhouse_user, clickhouse_password, tokens,
+    /// insecure_no_auth, peer_token). Unknown keys are refused.
     #[arg(long, env = "ALLOT_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to serve gRPC on; port 0 picks a free one. [default: 127.0.0.1:7411]
@@ -117,6 +117,18 @@ pub struct ServeArgs {
     /// With --clickhouse: its password (prefer the environment variable).
     #[arg(long, env = "ALLOT_CLICKHOUSE_PASSWORD", hide_env_values = true)]
     pub clickhouse_password: Option<String>,
+    /// API tokens (TOML, stored hashed; see `allot token create`). Every call needs one
+    /// with the method's scope. When the file has none, the node creates an admin token
+    /// at start and prints it once. [default: <data-dir>/tokens.toml]
+    #[arg(long, env = "ALLOT_TOKENS")]
+    pub tokens: Option<PathBuf>,
+    /// Serve every call without a token (development only: anyone who can connect may
+    /// change plans).
+    #[arg(long, env = "ALLOT_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+    /// The token this node presents to its peers (scope `peer`).
+    #[arg(long, env = "ALLOT_PEER_TOKEN", hide_env_values = true)]
+    pub peer_token: Option<String>,
 }
 
 /// Log output format.
@@ -167,6 +179,10 @@ struct FileConfig {
     clickhouse_database: Option<String>,
     clickhouse_user: Option<String>,
     clickhouse_password: Option<String>,
+    tokens: Option<PathBuf>,
+    #[serde(default)]
+    insecure_no_auth: bool,
+    peer_token: Option<String>,
 }
 
 mod humantime_serde_opt {
@@ -210,6 +226,10 @@ pub struct ServeConfig {
     pub max_lateness: Duration,
     /// The ClickHouse database of usage events, for billing.
     pub clickhouse: Option<aggregator::sink::ClickHouseConfig>,
+    /// The API token file; `None`: calls need no token.
+    pub tokens: Option<PathBuf>,
+    /// The token presented to peers.
+    pub peer_token: Option<String>,
 }
 
 /// How a node exchanges soft-limit counters.
@@ -330,6 +350,8 @@ impl ServeArgs {
                 .clone()
                 .or(file.rls_domain)
                 .unwrap_or_else(|| DEFAULT_RLS_DOMAIN.into()),
+            tokens: None,
+            peer_token: self.peer_token.clone().or(file.peer_token),
             clickhouse: self.clickhouse.clone().or(file.clickhouse).map(|url| {
                 aggregator::sink::ClickHouseConfig {
                     url,
@@ -377,7 +399,17 @@ impl ServeArgs {
                 });
             }
         }
-        let cfg = ServeConfig { redis, ..cfg };
+        let tokens = (!(self.insecure_no_auth || file.insecure_no_auth)).then(|| {
+            self.tokens
+                .clone()
+                .or(file.tokens)
+                .unwrap_or_else(|| crate::auth::default_path(&cfg.data_dir))
+        });
+        let cfg = ServeConfig {
+            redis,
+            tokens,
+            ..cfg
+        };
         if cfg.sweep_interval.is_zero() {
             return Err(ConfigError::Invalid {
                 field: "sweep_interval",

@@ -9,10 +9,12 @@
 //!   ([`grpc::envoy_rls`]), to the engine; [`grpc::status`] maps errors to gRPC codes in
 //!   one table.
 //! - [`embedded`] is the default store: memory + redb with group commit.
-//! - [`config`] is `allot serve`'s configuration (file, environment, flags).
+//! - [`config`] is `allot serve`'s configuration (file, environment, flags); [`auth`]
+//!   checks every call's API token and scope before it is routed.
 //!
 //! The `allot` binary (src/main.rs) adds the client commands (src/cli/).
 
+pub mod auth;
 pub mod config;
 pub mod degraded;
 pub mod embedded;

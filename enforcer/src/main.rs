@@ -26,8 +26,55 @@ enum Command {
     /// ClickHouse, exactly once; migrates the schema at
     /// start (see docs/clickhouse.md).
     Aggregate(Box<aggregator::AggregateArgs>),
+    /// Manage API tokens in a node's token file (no node needed; a running node picks
+    /// the change up within seconds).
+    #[command(subcommand)]
+    Token(TokenCommand),
     #[command(flatten)]
     Client(cli::ClientCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token; prints it once (the file keeps only its SHA-256).
+    Create {
+        /// Who calls with it: recorded as the actor of its changes.
+        #[arg(long)]
+        principal: String,
+        /// What it may call: admin, support:read, enforce, billing, spool, peer (repeat
+        /// or comma-separate).
+        #[arg(long = "scope", required = true, value_delimiter = ',')]
+        scopes: Vec<String>,
+        /// The token file. [default: <data-dir>/tokens.toml]
+        #[arg(long, env = "ALLOT_TOKENS")]
+        file: Option<std::path::PathBuf>,
+        /// The node's data directory, for the default file.
+        #[arg(long, env = "ALLOT_DATA_DIR", default_value = enforcer::config::DEFAULT_DATA_DIR)]
+        data_dir: std::path::PathBuf,
+    },
+}
+
+fn token(cmd: TokenCommand) -> anyhow::Result<()> {
+    let TokenCommand::Create {
+        principal,
+        scopes,
+        file,
+        data_dir,
+    } = cmd;
+    if principal.trim().is_empty() {
+        anyhow::bail!("--principal: must not be empty");
+    }
+    let scopes =
+        enforcer::auth::parse_scopes(&scopes).map_err(|e| anyhow::anyhow!("--scope: {e}"))?;
+    let path = file.unwrap_or_else(|| enforcer::auth::default_path(&data_dir));
+    let t = enforcer::auth::TokenFile::add(&path, &principal, &scopes)?;
+    eprintln!(
+        "token for {principal} ({}) added to {}; it is shown only now:",
+        scopes.join(", "),
+        path.display()
+    );
+    println!("{t}");
+    Ok(())
 }
 
 fn main() -> std::process::ExitCode {
@@ -43,6 +90,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
             Command::Aggregate(args) => aggregator::main(*args).await.map_err(Into::into),
+            Command::Token(cmd) => token(cmd),
             Command::Client(cmd) => cli::run(&cli.client, cmd).await,
         }
     });

@@ -68,6 +68,8 @@ pub struct Peers {
     address: String,
     timeout: Duration,
     table: Mutex<BTreeMap<String, PeerEntry>>,
+    /// `authorization` value presented to peers (their `peer` scope), if any.
+    bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 /// A peer as reported by [`Peers::status`].
@@ -88,6 +90,16 @@ pub struct PeerReport {
 }
 
 impl Peers {
+    /// Presents `token` (scope `peer`) to every peer.
+    pub fn with_token(mut self, token: &str) -> Result<Self, String> {
+        self.bearer = Some(
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| "peer_token: not a valid header value".to_string())?,
+        );
+        Ok(self)
+    }
+
     /// The peers of node `node` reachable at `address`; `statics` from `--peers`.
     pub fn new(node: &str, address: &str, timeout: Duration, statics: &[String]) -> Self {
         let now = Instant::now();
@@ -112,6 +124,7 @@ impl Peers {
             address: address.to_string(),
             timeout,
             table: Mutex::new(table),
+            bearer: None,
         }
     }
 
@@ -424,7 +437,11 @@ async fn push_once(
     let (out, out_rx) = tokio::sync::mpsc::channel::<pb::SyncMessage>(16);
     let full = messages(&peers.node, &peers.address, &soft.full_state());
     let mut client = pb::peer_client::PeerClient::new(channel);
-    let call = client.sync(tokio_stream::wrappers::ReceiverStream::new(out_rx));
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(out_rx));
+    if let Some(b) = &peers.bearer {
+        request.metadata_mut().insert("authorization", b.clone());
+    }
+    let call = client.sync(request);
     let feed = async {
         for m in full {
             if out.send(m).await.is_err() {

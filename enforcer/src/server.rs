@@ -93,12 +93,18 @@ pub async fn run(
     crate::config::check_node_id(&node_id)
         .map_err(|e| crate::engine::EngineError::Internal(format!("{e} (set --node-id)")))?;
     let soft = Arc::new(SoftState::open(&node_id, &cfg.data_dir)?);
-    let peers = Arc::new(Peers::new(
+    let mut peers = Peers::new(
         &node_id,
         &advertise,
         cfg.peering.timeout,
         &cfg.peering.peers,
-    ));
+    );
+    if let Some(t) = &cfg.peer_token {
+        peers = peers
+            .with_token(t)
+            .map_err(crate::engine::EngineError::Internal)?;
+    }
+    let peers = Arc::new(peers);
     let (usage, control): (Arc<dyn UsageStore>, Arc<dyn ControlStore>) = match &backend {
         Backend::Embedded(s) => (Arc::new(s.clone()), Arc::new(s.clone())),
         Backend::Redis(s) => (Arc::new((**s).clone()), Arc::new((**s).clone())),
@@ -221,7 +227,9 @@ pub async fn run(
         .build_v1()
         .map_err(|e| crate::engine::EngineError::Internal(format!("reflection: {e}")))?;
 
+    let auth = auth_layer(cfg, &engine)?;
     let result = tonic::transport::Server::builder()
+        .layer(auth)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(EnforcerServer::new(EnforcerService::new(engine.clone())))
@@ -418,6 +426,67 @@ struct Timing {
 }
 
 /// Releases reservations past their TTL, and now and then forgets what expired.
+/// The token check in front of every service: tokens from the file (an admin token is
+/// created and printed when it has none), reloaded when it changes; refusals of Admin and
+/// Billing calls are recorded in the ledger. Without a token file, calls pass unchecked.
+fn auth_layer(
+    cfg: &ServeConfig,
+    engine: &Arc<Engine>,
+) -> Result<crate::auth::AuthLayer, crate::engine::EngineError> {
+    use crate::auth::{AuthLayer, TokenFile, Tokens};
+    let internal = |e: crate::auth::TokenError| crate::engine::EngineError::Internal(e.to_string());
+    let Some(path) = &cfg.tokens else {
+        tracing::warn!("--insecure-no-auth: every call is served without a token");
+        return Ok(AuthLayer::open());
+    };
+    let mut tokens = Tokens::load(path).map_err(internal)?;
+    if tokens.is_empty() {
+        let token = TokenFile::add(path, "admin", &["admin".to_string()]).map_err(internal)?;
+        eprintln!(
+            "no API tokens yet: created an admin token, shown only now (stored hashed in {}):\n\n    export ALLOT_TOKEN={token}\n\nMake narrower ones with `allot token create`.",
+            path.display()
+        );
+        tokens = Tokens::load(path).map_err(internal)?;
+    }
+    let tokens = Arc::new(tokens);
+    let watched = tokens.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            watched.refresh();
+        }
+    });
+    let engine = engine.clone();
+    let on_refusal = Arc::new(move |path: &str, r: &crate::auth::Refusal| {
+        let actor = r.principal.clone().unwrap_or_else(|| "anonymous".into());
+        tracing::warn!(path, actor = %actor, code = ?r.status.code(), "call refused");
+        if !(path.starts_with("/allot.v1.Admin/") || path.starts_with("/allot.v1.Billing/")) {
+            return;
+        }
+        let entry = meter::ledger::LedgerEntry {
+            id: uuid::Uuid::now_v7().simple().to_string(),
+            at: engine.now(),
+            tenant: String::new(),
+            source: meter::ledger::Source::Admin,
+            action: "access.denied".into(),
+            actor,
+            reason: r.status.message().to_string(),
+            correlation_id: path.to_string(),
+            before: String::new(),
+            after: String::new(),
+            applied: false,
+        };
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            if let Err(e) = engine.audit(&entry).await {
+                tracing::warn!(error = %e, "refusal not recorded in the ledger");
+            }
+        });
+    });
+    Ok(AuthLayer::new(tokens, on_refusal))
+}
+
 /// How often changes made by time are looked for and recorded in the ledger. They take
 /// effect at their instant regardless (resolution is by time); this is only how soon the
 /// ledger shows them, each with its exact instant.

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::rpc::Conn;
 use allot_proto::v1::admin_client::AdminClient;
 use allot_proto::v1::{
     AddonItem, ApplyCatalogRequest, CancelSubscriptionRequest, ChangeSubscriptionRequest,
@@ -13,7 +14,6 @@ use allot_proto::v1::{
 };
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand, ValueEnum};
-use tonic::transport::Channel;
 
 use super::output::{write_stdout, Output};
 use super::parse::{self, PlanRef};
@@ -270,7 +270,7 @@ pub struct RevokeArgs {
     pub reason: String,
 }
 
-fn client(channel: &Channel) -> AdminClient<Channel> {
+fn client(channel: &Conn) -> AdminClient<Conn> {
     AdminClient::new(channel.clone())
 }
 
@@ -286,7 +286,7 @@ fn plan_and_version(plan: PlanRef, version: Option<u32>) -> anyhow::Result<(Stri
 }
 
 /// Runs `allot subscribe`.
-pub async fn subscribe(channel: &Channel, out: Output, args: SubscribeArgs) -> anyhow::Result<()> {
+pub async fn subscribe(channel: &Conn, out: Output, args: SubscribeArgs) -> anyhow::Result<()> {
     let (plan, plan_version) = plan_and_version(args.plan, args.version)?;
     let trial_ends = match (args.trial_ends, args.trial_days) {
         (Some(at), _) => Some(at),
@@ -322,7 +322,7 @@ pub async fn subscribe(channel: &Channel, out: Output, args: SubscribeArgs) -> a
 
 /// Runs `allot subscription change|cancel`.
 pub async fn subscription(
-    channel: &Channel,
+    channel: &Conn,
     out: Output,
     cmd: SubscriptionCommand,
 ) -> anyhow::Result<()> {
@@ -362,7 +362,7 @@ pub async fn subscription(
 }
 
 /// Runs `allot catalog apply|show`.
-pub async fn catalog(channel: &Channel, out: Output, cmd: CatalogCommand) -> anyhow::Result<()> {
+pub async fn catalog(channel: &Conn, out: Output, cmd: CatalogCommand) -> anyhow::Result<()> {
     match cmd {
         CatalogCommand::Apply(args) => {
             let (yaml, source_name) = read_catalog(&args.file).await?;
@@ -419,7 +419,7 @@ async fn read_catalog(file: &std::path::Path) -> anyhow::Result<(String, String)
 }
 
 /// Runs `allot grant`.
-pub async fn grant(channel: &Channel, out: Output, args: GrantArgs) -> anyhow::Result<()> {
+pub async fn grant(channel: &Conn, out: Output, args: GrantArgs) -> anyhow::Result<()> {
     let request = GrantOverrideRequest {
         tenant: args.tenant,
         kind: args.kind.wire_name().into(),
@@ -445,7 +445,7 @@ pub async fn grant(channel: &Channel, out: Output, args: GrantArgs) -> anyhow::R
 }
 
 /// Runs `allot revoke`.
-pub async fn revoke(channel: &Channel, out: Output, args: RevokeArgs) -> anyhow::Result<()> {
+pub async fn revoke(channel: &Conn, out: Output, args: RevokeArgs) -> anyhow::Result<()> {
     let id = args.id.clone();
     let request = RevokeOverrideRequest {
         tenant: args.tenant,
@@ -471,7 +471,7 @@ pub async fn revoke(channel: &Channel, out: Output, args: RevokeArgs) -> anyhow:
 }
 
 /// `allot peers`.
-pub async fn peers(channel: &Channel, out: Output) -> anyhow::Result<()> {
+pub async fn peers(channel: &Conn, out: Output) -> anyhow::Result<()> {
     let p = client(channel)
         .get_peers(allot_proto::v1::GetPeersRequest {})
         .await

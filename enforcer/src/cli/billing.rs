@@ -1,8 +1,8 @@
 //! `allot billing`: a period's overage, and exports, as a table, CSV or JSON.
 
+use super::rpc::Conn;
 use allot_proto::v1::billing_client::BillingClient;
 use allot_proto::v1::{BillingLine, BillingLineKind, ExportRequest, OverageRequest};
-use tonic::transport::Channel;
 
 use super::output::{write_stdout, Output};
 use super::rpc::{fail, status_error};
@@ -62,7 +62,7 @@ pub struct ExportArgs {
 }
 
 /// Runs a billing command.
-pub async fn run(channel: &Channel, out: Output, cmd: BillingCommand) -> anyhow::Result<()> {
+pub async fn run(channel: &Conn, out: Output, cmd: BillingCommand) -> anyhow::Result<()> {
     let mut client = BillingClient::new(channel.clone());
     let json_flag = |f: Format| if out.is_json() { Format::Json } else { f };
     match cmd {

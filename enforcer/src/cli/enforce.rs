@@ -3,13 +3,13 @@
 
 use std::time::Duration;
 
+use super::rpc::Conn;
 use allot_proto::v1::enforcer_client::EnforcerClient;
 use allot_proto::v1::{
     CheckRequest, CommitRequest, GetUsageRequest, Outcome, RecordRequest, ReleaseRequest,
     ReserveRequest,
 };
 use clap::{ArgGroup, Args};
-use tonic::transport::Channel;
 
 use super::output::Output;
 use super::rpc::{fail, status_error};
@@ -138,12 +138,12 @@ pub struct UsageArgs {
     pub metric: String,
 }
 
-fn client(channel: &Channel) -> EnforcerClient<Channel> {
+fn client(channel: &Conn) -> EnforcerClient<Conn> {
     EnforcerClient::new(channel.clone())
 }
 
 /// Runs `allot check`; returns whether the decision was DENY, for the exit status.
-pub async fn check(channel: &Channel, out: Output, args: CheckArgs) -> anyhow::Result<bool> {
+pub async fn check(channel: &Conn, out: Output, args: CheckArgs) -> anyhow::Result<bool> {
     let request = CheckRequest {
         tenant: args.tenant,
         feature: args.feature.unwrap_or_default(),
@@ -163,7 +163,7 @@ pub async fn check(channel: &Channel, out: Output, args: CheckArgs) -> anyhow::R
 }
 
 /// Runs `allot reserve`.
-pub async fn reserve(channel: &Channel, out: Output, args: ReserveArgs) -> anyhow::Result<()> {
+pub async fn reserve(channel: &Conn, out: Output, args: ReserveArgs) -> anyhow::Result<()> {
     let key = args.key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let request = ReserveRequest {
         tenant: args.tenant,
@@ -185,7 +185,7 @@ pub async fn reserve(channel: &Channel, out: Output, args: ReserveArgs) -> anyho
 }
 
 /// Runs `allot commit`.
-pub async fn commit(channel: &Channel, out: Output, args: CommitArgs) -> anyhow::Result<()> {
+pub async fn commit(channel: &Conn, out: Output, args: CommitArgs) -> anyhow::Result<()> {
     let request = CommitRequest {
         tenant: args.tenant,
         reservation_id: args.reservation,
@@ -200,7 +200,7 @@ pub async fn commit(channel: &Channel, out: Output, args: CommitArgs) -> anyhow:
 }
 
 /// Runs `allot release`.
-pub async fn release(channel: &Channel, out: Output, args: ReleaseArgs) -> anyhow::Result<()> {
+pub async fn release(channel: &Conn, out: Output, args: ReleaseArgs) -> anyhow::Result<()> {
     let request = ReleaseRequest {
         tenant: args.tenant,
         reservation_id: args.reservation,
@@ -214,7 +214,7 @@ pub async fn release(channel: &Channel, out: Output, args: ReleaseArgs) -> anyho
 }
 
 /// Runs `allot record`.
-pub async fn record(channel: &Channel, out: Output, args: RecordArgs) -> anyhow::Result<()> {
+pub async fn record(channel: &Conn, out: Output, args: RecordArgs) -> anyhow::Result<()> {
     let event_id = args
         .event_id
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
@@ -238,7 +238,7 @@ pub async fn record(channel: &Channel, out: Output, args: RecordArgs) -> anyhow:
 }
 
 /// Runs `allot usage`.
-pub async fn usage(channel: &Channel, out: Output, args: UsageArgs) -> anyhow::Result<()> {
+pub async fn usage(channel: &Conn, out: Output, args: UsageArgs) -> anyhow::Result<()> {
     let request = GetUsageRequest {
         tenant: args.tenant,
         metric: args.metric,

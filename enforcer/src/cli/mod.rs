@@ -37,6 +37,10 @@ pub struct ClientOptions {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// API token sent with every call (`allot serve` prints the first admin token; make
+    /// others with `allot token create`).
+    #[arg(long, global = true, env = "ALLOT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// Exit status of `allot check` when it could not decide, set apart from 1 (denied) so that
@@ -120,7 +124,7 @@ pub async fn run(opts: &ClientOptions, cmd: ClientCommand) -> anyhow::Result<()>
         let _ = std::io::stdout().flush();
         std::process::exit(status);
     }
-    let channel = rpc::connect(&opts.endpoint).await?;
+    let channel = rpc::connect(&opts.endpoint, opts.token.as_deref()).await?;
     let channel = &channel;
     match cmd {
         ClientCommand::Check(_) => unreachable!("handled above"),
@@ -146,7 +150,7 @@ async fn check(
     out: Output,
     args: enforce::CheckArgs,
 ) -> anyhow::Result<bool> {
-    let channel = rpc::connect(&opts.endpoint).await?;
+    let channel = rpc::connect(&opts.endpoint, opts.token.as_deref()).await?;
     enforce::check(&channel, out, args).await
 }
 

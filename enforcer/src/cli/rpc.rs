@@ -7,6 +7,8 @@ use std::fmt::Display;
 use std::time::Duration;
 
 use anyhow::anyhow;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::{InterceptedService, Interceptor};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -58,7 +60,7 @@ fn code_name(code: Code) -> &'static str {
 ///
 /// Connects eagerly, so that an unreachable node is reported as such rather than as the
 /// `unavailable` status of whichever call happens to come first.
-pub async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
+pub async fn connect(endpoint: &str, token: Option<&str>) -> anyhow::Result<Conn> {
     let uri = if endpoint.contains("://") {
         endpoint.to_string()
     } else {
@@ -68,12 +70,37 @@ pub async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
         .map_err(|e| fail(format!("invalid endpoint {endpoint:?}: {}", chain(&e))))?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(REQUEST_TIMEOUT);
-    target.connect().await.map_err(|e| {
+    let channel = target.connect().await.map_err(|e| {
         fail(format!(
             "cannot reach allot node at {uri}: {}; is `allot serve` running?",
             chain(&e)
         ))
-    })
+    })?;
+    let bearer = match token {
+        Some(t) => Some(
+            format!("Bearer {}", t.trim())
+                .parse()
+                .map_err(|_| fail("--token: not a valid header value"))?,
+        ),
+        None => None,
+    };
+    Ok(InterceptedService::new(channel, Bearer(bearer)))
+}
+
+/// A connection to a node that sends the API token with every call.
+pub type Conn = InterceptedService<Channel, Bearer>;
+
+/// Adds `authorization: Bearer <token>` when there is a token.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(b) = &self.0 {
+            req.metadata_mut().insert("authorization", b.clone());
+        }
+        Ok(req)
+    }
 }
 
 /// An error with its causes, `a: b: c`: tonic's own message ("transport error") says

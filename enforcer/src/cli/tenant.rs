@@ -1,6 +1,7 @@
 //! `allot tenant show`: the support view of one tenant, from GetTenant plus the current
 //! usage of each limited metric; `allot tenant history`: its entitlement ledger.
 
+use super::rpc::Conn;
 use allot_proto::v1::admin_client::AdminClient;
 use allot_proto::v1::enforcer_client::EnforcerClient;
 use allot_proto::v1::{
@@ -8,7 +9,6 @@ use allot_proto::v1::{
 };
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
-use tonic::transport::Channel;
 
 use super::output::Output;
 use super::rpc::status_error;
@@ -58,7 +58,7 @@ pub struct ShowArgs {
 type UsageByMetric = Vec<(String, Result<GetUsageResponse, String>)>;
 
 /// Runs `allot tenant show`.
-pub async fn run(channel: &Channel, out: Output, cmd: TenantCommand) -> anyhow::Result<()> {
+pub async fn run(channel: &Conn, out: Output, cmd: TenantCommand) -> anyhow::Result<()> {
     let args = match cmd {
         TenantCommand::Show(args) => args,
         TenantCommand::History(args) => return history(channel, out, args).await,
@@ -85,7 +85,7 @@ pub async fn run(channel: &Channel, out: Output, cmd: TenantCommand) -> anyhow::
 }
 
 /// Runs `allot tenant history`.
-async fn history(channel: &Channel, out: Output, args: HistoryArgs) -> anyhow::Result<()> {
+async fn history(channel: &Conn, out: Output, args: HistoryArgs) -> anyhow::Result<()> {
     let tenant = if args.tenant == "-" {
         String::new()
     } else {
@@ -119,7 +119,7 @@ fn limited_metrics(r: &GetTenantResponse) -> Vec<String> {
 
 /// GetUsage for each limited metric. A failure is kept next to its metric instead of
 /// failing the whole view: the entitlements are still worth showing.
-async fn fetch_usage(channel: &Channel, tenant: &str, r: &GetTenantResponse) -> UsageByMetric {
+async fn fetch_usage(channel: &Conn, tenant: &str, r: &GetTenantResponse) -> UsageByMetric {
     let mut client = EnforcerClient::new(channel.clone());
     let mut all = Vec::new();
     for metric in limited_metrics(r) {

@@ -548,6 +548,11 @@ impl Engine {
         Ok(new)
     }
 
+    /// Records an entry no change carries (a refused call).
+    pub async fn audit(&self, entry: &LedgerEntry) -> Result<bool, EngineError> {
+        Ok(self.control.record_entry(entry).await?)
+    }
+
     /// The last `limit` entries of a tenant's ledger (`""`: catalog changes), oldest first.
     pub async fn history(
         &self,

@@ -29,11 +29,16 @@ impl AdminService {
 /// Metadata key of a caller's correlation id, recorded with its changes.
 pub const CORRELATION_ID: &str = "x-correlation-id";
 
-/// Who a request comes from, and why, from its `actor` and `reason` fields and its
-/// correlation id.
+/// Who a request comes from, and why: the token's principal (the `actor` field, when it
+/// names someone else, says on whose behalf), the `reason` field, and the correlation id.
 fn who<T>(req: &Request<T>, fields: impl Fn(&T) -> (&String, &String)) -> Who {
-    let (actor, reason) = fields(req.get_ref());
-    let mut w = Who::admin(actor, reason);
+    let (named, reason) = fields(req.get_ref());
+    let actor = match req.extensions().get::<crate::auth::Principal>() {
+        Some(p) if named.is_empty() || *named == p.0 => p.0.clone(),
+        Some(p) => format!("{} (for {named})", p.0),
+        None => named.clone(),
+    };
+    let mut w = Who::admin(&actor, reason);
     if let Some(id) = req
         .metadata()
         .get(CORRELATION_ID)

@@ -43,12 +43,20 @@ pub struct NodeBuilder {
     catalog: Option<String>,
     data_dir: Option<PathBuf>,
     args: Vec<String>,
+    auth: bool,
 }
 
 impl NodeBuilder {
     /// Catalog text to start with (default: the example catalog).
     pub fn catalog(mut self, yaml: &str) -> Self {
         self.catalog = Some(yaml.to_string());
+        self
+    }
+
+    /// Require API tokens (the token file in the data directory). Other nodes run with
+    /// --insecure-no-auth, so that tests of other things need no tokens.
+    pub fn with_auth(mut self) -> Self {
+        self.auth = true;
         self
     }
 
@@ -78,6 +86,7 @@ impl NodeBuilder {
             .arg(&data_dir)
             .arg("--catalog")
             .arg(&catalog_path)
+            .args((!self.auth).then_some("--insecure-no-auth"))
             .args(&self.args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -125,6 +134,7 @@ impl Node {
             catalog: None,
             data_dir: None,
             args: Vec::new(),
+            auth: false,
         }
     }
 
