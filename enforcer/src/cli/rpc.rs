@@ -142,7 +142,7 @@ mod tests {
     #[tokio::test]
     async fn unreachable_nodes_are_named() {
         // Port 1 on localhost: nothing listens there, so the connection is refused at once.
-        let e = connect("127.0.0.1:1").await.unwrap_err().to_string();
+        let e = connect("127.0.0.1:1", None).await.unwrap_err().to_string();
         assert!(
             e.starts_with("error: cannot reach allot node at http://127.0.0.1:1: "),
             "{e}"
@@ -152,7 +152,7 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_endpoints_are_refused() {
-        let e = connect("http://exa mple").await.unwrap_err().to_string();
+        let e = connect("http://exa mple", None).await.unwrap_err().to_string();
         assert!(e.starts_with("error: invalid endpoint"), "{e}");
     }
 }
