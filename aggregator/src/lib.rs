@@ -90,6 +90,7 @@ pub async fn run(
             &opts.spool,
             &opts.aggregator_id,
             opts.lease_ttl,
+            opts.spool_token.as_deref(),
             sink.clone(),
         )?;
         return consume(

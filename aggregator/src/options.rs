@@ -40,6 +40,8 @@ pub struct AggregateOptions {
     /// Embedded nodes whose spools to read (`http://host:port`, one partition each);
     /// empty when the events come from Redis. Exactly one of the two is given.
     pub spool: Vec<String>,
+    /// The API token presented to the nodes' Spool service (scope `spool`).
+    pub spool_token: Option<String>,
     /// This aggregator's name in leases (unique among running aggregators).
     pub aggregator_id: String,
     /// Rows per insert at most.
@@ -80,6 +82,7 @@ impl AggregateOptions {
             password: None,
             redis_url: redis_url.to_string(),
             spool: Vec::new(),
+            spool_token: None,
             aggregator_id: default_id(),
             batch_size: DEFAULT_BATCH_SIZE,
             batch_interval: DEFAULT_BATCH_INTERVAL,
@@ -272,6 +275,10 @@ pub struct AggregateArgs {
     /// Test failpoint: abort right after N inserts, before acknowledging them.
     #[arg(long, hide = true)]
     pub exit_after_insert: Option<u64>,
+    /// The API token for the nodes' Spool service (scope `spool`): the `allot` binary's
+    /// global `--token` / ALLOT_TOKEN.
+    #[arg(skip)]
+    pub token: Option<String>,
 }
 
 impl AggregateArgs {
@@ -285,6 +292,7 @@ impl AggregateArgs {
             o.spool = self.spool.clone();
         }
         o.database = self.database.clone();
+        o.spool_token = self.token.clone();
         o.user = self.clickhouse_user.clone();
         o.password = self.clickhouse_password.clone();
         if let Some(id) = &self.id {

@@ -89,7 +89,10 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
-            Command::Aggregate(args) => aggregator::main(*args).await.map_err(Into::into),
+            Command::Aggregate(mut args) => {
+                args.token = cli.client.token.clone();
+                aggregator::main(*args).await.map_err(Into::into)
+            }
             Command::Token(cmd) => token(cmd),
             Command::Client(cmd) => cli::run(&cli.client, cmd).await,
         }

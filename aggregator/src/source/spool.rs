@@ -35,6 +35,8 @@ use std::time::{Duration, Instant};
 
 use allot_proto::v1 as pb;
 use async_trait::async_trait;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::{InterceptedService, Interceptor};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
@@ -60,7 +62,7 @@ pub fn partition_name(endpoint: &str) -> String {
 
 /// The spools of embedded nodes, one partition each.
 pub struct SpoolSource {
-    nodes: Vec<(String, pb::spool_client::SpoolClient<Channel>)>,
+    nodes: Vec<(String, Client)>,
     me: String,
     ttl: Duration,
     sink: ClickHouse,
@@ -74,8 +76,15 @@ impl SpoolSource {
         endpoints: &[String],
         id: &str,
         ttl: Duration,
+        token: Option<&str>,
         sink: ClickHouse,
     ) -> Result<SpoolSource, SourceError> {
+        let bearer = match token {
+            Some(t) => Some(format!("Bearer {}", t.trim()).parse().map_err(|_| {
+                SourceError::Invalid("token: not a valid header value".into())
+            })?),
+            None => None,
+        };
         let nonce = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
@@ -92,8 +101,11 @@ impl SpoolSource {
                     "spool endpoint {url}: given twice (partition {name})"
                 )));
             }
-            let client = pb::spool_client::SpoolClient::new(endpoint.connect_lazy())
-                .max_decoding_message_size(64 << 20);
+            let client = pb::spool_client::SpoolClient::with_interceptor(
+                endpoint.connect_lazy(),
+                Bearer(bearer.clone()),
+            )
+            .max_decoding_message_size(64 << 20);
             nodes.push((name, client));
         }
         Ok(SpoolSource {
@@ -163,9 +175,25 @@ impl Source for SpoolSource {
     async fn leave(&self) {}
 }
 
+/// A node's Spool client, sending the API token with every call.
+type Client = pb::spool_client::SpoolClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds `authorization: Bearer <token>` when there is a token.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(b) = &self.0 {
+            req.metadata_mut().insert("authorization", b.clone());
+        }
+        Ok(req)
+    }
+}
+
 /// One node's spool, held by this aggregator.
 struct SpoolClaim {
-    client: pb::spool_client::SpoolClient<Channel>,
+    client: Client,
     sink: ClickHouse,
     me: String,
     ttl: Duration,
