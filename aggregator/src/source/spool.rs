@@ -80,9 +80,11 @@ impl SpoolSource {
         sink: ClickHouse,
     ) -> Result<SpoolSource, SourceError> {
         let bearer = match token {
-            Some(t) => Some(format!("Bearer {}", t.trim()).parse().map_err(|_| {
-                SourceError::Invalid("token: not a valid header value".into())
-            })?),
+            Some(t) => Some(
+                format!("Bearer {}", t.trim())
+                    .parse()
+                    .map_err(|_| SourceError::Invalid("token: not a valid header value".into()))?,
+            ),
             None => None,
         };
         let nonce = std::time::SystemTime::now()

@@ -152,7 +152,10 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_endpoints_are_refused() {
-        let e = connect("http://exa mple", None).await.unwrap_err().to_string();
+        let e = connect("http://exa mple", None)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("error: invalid endpoint"), "{e}");
     }
 }

@@ -341,7 +341,7 @@ impl Engine {
             Some(&sub),
         );
         self.control.save_subscription(&sub, &entry).await?;
-        self.cache.invalidate(&sub.tenant);
+        self.changed(&sub.tenant);
         Ok(sub)
     }
 
@@ -434,7 +434,7 @@ impl Engine {
             Some(&sub),
         );
         self.control.save_subscription(&sub, &entry).await?;
-        self.cache.invalidate(tenant);
+        self.changed(tenant);
         Ok(sub)
     }
 
@@ -463,7 +463,7 @@ impl Engine {
             Some(&sub),
         );
         self.control.save_subscription(&sub, &entry).await?;
-        self.cache.invalidate(tenant);
+        self.changed(tenant);
         Ok(sub)
     }
 
@@ -489,7 +489,7 @@ impl Engine {
                 e => e.into(),
             })?;
         tracing::info!(tenant = %o.tenant, id = %o.id, actor = %o.actor, reason = %o.reason, "override granted");
-        self.cache.invalidate(&o.tenant);
+        self.changed(&o.tenant);
         Ok(o)
     }
 
@@ -519,7 +519,7 @@ impl Engine {
         );
         let removed = self.control.remove_override(tenant, id, &entry).await?;
         tracing::info!(tenant, id, actor = %who.actor, reason = %who.reason, removed, "override revoked");
-        self.cache.invalidate(tenant);
+        self.changed(tenant);
         Ok(removed)
     }
 

@@ -21,6 +21,7 @@ pub mod clock;
 pub mod enforce;
 pub mod error;
 pub mod soft_route;
+pub mod watch;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -81,6 +82,8 @@ pub struct Engine {
     peers: Option<Arc<crate::peer::Peers>>,
     /// How late a recorded event may be.
     max_lateness: chrono::Duration,
+    /// Tenants whose entitlements changed, for watches ([`watch`]).
+    changes: tokio::sync::broadcast::Sender<String>,
 }
 
 /// The degraded-mode equipment of a node with a shared store.
@@ -121,6 +124,7 @@ impl Engine {
             node_id: "local".into(),
             peers: None,
             max_lateness: DEFAULT_MAX_LATENESS,
+            changes: tokio::sync::broadcast::channel(1024).0,
         })
     }
 
@@ -265,6 +269,7 @@ impl Engine {
         let generation = guard.as_ref().map_or(1, |(g, _)| g + 1);
         *guard = Some((generation, Arc::new(c)));
         self.cache.clear();
+        let _ = self.changes.send(watch::ALL.to_string());
     }
 
     /// Resolves the tenant's entitlements at `at`, from the cache when it still holds.
@@ -325,12 +330,13 @@ impl Engine {
 
     /// Forgets a tenant's cached entitlements (another node changed them).
     pub fn invalidate(&self, tenant: &str) {
-        self.cache.invalidate(tenant);
+        self.changed(tenant);
     }
 
     /// Forgets every cached entitlement.
     pub fn invalidate_all(&self) {
         self.cache.clear();
+        let _ = self.changes.send(watch::ALL.to_string());
     }
 
     /// Loads the catalog from the control store if it differs from the one in force

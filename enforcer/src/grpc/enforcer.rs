@@ -142,6 +142,51 @@ impl Enforcer for EnforcerService {
         }))
     }
 
+    type WatchEntitledStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::EntitlementChange, Status>> + Send>,
+    >;
+
+    async fn watch_entitled(
+        &self,
+        req: Request<pb::WatchEntitledRequest>,
+    ) -> Result<Response<Self::WatchEntitledStream>, Status> {
+        use crate::engine::watch::{Report, Want};
+        use tokio_stream::StreamExt as _;
+        let r = req.into_inner();
+        let want = match (r.feature.is_empty(), r.metric.is_empty()) {
+            (false, true) => Want::Feature(r.feature),
+            (true, false) => Want::Metric {
+                metric: r.metric,
+                amount: if r.amount == 0 { 1 } else { r.amount },
+            },
+            _ => return Err(invalid("feature", "give a feature or a metric, not both")),
+        };
+        let recheck = convert::from_duration("recheck", r.recheck)?
+            .unwrap_or(std::time::Duration::from_secs(5))
+            .max(std::time::Duration::from_millis(100));
+        let rx = self.engine.watch(want, recheck).await?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|m| match m {
+            Ok(Report::Tenant {
+                tenant,
+                entitled,
+                reason,
+                at,
+            }) => Ok(pb::EntitlementChange {
+                tenant,
+                entitled,
+                reason,
+                at: Some(ts(at)),
+                snapshot_done: false,
+            }),
+            Ok(Report::SnapshotDone) => Ok(pb::EntitlementChange {
+                snapshot_done: true,
+                ..Default::default()
+            }),
+            Err(e) => Err(Status::from(e)),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn get_usage(
         &self,
         req: Request<pb::GetUsageRequest>,
