@@ -184,10 +184,35 @@ async fn readme_tour_works() {
     assert_eq!(h[2]["after"]["plan"]["code"], "pro");
     let r = node.cli(&["tenant", "history", "acme"]).await;
     ok(&r);
+
     assert!(
         r.1.contains("override.grant") && r.1.contains("incident goodwill"),
         "{}",
         r.1
+    );
+
+    // A refused record shows in the support view, with its reason.
+    let r = node
+        .cli(&[
+            "record", "--tenant", "acme", "--metric", "seats", "--amount", "100",
+        ])
+        .await;
+    ok(&r);
+    let v = json(
+        node.cli(&["tenant", "show", "acme", "--json", "--no-usage"])
+            .await,
+    );
+    let d = &v["recent_denials"][0];
+    assert_eq!(
+        (d["request"].as_str(), d["metric"].as_str()),
+        (Some("record"), Some("seats"))
+    );
+    assert_eq!(d["amount"], 100);
+    assert!(
+        d["reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty() && r != "ok"),
+        "{d}"
     );
 
     // Errors: a clear line on stderr and a failing exit code.

@@ -250,6 +250,14 @@ pub fn tenant(
         "limits": r.limits.iter().map(limit).collect::<Vec<_>>(),
         "overrides": r.overrides.iter().map(|o| override_(Some(o))).collect::<Vec<_>>(),
         "usage": usage_by_metric,
+        "recent_denials": r.recent_denials.iter().map(|d| json!({
+            "at": instant(d.at.as_ref()),
+            "request": d.request,
+            "metric": d.metric,
+            "amount": d.amount,
+            "reason": d.reason,
+            "message": d.message,
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -478,6 +478,21 @@ pub fn tenant(
         sections.push(format!("Overrides\n{t}"));
     }
 
+    if !r.recent_denials.is_empty() {
+        let mut t = table(&["at", "request", "metric", "amount", "reason", "why"]);
+        for d in &r.recent_denials {
+            t.add_row(vec![
+                when(d.at.as_ref()),
+                d.request.clone(),
+                d.metric.clone(),
+                d.amount.to_string(),
+                d.reason.clone(),
+                d.message.clone(),
+            ]);
+        }
+        sections.push(format!("Last denials on this node\n{t}"));
+    }
+
     if let Some(all) = usage_by_metric {
         sections.push(usage_section(all));
     }

@@ -18,6 +18,7 @@ pub mod admin;
 pub mod buckets;
 pub mod cache;
 pub mod clock;
+pub mod denials;
 pub mod enforce;
 pub mod error;
 pub mod soft_route;
@@ -84,6 +85,8 @@ pub struct Engine {
     max_lateness: chrono::Duration,
     /// Tenants whose entitlements changed, for watches ([`watch`]).
     changes: tokio::sync::broadcast::Sender<String>,
+    /// The last denials of each tenant on this node.
+    pub denials: denials::RecentDenials,
 }
 
 /// The degraded-mode equipment of a node with a shared store.
@@ -125,6 +128,7 @@ impl Engine {
             peers: None,
             max_lateness: DEFAULT_MAX_LATENESS,
             changes: tokio::sync::broadcast::channel(1024).0,
+            denials: denials::RecentDenials::default(),
         })
     }
 

@@ -357,6 +357,20 @@ impl Admin for AdminService {
                 .collect(),
             valid_until: e.valid_until.map(ts),
             version: e.version,
+            recent_denials: self
+                .engine
+                .denials
+                .of(&r.tenant)
+                .into_iter()
+                .map(|d| pb::RecentDenial {
+                    at: Some(ts(d.at)),
+                    request: d.request.to_string(),
+                    metric: d.metric,
+                    amount: d.amount,
+                    reason: d.reason,
+                    message: d.message,
+                })
+                .collect(),
         }))
     }
 }

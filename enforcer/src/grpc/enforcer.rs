@@ -23,6 +23,32 @@ impl EnforcerService {
     }
 }
 
+impl EnforcerService {
+    /// Keeps a refused reserve or record for the support view.
+    fn note_denial(
+        &self,
+        request: &'static str,
+        tenant: &str,
+        metric: &str,
+        amount: i64,
+        d: &meter::decision::Decision,
+    ) {
+        if d.outcome == meter::decision::Outcome::Deny {
+            self.engine.denials.note(
+                tenant,
+                crate::engine::denials::Denial {
+                    at: self.engine.now(),
+                    request,
+                    metric: metric.to_string(),
+                    amount,
+                    reason: d.reason.as_str().to_string(),
+                    message: d.message.clone(),
+                },
+            );
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Enforcer for EnforcerService {
     async fn check(
@@ -79,6 +105,7 @@ impl Enforcer for EnforcerService {
                 id,
             )
             .await?;
+        self.note_denial("reserve", &r.tenant, &r.metric, r.amount, &out.decision);
         Ok(Response::new(pb::ReserveResponse {
             reservation_id: out.reservation_id.unwrap_or_default(),
             decision: Some(convert::decision(&out.decision)),
@@ -135,6 +162,7 @@ impl Enforcer for EnforcerService {
                 event_time,
             )
             .await?;
+        self.note_denial("record", &r.tenant, &r.metric, r.amount, &out.decision);
         Ok(Response::new(pb::RecordResponse {
             decision: Some(convert::decision(&out.decision)),
             recorded: out.recorded,
