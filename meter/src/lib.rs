@@ -8,6 +8,9 @@
 //!   validated ([`catalog::parse`]).
 //! - [`lifecycle`]: subscriptions and what is in force at an instant (trials, scheduled
 //!   downgrades, cancellation).
+//! - [`status_machine`]: which status may follow which (pending → trialing/active →
+//!   past_due → grace → suspended → canceled, refunded, chargeback), and the steps that
+//!   happen by themselves (trial end, grace end, cancellation date).
 //! - [`grant`]: time-boxed overrides.
 //! - [`resolve`]: catalog + subscription + overrides → [`resolve::Entitlements`], with
 //!   provenance.
@@ -33,5 +36,6 @@ pub mod lifecycle;
 pub mod quota;
 pub mod resolve;
 pub mod soft;
+pub mod status_machine;
 pub mod store;
 pub mod window;
