@@ -11,6 +11,8 @@
 //! - [`status_machine`]: which status may follow which (pending → trialing/active →
 //!   past_due → grace → suspended → canceled, refunded, chargeback), and the steps that
 //!   happen by themselves (trial end, grace end, cancellation date).
+//! - [`provider`]: billing-provider events (Stripe's, mapped) folded into a subscription,
+//!   deduplicated and in any arrival order.
 //! - [`grant`]: time-boxed overrides.
 //! - [`resolve`]: catalog + subscription + overrides → [`resolve::Entitlements`], with
 //!   provenance.
@@ -33,6 +35,7 @@ pub mod grant;
 pub mod hint;
 pub mod keys;
 pub mod lifecycle;
+pub mod provider;
 pub mod quota;
 pub mod resolve;
 pub mod soft;
