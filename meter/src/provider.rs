@@ -45,7 +45,7 @@
 //!
 //! - A snapshot creates the subscription (in whatever status it reports: the beginning
 //!   may have been missed), or moves it to the reported status if
-//!   [`reaches`](crate::status_machine::reaches) allows (a snapshot says where the
+//!   [`reaches`] allows (a snapshot says where the
 //!   provider is now, not how it got there), and replaces plan, add-ons, trial end,
 //!   billing anchor and `cancel_at`. The steps our own clock took count as the provider
 //!   agreeing: a provider still saying `unpaid` (grace) after our grace ran out leaves the
