@@ -10,6 +10,8 @@
 //!   one table.
 //! - [`embedded`] is the default store: memory + redb with group commit.
 //! - [`config`] is `allot serve`'s configuration (file, environment, flags).
+//! - [`webhook`] verifies and parses billing-provider webhooks (Stripe) into
+//!   [`meter::provider`] events; no HTTP listener yet.
 //!
 //! The `allot` binary (src/main.rs) adds the client commands (src/cli/).
 
@@ -22,3 +24,4 @@ pub mod peer;
 pub mod redis;
 pub mod server;
 pub mod soft;
+pub mod webhook;
