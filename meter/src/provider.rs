@@ -44,12 +44,13 @@
 //! # What each event does, in its place
 //!
 //! - A snapshot creates the subscription (in whatever status it reports: the beginning
-//!   may have been missed), or moves it to the reported status if
-//!   [`reaches`] allows (a snapshot says where the
-//!   provider is now, not how it got there), and replaces plan, add-ons, trial end,
-//!   billing anchor and `cancel_at`. The steps our own clock took count as the provider
-//!   agreeing: a provider still saying `unpaid` (grace) after our grace ran out leaves the
-//!   subscription suspended. A snapshot naming another tenant is refused.
+//!   may have been missed), or moves it to the reported status if [`reaches`] allows (a
+//!   snapshot says where the provider is now, not how it got there), and replaces plan,
+//!   add-ons, trial end, billing anchor and `cancel_at` (dates already past count from
+//!   the event's instant). Steps our own clock already took stand: a provider still
+//!   saying `unpaid` (grace) after our grace ran out leaves the subscription suspended,
+//!   and one still saying `trialing` after the trial end leaves it active. A snapshot
+//!   naming another tenant is refused.
 //! - Paid: `pending`, `past_due`, `grace`, `suspended` → `active`; otherwise no effect
 //!   (a trial's zero invoice, a renewal, a final invoice after the end).
 //! - Payment failed: `trialing`, `active` → `past_due`; otherwise no effect (the provider
@@ -60,7 +61,8 @@
 //!   is folded again when a snapshot arrives.
 //!
 //! Each event is judged at its own instant (`occurred_at`, never earlier than the last
-//! step before it): the steps that were due by then (trial end, grace end…) are taken first.
+//! step before it): the steps that were due by then (trial end, grace end…) are taken
+//! first.
 //! The grace period comes from the [`StatusMachine`] passed in; use the same one for a
 //! given state, since changing it changes what the history folds to.
 
