@@ -11,6 +11,8 @@
 //! - [`embedded`] is the default store: memory + redb with group commit.
 //! - [`config`] is `allot serve`'s configuration (file, environment, flags); [`auth`]
 //!   checks every call's API token and scope before it is routed.
+//! - [`webhook`] verifies and parses billing-provider webhooks (Stripe) into
+//!   [`meter::provider`] events; no HTTP listener yet.
 //!
 //! The `allot` binary (src/main.rs) adds the client commands (src/cli/).
 
@@ -24,3 +26,4 @@ pub mod peer;
 pub mod redis;
 pub mod server;
 pub mod soft;
+pub mod webhook;

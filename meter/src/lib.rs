@@ -8,6 +8,11 @@
 //!   validated ([`catalog::parse`]).
 //! - [`lifecycle`]: subscriptions and what is in force at an instant (trials, scheduled
 //!   downgrades, cancellation).
+//! - [`status_machine`]: which status may follow which (pending → trialing/active →
+//!   past_due → grace → suspended → canceled, refunded, chargeback), and the steps that
+//!   happen by themselves (trial end, grace end, cancellation date).
+//! - [`provider`]: billing-provider events (Stripe's, mapped) folded into a subscription,
+//!   deduplicated and in any arrival order.
 //! - [`grant`]: time-boxed overrides.
 //! - [`ledger`]: the record of every entitlement change, and the ones time makes.
 //! - [`resolve`]: catalog + subscription + overrides → [`resolve::Entitlements`], with
@@ -32,8 +37,10 @@ pub mod hint;
 pub mod keys;
 pub mod ledger;
 pub mod lifecycle;
+pub mod provider;
 pub mod quota;
 pub mod resolve;
 pub mod soft;
+pub mod status_machine;
 pub mod store;
 pub mod window;
