@@ -56,21 +56,7 @@ fn period(s: &str) -> Period {
 }
 
 async fn rows_18(ch: &ClickHouseServer, sql: &str) -> Vec<Value> {
-    let mut cursor = ch
-        .client(DB)
-        .query(sql)
-        .fetch_bytes("JSONEachRow")
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    let mut out = Vec::new();
-    while let Some(chunk) = cursor.next().await.unwrap_or_else(|e| panic!("{sql}: {e}")) {
-        out.extend_from_slice(&chunk);
-    }
-    String::from_utf8(out)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    ch.json_rows(DB, sql).await
 }
 
 fn ids(rows: &[Value]) -> Vec<String> {

@@ -196,6 +196,25 @@ impl ClickHouseServer {
         }
     }
 
+    /// The rows of a query on `database`, as JSON objects (`JSONEachRow`).
+    pub async fn json_rows(&self, database: &str, sql: &str) -> Vec<serde_json::Value> {
+        let mut cursor = self
+            .client(database)
+            .query(sql)
+            .fetch_bytes("JSONEachRow")
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let mut out = Vec::new();
+        while let Some(chunk) = cursor.next().await.unwrap_or_else(|e| panic!("{sql}: {e}")) {
+            out.extend_from_slice(&chunk);
+        }
+        String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
     /// A client of `database` (validation off: 18.16 needs it).
     pub fn client(&self, database: &str) -> clickhouse::Client {
         clickhouse::Client::default()
