@@ -173,7 +173,7 @@ impl PriceList for Catalog {
 }
 
 /// The usage events of `period` (and of `tenant`, if given), in billing order: tenant,
-/// metric, time, id. Columns as [`BillableRow`].
+/// metric, time, then the order their store decided them in. Columns as [`BillableRow`].
 pub fn events_query(period: Period, tenant: Option<&str>) -> String {
     // Partition pruning: a period's events lie within a day of its month, or in the
     // month after it (a period anchored after the 1st runs into it).
@@ -184,13 +184,13 @@ pub fn events_query(period: Period, tenant: Option<&str>) -> String {
         format!("\n  AND tenant = {}", literal(t))
     });
     format!(
-        "SELECT tenant, metric, toUInt32(event_time) AS at, event_id, amount, included, plan, plan_version
+        "SELECT tenant, metric, toUInt32(event_time) AS at, event_id, src, src_offset, amount, included, plan, plan_version
 FROM usage_events
 WHERE kind IN ('commit', 'record') AND amount > 0
   AND event_time >= toDateTime({from}) AND event_time < toDateTime({to})
   AND (billing_period = {label} OR (billing_period = '' AND toYYYYMM(event_time) = {}))
   {tenant}
-ORDER BY tenant, metric, event_time, event_id",
+ORDER BY tenant, metric, event_time, src, src_offset",
         period.yyyymm()
     )
 }
@@ -206,6 +206,10 @@ pub struct BillableRow {
     pub at: u32,
     /// Event id.
     pub event_id: String,
+    /// Where the event was read from (its partition).
+    pub src: String,
+    /// Its position there: the order in which its store decided it.
+    pub src_offset: u64,
     /// Units.
     pub amount: i64,
     /// The allowance in force for it.
@@ -257,15 +261,18 @@ pub fn lines(rows: Vec<BillableRow>, prices: &dyn PriceList) -> Vec<BillLine> {
         let g = groups
             .entry((r.tenant.clone(), r.metric.clone()))
             .or_default();
-        // The plan of the latest event (ties by id, as billing orders them).
-        if (r.at, &r.event_id) >= (g.last.0, &g.last.1) {
-            g.last = (r.at, r.event_id.clone());
+        // Event times have second precision: within a second, the order the store decided
+        // in (its position in its partition) orders them, not the ids' spelling.
+        let order = format!("{}\u{1f}{:020}", r.src, r.src_offset);
+        // The plan of the latest event.
+        if (r.at, &order) >= (g.last.0, &g.last.1) {
+            g.last = (r.at, order.clone());
             g.plan = (r.plan.clone(), r.plan_version);
         }
         g.events.push(Billable {
             at: DateTime::from_timestamp(i64::from(r.at), 0).unwrap_or_default(),
             unit_price: prices.unit_price(&r.plan, r.plan_version, &r.metric),
-            id: r.event_id,
+            id: order,
             amount: r.amount as u64,
             included: r.included,
         });
@@ -594,6 +601,8 @@ mod tests {
             metric: metric.into(),
             at,
             event_id: format!("{tenant}-{at}"),
+            src: "p01".into(),
+            src_offset: u64::from(at),
             amount,
             included: Some(100),
             plan: plan.into(),
@@ -640,6 +649,21 @@ mod tests {
         );
         assert_eq!(l[0].plan, "pro");
         assert_eq!((l[1].tenant.as_str(), l[1].overage), ("b", 20));
+    }
+
+    #[test]
+    fn within_a_second_the_stores_order_counts_not_the_ids() {
+        // Both in one second; decided free-first (offset 1), though "x10" < "x9".
+        let mut first = row("a", "calls", 7, 60, "free");
+        (first.event_id, first.src_offset, first.included) = ("x9".into(), 1, Some(50));
+        let mut second = row("a", "calls", 7, 30, "pro");
+        (second.event_id, second.src_offset) = ("x10".into(), 2);
+        let l = lines(vec![second, first], &Flat);
+        // 60 against 50: 10 over (free: no price); then 30 more against 100: none.
+        assert_eq!(
+            (l[0].overage, l[0].unpriced, l[0].plan.as_str()),
+            (10, 10, "pro")
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Overage: how many of a period's units went past what was included, and what they cost.
 //!
 //! The rule, for a tenant × metric × period: **the entitlement in force at each event**.
-//! Usage events are taken in time order (ties by event id), each against the included
+//! Usage events are taken in time order (ties by their order key), each against the included
 //! amount it was decided under (its event's `included`: the tenant's resolved
 //! billing-period or month limit at that instant, add-ons and overrides in). An event
 //! is overage for the part of it that takes the period's running total past its own
@@ -111,7 +111,8 @@ pub fn decimal(micros: u128) -> String {
 pub struct Billable {
     /// When it happened.
     pub at: DateTime<Utc>,
-    /// Its id (orders events of the same instant).
+    /// Orders events of the same instant (the aggregator gives their position in their
+    /// partition, the order their store decided them in).
     pub id: String,
     /// Units used (positive).
     pub amount: u64,
