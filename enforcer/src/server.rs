@@ -3,6 +3,7 @@
 //! [`run`] takes a bound listener and a shutdown future (mini-redis style) so tests and the
 //! binary start nodes the same way.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +26,7 @@ use crate::grpc::billing::BillingService;
 use crate::grpc::enforcer::EnforcerService;
 use crate::grpc::spool::SpoolService;
 use crate::peer::{PeerService, Peers};
-use crate::redis::RedisStore;
+use crate::redis::{RedisStore, Shipment};
 use crate::soft::SoftState;
 
 /// Most reservations released per sweep; the rest wait for the next one.
@@ -342,8 +343,11 @@ async fn ship_spool(disk: EmbeddedStore, redis: RedisStore, node: String) {
                 Vec::new()
             }
         };
-        let mut shipped = None;
-        let mut failed = false;
+        // One call per partition, its events in sequence order: a round trip (and with
+        // `appendfsync always` an fsync) per event would cap shipping far below what the
+        // node admits. A batch is forgotten locally only once every partition has it;
+        // after a failure it is shipped again, and the marks skip what landed.
+        let mut by_partition: BTreeMap<u16, Vec<Shipment>> = BTreeMap::new();
         for (seq, fields) in &rows {
             let tenant = fields
                 .iter()
@@ -351,17 +355,21 @@ async fn ship_spool(disk: EmbeddedStore, redis: RedisStore, node: String) {
                 .and_then(|(_, c)| meter::event::Pending::from_json(c).ok())
                 .map(|p| p.tenant)
                 .unwrap_or_default();
-            match redis.ship(&node, *seq, &tenant, fields).await {
-                Ok(_) => shipped = Some(*seq),
-                Err(e) => {
-                    tracing::warn!(error = %e, "spool not shipped to redis; retrying");
-                    failed = true;
-                    break;
-                }
+            by_partition
+                .entry(meter::event::partition(&tenant))
+                .or_default()
+                .push((*seq, fields.as_slice()));
+        }
+        let mut failed = false;
+        for (partition, events) in &by_partition {
+            if let Err(e) = redis.ship_many(&node, *partition, events).await {
+                tracing::warn!(error = %e, "spool not shipped to redis; retrying");
+                failed = true;
+                break;
             }
         }
-        if let Some(upto) = shipped {
-            if let Err(e) = disk.spool_ack(upto).await {
+        if let (false, Some((upto, _))) = (failed, rows.last()) {
+            if let Err(e) = disk.spool_ack(*upto).await {
                 tracing::warn!(error = %e, "shipped events not forgotten locally");
             }
         }

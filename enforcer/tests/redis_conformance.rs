@@ -174,12 +174,38 @@ async fn events_land_in_the_partition_stream(store: RedisStore) {
     assert!(!store.ship("n1", 7, "acme", &fields).await.unwrap());
     assert!(!store.ship("n1", 6, "acme", &fields).await.unwrap());
     assert!(store.ship("n2", 1, "acme", &fields).await.unwrap());
-    let n: u64 = store
+    // Many events in one call (one round trip per partition and batch), in order, each
+    // once: a batch shipped again after a crash, partly new, appends only what is new.
+    let p = partition("acme");
+    let mut batch: Vec<(String, String)> = fields.clone();
+    batch.retain(|(k, _)| k != "i");
+    let batch: Vec<Vec<(String, String)>> = (8..=10)
+        .map(|seq| {
+            let mut f = batch.clone();
+            f.push(("i".into(), format!("b{seq}")));
+            f
+        })
+        .collect();
+    let events = |seqs: std::ops::RangeInclusive<u64>| -> Vec<(u64, &[(String, String)])> {
+        seqs.map(|s| (s, batch[(s - 8) as usize].as_slice()))
+            .collect()
+    };
+    assert_eq!(store.ship_many("n1", p, &events(8..=9)).await.unwrap(), 2);
+    assert_eq!(store.ship_many("n1", p, &events(8..=10)).await.unwrap(), 1);
+    assert_eq!(store.ship_many("n1", p, &events(8..=10)).await.unwrap(), 0);
+    let entries: Vec<(String, std::collections::HashMap<String, String>)> = store
         .client()
-        .xlen(stream_key(partition("acme")))
+        .xrange(stream_key(p), "-", "+", None)
         .await
         .unwrap();
-    assert_eq!(n, 6);
+    let ids: Vec<&str> = entries.iter().map(|(_, f)| f["i"].as_str()).collect();
+    assert_eq!(ids[ids.len() - 3..], ["b8", "b9", "b10"]);
+    assert_eq!(entries.len(), 9);
+    assert_eq!(
+        entries[entries.len() - 1].1.len(),
+        fields.len(),
+        "every field shipped"
+    );
 }
 
 #[tokio::test]

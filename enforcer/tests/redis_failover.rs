@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use harness::redis::{key_slot, RedisCluster};
-use harness::{record, subscribe, Node};
+use harness::{in_doubt, record, subscribe, Node};
 
 const CATALOG: &str = "version: 1
 metrics:
@@ -63,10 +63,7 @@ async fn run(wait_replicas: Option<u32>) -> (u64, u64) {
                         .await
                     {
                         Ok(r) if r.get_ref().recorded => *acked.lock().unwrap() += 1,
-                        Err(s)
-                            if s.message().contains("may have been applied")
-                                && !stop.load(Ordering::Relaxed) =>
-                        {
+                        Err(s) if in_doubt(&s) && !stop.load(Ordering::Relaxed) => {
                             tokio::time::sleep(Duration::from_millis(20)).await;
                             continue;
                         }

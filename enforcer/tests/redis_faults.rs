@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use allot_proto::v1 as pb;
 use harness::redis::RedisServer;
-use harness::{record, reserve, subscribe, window_usage, Node};
+use harness::{in_doubt, record, reserve, subscribe, window_usage, Node};
 
 const CATALOG: &str = "version: 1
 metrics:
@@ -101,9 +101,7 @@ async fn redis_outage_follows_policies_and_reconciles_exactly() {
                         .await
                     {
                         Ok(r) => account(metric, amount, &event, r.into_inner()),
-                        Err(s) if s.message().contains("may have been applied") => {
-                            doubts.push((metric, event, amount))
-                        }
+                        Err(s) if in_doubt(&s) => doubts.push((metric, event, amount)),
                         Err(_) => ledger.lock().unwrap().errors += 1,
                     }
                 }

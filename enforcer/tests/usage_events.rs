@@ -216,6 +216,88 @@ async fn a_node_on_redis_writes_every_event_to_the_partition_stream_once() {
     assert_eq!(n as usize, want.len());
 }
 
+/// Calls of `command` since the server started (`INFO commandstats`).
+async fn command_calls(client: &fred::clients::Client, command: &str) -> u64 {
+    let info: String = client
+        .info(Some(fred::types::InfoKind::CommandStats))
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_ships_its_local_events_in_batches_not_one_round_trip_each() {
+    // One call per event would cap shipping at one event per round trip (with
+    // `appendfsync always`, per fsync: a few hundred a second on a slow disk), far below
+    // what a node admits at the edge; the spool then grows without bound.
+    let mut redis = RedisServer::start_with(&["--appendfsync", "always"]).await;
+    let node = Node::builder()
+        .catalog(CATALOG)
+        .arg("--redis")
+        .arg(&redis.url)
+        .arg("--cache-ttl")
+        .arg("1h")
+        .start()
+        .await;
+    let tenants = ["acme", "globex"];
+    let mut admin = node.admin().await;
+    for t in tenants {
+        subscribe(&mut admin, t, "p").await;
+    }
+    let mut e = node.enforcer().await;
+    for t in tenants {
+        e.record(record(t, "soft_calls", 1, &format!("{t}-warm")))
+            .await
+            .unwrap();
+    }
+    // Soft-only events pile up in the node's local store while Redis is away...
+    redis.stop().await;
+    let events = 1000;
+    for i in 0..events {
+        let t = tenants[i % 2];
+        let r = e
+            .record(record(t, "soft_calls", 1, &format!("{t}-{i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.recorded);
+    }
+    // ...and reach the streams once it is back: all of them, in a few calls.
+    redis.restart().await;
+    let client = Builder::from_config(Config::from_url(&redis.url).unwrap())
+        .build()
+        .unwrap();
+    client.init().await.unwrap();
+    let mut streamed = 0;
+    for _ in 0..600 {
+        streamed = 0;
+        for t in tenants {
+            let entries: Vec<(String, HashMap<String, String>)> = client
+                .xrange(stream_key(partition(t)), "-", "+", None)
+                .await
+                .unwrap();
+            streamed += entries
+                .iter()
+                .filter(|(_, f)| f.get("i").is_some_and(|id| !id.ends_with("-warm")))
+                .count();
+        }
+        if streamed >= events {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(streamed, events, "every local event shipped, once");
+    // Counted since the restart: every script call of the node, shipping or not.
+    let calls = command_calls(&client, "evalsha").await;
+    assert!(
+        calls < 100,
+        "{calls} script calls to ship {events} events: one per event?"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_events_count_in_the_window_of_their_time_within_the_lateness_limit() {
     let node = Node::builder()

@@ -48,6 +48,9 @@ const CATALOG: &str = "al:catalog";
 /// Membership: node id → "address\theartbeat unix ms".
 const MEMBERS: &str = "al:members";
 
+/// An event of a node's local spool to ship: its sequence number and its fields.
+pub type Shipment<'a> = (u64, &'a [(String, String)]);
+
 /// How a [`RedisStore`] connects and what it waits for.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
@@ -412,18 +415,36 @@ impl RedisStore {
         tenant: &str,
         fields: &[(String, String)],
     ) -> Result<bool, StoreError> {
-        let p = meter::event::partition(tenant);
+        let n = self
+            .ship_many(node, meter::event::partition(tenant), &[(seq, fields)])
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Appends events from `node`'s local spool, all of tenants of `partition` and in
+    /// increasing sequence, to the partition's stream in one atomic step (one round trip),
+    /// each unless it was shipped before. Returns how many were new.
+    pub async fn ship_many(
+        &self,
+        node: &str,
+        partition: u16,
+        events: &[Shipment<'_>],
+    ) -> Result<usize, StoreError> {
         let keys = vec![
-            meter::event::stream_key(p),
-            format!("al:{{{}}}:shipped", meter::event::hash_tag(tenant)),
+            meter::event::stream_key(partition),
+            format!("al:{{p{partition:02}}}:shipped"),
         ];
-        let mut args = vec![node.to_string(), seq.to_string()];
-        for (k, v) in fields {
-            args.push(k.clone());
-            args.push(v.clone());
+        let mut args = vec![node.to_string()];
+        for (seq, fields) in events {
+            args.push(seq.to_string());
+            args.push((fields.len() * 2).to_string());
+            for (k, v) in *fields {
+                args.push(k.clone());
+                args.push(v.clone());
+            }
         }
         let out = self.eval(&self.ship, keys, args, write_error).await?;
-        Ok(out.first().map(String::as_str) == Some("1"))
+        num(out.first().map_or("0", String::as_str)).map(|n| n as usize)
     }
 
     /// Counts usage that was admitted while this store was unreachable: no cap is

@@ -259,6 +259,13 @@ pub async fn window_usage(
     (w.used, w.reserved)
 }
 
+/// Whether an error says that the request may have been applied (the shared store did
+/// not answer in time): a careful client retries it with the same idempotency key or
+/// event id until the answer is definite, and counts nothing meanwhile.
+pub fn in_doubt(s: &tonic::Status) -> bool {
+    s.message().contains("may have been applied")
+}
+
 /// The outcome of a decision.
 pub fn outcome(d: &Option<pb::Decision>) -> pb::Outcome {
     pb::Outcome::try_from(d.as_ref().expect("decision").outcome).unwrap()
