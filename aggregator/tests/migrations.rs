@@ -41,8 +41,9 @@ async fn database(ch: &ClickHouseServer) -> ClickHouse {
     ClickHouse::new(&cfg)
 }
 
-const TABLES: [&str; 12] = [
+const TABLES: [&str; 13] = [
     "audit_log",
+    "billing_exports",
     "dead_letters",
     "denials",
     "denials_mv",
