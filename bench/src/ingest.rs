@@ -37,7 +37,7 @@ use crate::cli::{RunArgs, Scenario};
 use crate::lag::LagBook;
 use crate::node::{self, log_tail, ServerProcess};
 use crate::report::{Row, RunInfo};
-use crate::resources::{Meter, Sample, Usage};
+use crate::resources::{self, Meter, Sample, Usage};
 use crate::scenario::{allowed, ErrorKind, Failure, MAX_NANOS};
 use crate::setup::{self, tenant, METRIC};
 
@@ -97,8 +97,9 @@ pub struct IngestFigures {
     /// table: the events and the rollups): the cost of many small parts.
     pub merged_per_inserted: Option<f64>,
     /// CPU used during the measured window by each process (`bench`, `node`, `redis`,
-    /// `clickhouse`, `aggregator`), in cores (CPU seconds per second); empty where
-    /// `/proc` cannot tell.
+    /// `clickhouse`, `aggregator`) and by the whole machine (`machine`: what is not
+    /// theirs is other work), in cores (CPU seconds per second); empty where `/proc`
+    /// cannot tell.
     pub cpu_cores: BTreeMap<String, f64>,
 }
 
@@ -885,9 +886,19 @@ async fn run_cell(
         let used: Vec<String> = figures
             .cpu_cores
             .iter()
+            .filter(|(name, _)| *name != resources::MACHINE)
             .map(|(name, c)| format!("{name} {c:.2}"))
             .collect();
-        eprintln!("  CPU cores used in the window: {}", used.join(", "));
+        let machine = figures
+            .cpu_cores
+            .get(resources::MACHINE)
+            .map_or_else(String::new, |c| {
+                format!(" (the whole machine: {c:.2} of {})", ctx.info.nproc)
+            });
+        eprintln!(
+            "  CPU cores used in the window: {}{machine}",
+            used.join(", ")
+        );
     }
     if let (Some(i), Some(r)) = (figures.inserts_per_sec, figures.rows_per_insert) {
         eprintln!(

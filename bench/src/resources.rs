@@ -1,7 +1,8 @@
 //! What the processes of a run used over a window: CPU time per process (from
-//! `/proc/PID/stat`, every thread) and ClickHouse's own counters of inserts and merges
-//! (`system.events`). On a machine whose cores are shared by the load generator and every
-//! server, this says where the CPU went and what ClickHouse did with it.
+//! `/proc/PID/stat`, every thread), the whole machine's busy CPU time (`/proc/stat`, so
+//! that other work on the machine shows), and ClickHouse's own counters of inserts and
+//! merges (`system.events`). On a machine whose cores are shared by the load generator
+//! and every server, this says where the CPU went and what ClickHouse did with it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,7 +27,8 @@ pub struct Sample {
 /// What was used between two samples.
 #[derive(Debug, Default)]
 pub struct Usage {
-    /// CPU seconds per second (cores) of each process.
+    /// CPU seconds per second (cores) of each process, and of the whole machine
+    /// ([`MACHINE`]).
     pub cpu_cores: BTreeMap<String, f64>,
     /// ClickHouse's inserts and merges.
     pub inserts: InsertRates,
@@ -56,9 +58,13 @@ impl Meter {
 
     /// What has been used so far.
     pub async fn sample(&self) -> Sample {
+        let mut cpu = cpu_seconds(&self.pids, self.ticks_per_sec);
+        if let Some(busy) = machine_busy_seconds(self.ticks_per_sec) {
+            cpu.insert(MACHINE.to_owned(), busy);
+        }
         Sample {
             at: Instant::now(),
-            cpu: cpu_seconds(&self.pids, self.ticks_per_sec),
+            cpu,
             counters: server_counters(self.clickhouse).await.unwrap_or_default(),
         }
     }
@@ -108,6 +114,28 @@ fn ticks_per_sec() -> f64 {
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
         .filter(|t: &f64| *t > 0.0)
         .unwrap_or(100.0)
+}
+
+/// The name under which [`Usage::cpu_cores`] gives the whole machine's busy cores.
+pub const MACHINE: &str = "machine";
+
+/// Busy CPU time of the whole machine so far, in seconds: the first line of `/proc/stat`
+/// (clock ticks per state) less idle and iowait.
+fn machine_busy_seconds(ticks_per_sec: f64) -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    busy_ticks(stat.lines().next()?).map(|t| t as f64 / ticks_per_sec)
+}
+
+/// Busy ticks of a `cpu  user nice system idle iowait irq softirq steal …` line.
+fn busy_ticks(line: &str) -> Option<u64> {
+    let mut fields = line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let ticks: Vec<u64> = fields.map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let total: u64 = ticks.iter().take(8).sum();
+    Some(total - ticks.get(3)? - ticks.get(4).unwrap_or(&0))
 }
 
 /// Cores used by each process between two samples `secs` apart (two decimals).
@@ -171,6 +199,16 @@ fn insert_rates(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machine_busy_time() {
+        // user 100, nice 5, system 50, idle 800, iowait 40, irq 1, softirq 2, steal 2,
+        // guest 30 (already in user), guest_nice 0.
+        let line = "cpu  100 5 50 800 40 1 2 2 30 0";
+        assert_eq!(busy_ticks(line), Some(160));
+        assert_eq!(busy_ticks("cpu0 100 5 50 800 40 1 2 2 0 0"), None);
+        assert_eq!(busy_ticks("cpu  100 x"), None);
+    }
 
     #[test]
     fn proc_stat_times() {
