@@ -44,7 +44,8 @@ pub struct RunArgs {
     /// Scenarios to run, comma-separated. `ceiling` (and `redis-script`, which
     /// `hard-reserve` brings along) run first at each concurrency so the others can be
     /// compared with them, and `hard-reserve` runs before `soft-reserve`. `hard-reserve`,
-    /// `soft-reserve` and `propagation` start their own redis-server.
+    /// `soft-reserve` and `propagation` start their own redis-server; `ingest` starts its
+    /// own redis-server, clickhouse-server, node and aggregator.
     #[arg(
         long,
         value_delimiter = ',',
@@ -84,6 +85,26 @@ pub struct RunArgs {
     /// Plan changes the propagation scenario makes and times.
     #[arg(long, default_value_t = 200)]
     pub changes: usize,
+    /// ingest: target Records per second of each cell (all workers together),
+    /// comma-separated; one cell per rate and concurrency. Default: as fast as the workers
+    /// go.
+    #[arg(long, value_delimiter = ',')]
+    pub rate: Vec<u32>,
+    /// ingest: how often the rollup is read to see which events arrived (the resolution of
+    /// the lag), same format as --duration.
+    #[arg(long, default_value = "25ms", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// ingest: longest wait, after a cell's load stops, for its events to show in the
+    /// rollup; what is still missing then is reported as `unseen`.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// The `clickhouse-server` binary that ingest starts (Debian's 18.16 works).
+    #[arg(long, env = "CLICKHOUSE_SERVER", default_value = "clickhouse-server")]
+    pub clickhouse_server: PathBuf,
+    /// Extra argument for `allot aggregate` (ingest; repeatable), e.g.
+    /// `--aggregator-arg=--batch-interval=250ms`.
+    #[arg(long = "aggregator-arg", allow_hyphen_values = true)]
+    pub aggregator_args: Vec<String>,
     /// Print only JSON on stdout (no table).
     #[arg(long)]
     pub json: bool,
@@ -114,6 +135,9 @@ pub enum Scenario {
     /// How long an Admin plan change on one node takes to show on two others that share
     /// its Redis (not run per concurrency).
     Propagation,
+    /// Records into a node on Redis, moved by `allot aggregate` into ClickHouse: events
+    /// per second into ClickHouse and the lag from acknowledgement to the rollup.
+    Ingest,
 }
 
 impl Scenario {
@@ -128,6 +152,7 @@ impl Scenario {
             Scenario::RedisScript => "redis-script",
             Scenario::SoftReserve => "soft-reserve",
             Scenario::Propagation => "propagation",
+            Scenario::Ingest => "ingest",
         }
     }
 
@@ -150,6 +175,12 @@ impl Scenario {
         )
     }
 
+    /// Whether the scenario runs on its own servers, after the other cells (propagation and
+    /// ingest start their own redis-server and nodes).
+    pub fn runs_alone(self) -> bool {
+        matches!(self, Scenario::Propagation | Scenario::Ingest)
+    }
+
     /// Whether the scenario needs the bench's Redis and the node that uses it.
     pub fn needs_redis_node(self) -> bool {
         matches!(
@@ -168,7 +199,10 @@ impl Scenario {
             }
             Scenario::HardReserve => Some(Scenario::RedisScript),
             Scenario::SoftReserve => Some(Scenario::HardReserve),
-            Scenario::Ceiling | Scenario::RedisScript | Scenario::Propagation => None,
+            Scenario::Ceiling
+            | Scenario::RedisScript
+            | Scenario::Propagation
+            | Scenario::Ingest => None,
         }
     }
 }
@@ -253,6 +287,23 @@ mod tests {
             cli.run.scenario,
             vec![Scenario::SoftReserve, Scenario::HardReserve]
         );
+        let cli = Cli::try_parse_from([
+            "bench",
+            "--scenario",
+            "ingest",
+            "--rate",
+            "2000,5000",
+            "--aggregator-arg=--batch-interval=250ms",
+            "--poll-interval",
+            "50ms",
+        ])
+        .unwrap();
+        assert_eq!(cli.run.scenario, vec![Scenario::Ingest]);
+        assert_eq!(cli.run.rate, vec![2000, 5000]);
+        assert_eq!(cli.run.aggregator_args, vec!["--batch-interval=250ms"]);
+        assert_eq!(cli.run.poll_interval, Duration::from_millis(50));
+        assert_eq!(cli.run.drain_timeout, Duration::from_secs(30));
+        assert!(Scenario::Ingest.runs_alone() && !Scenario::Ingest.needs_redis_node());
         let cli = Cli::try_parse_from(["bench", "noop-server", "--listen", "127.0.0.1:0"]).unwrap();
         assert!(matches!(cli.command, Some(Command::NoopServer(_))));
     }

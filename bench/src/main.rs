@@ -5,11 +5,15 @@
 //! ceiling measured in the same run. See `bench/README.md`.
 
 mod cli;
+mod clickhouse;
+mod ingest;
+mod lag;
 mod node;
 mod noop;
 mod propagation;
 mod redis;
 mod report;
+mod resources;
 mod run;
 mod scenario;
 mod setup;

@@ -56,6 +56,11 @@ impl ServerProcess {
         self.addr
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// The `--data-dir` of a node started by [`start_allot`] (`data` in its temporary
     /// directory).
     pub fn data_dir(&self) -> Option<PathBuf> {

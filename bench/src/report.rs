@@ -8,6 +8,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::cli::Scenario;
+use crate::ingest::IngestFigures;
 use crate::scenario::CellResult;
 
 /// Facts about the run, repeated in every JSON row.
@@ -27,6 +28,9 @@ pub struct RunInfo {
     pub node: String,
     /// Version of the redis-server the bench started, if it started one.
     pub redis: Option<String>,
+    /// Version of the clickhouse-server ingest started (in ingest's rows only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clickhouse: Option<String>,
 }
 
 /// One line of the report: a scenario at a concurrency.
@@ -77,6 +81,10 @@ pub struct Row {
     /// (then the delay is at most one Check's time, and the real lag is hidden in it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seen_by_first_poll: Option<u64>,
+    /// ingest: its own figures (the percentiles above are then the lag's, from
+    /// acknowledgement to the rollup, and ops/s the acknowledged Records').
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub ingest: Option<IngestFigures>,
     /// Run facts.
     #[serde(flatten)]
     pub run: RunInfo,
@@ -135,6 +143,7 @@ impl Row {
             target: None,
             poll_p50_us: None,
             seen_by_first_poll: None,
+            ingest: None,
             run: run.clone(),
         }
     }
@@ -161,20 +170,91 @@ fn us_text(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"))
 }
 
-/// The report for people: the cells' table, then propagation's (each when it has rows).
+/// The report for people: the cells' table, then propagation's, then ingest's (each when
+/// it has rows).
 pub fn tables(rows: &[Row]) -> String {
-    let (propagation, cells): (Vec<Row>, Vec<Row>) = rows
+    let of = |s: Scenario| -> Vec<Row> {
+        rows.iter()
+            .filter(|r| r.scenario == s.name())
+            .cloned()
+            .collect()
+    };
+    let cells: Vec<Row> = rows
         .iter()
+        .filter(|r| r.ingest.is_none() && r.scenario != Scenario::Propagation.name())
         .cloned()
-        .partition(|r| r.scenario == Scenario::Propagation.name());
+        .collect();
     let mut out = Vec::new();
     if !cells.is_empty() {
         out.push(table(&cells));
     }
+    let propagation = of(Scenario::Propagation);
     if !propagation.is_empty() {
         out.push(propagation_table(&propagation));
     }
+    let ingest = of(Scenario::Ingest);
+    if !ingest.is_empty() {
+        out.push(ingest_table(&ingest));
+    }
     out.join("\n\n")
+}
+
+/// Per cell: concurrency, rate asked, Records acknowledged and events into the rollup per
+/// second, lag percentiles and max in ms, events never seen, drain time, errors, Record
+/// latency, and the lag's resolution (poll interval + median read).
+fn ingest_table(rows: &[Row]) -> String {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "scenario",
+        "concurrency",
+        "target/s",
+        "acked/s",
+        "rollup/s",
+        "lag p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "unseen",
+        "drain ms",
+        "errors",
+        "Record p50/p99 µs",
+        "resolution ms",
+    ]);
+    let scaled = |v: Option<f64>, by: f64| {
+        v.map_or_else(|| "-".to_owned(), |v| thousands((v / by).round() as u64))
+    };
+    let ms = |v: Option<f64>| scaled(v, 1000.0);
+    let us = |v: Option<f64>| scaled(v, 1.0);
+    for r in rows {
+        let Some(f) = &r.ingest else { continue };
+        t.add_row(vec![
+            r.scenario.clone(),
+            r.concurrency.to_string(),
+            f.target_rate
+                .map_or_else(|| "max".to_owned(), |x| thousands(x.round() as u64)),
+            thousands(r.ops_per_sec.round() as u64),
+            thousands(f.visible_per_sec.round() as u64),
+            ms(r.p50_us),
+            ms(r.p90_us),
+            ms(r.p99_us),
+            ms(r.max_us),
+            f.unseen.to_string(),
+            ms(f.drain_ms.map(|d| d * 1000.0)),
+            r.errors_text(),
+            format!("{} / {}", us(f.record_p50_us), us(f.record_p99_us)),
+            format!(
+                "{:.0} + {:.1}",
+                f.poll_interval_us / 1000.0,
+                f.poll_p50_us.unwrap_or(0.0) / 1000.0
+            ),
+        ]);
+    }
+    for i in 1..14 {
+        if let Some(col) = t.column_mut(i) {
+            col.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    t.to_string()
 }
 
 /// Per node: changes timed, changes/s, delay percentiles and max, errors (waits that hit
@@ -314,6 +394,7 @@ mod tests {
             tenants: 64,
             node: "none".into(),
             redis: None,
+            clickhouse: None,
         }
     }
 
@@ -380,6 +461,49 @@ mod tests {
         assert!((v[4]["max_us"].as_f64().unwrap() - 900.0).abs() < 1.0);
         assert_eq!(v[5]["scenario"], "soft-reserve");
         assert_eq!(v[5]["ratio_basis"], "hard-reserve");
+    }
+
+    #[test]
+    fn ingest_rows() {
+        let mut h = Histogram::new_with_bounds(1, 3_600_000_000_000, 3).unwrap();
+        for lag_ms in [400, 700, 1200] {
+            h.record(lag_ms * 1_000_000).unwrap();
+        }
+        let mut row = Row::of_histogram(Scenario::Ingest, &h, 2_500.0, &info());
+        row.concurrency = 16;
+        row.ingest = Some(IngestFigures {
+            target_rate: Some(3_000.0),
+            acked: 50_000,
+            visible_per_sec: 2_480.0,
+            backlog_start: 900,
+            backlog: 1_300,
+            unseen: 0,
+            surplus: 0,
+            drain_ms: Some(1_040.0),
+            record_p50_us: Some(2_100.0),
+            record_p99_us: Some(9_000.0),
+            poll_interval_us: 25_000.0,
+            poll_p50_us: Some(3_400.0),
+            partitions: 64,
+            inserts_per_sec: Some(64.0),
+            rows_per_insert: Some(39.0),
+            merged_per_inserted: Some(12.5),
+            cpu_cores: BTreeMap::from([("clickhouse".to_owned(), 0.61)]),
+        });
+        let text = tables(std::slice::from_ref(&row));
+        // Its own table, lags in ms, and not the cells' table.
+        assert!(text.contains("rollup/s") && !text.contains("ratio_to_ceiling"));
+        // The lags in ms: p50 700, and 1,200 for the top ones (give or take the
+        // histogram's precision).
+        assert!(text.contains("3,000") && text.contains("2,480") && text.contains("┆  1,20"));
+        assert!(text.contains("┆        700 ┆") && text.contains("1,040"));
+        assert!(text.contains("2,100 / 9,000") && text.contains("25 + 3.4"));
+        let v: serde_json::Value = serde_json::from_str(&json(&[row]).unwrap()).unwrap();
+        assert_eq!(v[0]["scenario"], "ingest");
+        assert_eq!(v[0]["visible_per_sec"], 2_480.0);
+        assert_eq!(v[0]["backlog_start"], 900);
+        assert_eq!(v[0]["cpu_cores"]["clickhouse"], 0.61);
+        assert!((v[0]["p50_us"].as_f64().unwrap() - 700_000.0).abs() < 1_000.0);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! A whole bench run: start or reach the targets, prepare the nodes, run every cell, then
-//! propagation, and report.
+//! propagation and ingest (each on servers of its own), and report.
 
 use anyhow::{bail, Context as _};
 
@@ -25,15 +25,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let uses_redis = scenarios
         .iter()
-        .any(|s| s.needs_redis_node() || *s == Scenario::Propagation);
+        .any(|s| s.needs_redis_node() || s.runs_alone());
     if uses_redis && args.endpoint.is_some() {
         bail!(
-            "--endpoint cannot be used with hard-reserve, soft-reserve, redis-script or \
-             propagation: they start their own redis-server and nodes"
+            "--endpoint cannot be used with hard-reserve, soft-reserve, redis-script, \
+             propagation or ingest: they start their own redis-server and nodes"
         );
     }
     if scenarios.contains(&Scenario::Propagation) && args.changes == 0 {
         bail!("--changes must be at least 1");
+    }
+    if scenarios.contains(&Scenario::Ingest) {
+        crate::ingest::check_args(&args)?;
     }
 
     let info = RunInfo {
@@ -48,11 +51,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         } else {
             None
         },
+        clickhouse: None,
     };
     let cells: Vec<Scenario> = scenarios
         .iter()
         .copied()
-        .filter(|s| *s != Scenario::Propagation)
+        .filter(|s| !s.runs_alone())
         .collect();
     let mut rows = Vec::new();
     if !cells.is_empty() {
@@ -61,6 +65,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if scenarios.contains(&Scenario::Propagation) {
         rows.extend(crate::propagation::run(&args, &info).await?);
     }
+    if scenarios.contains(&Scenario::Ingest) {
+        rows.extend(crate::ingest::run(&args, &info).await?);
+    }
     output(&args, &rows)
 }
 
@@ -68,7 +75,7 @@ fn node_kind(args: &RunArgs, scenarios: &[Scenario]) -> &'static str {
     let embedded = scenarios.iter().any(|s| s.needs_node());
     let spawns = scenarios
         .iter()
-        .any(|s| s.needs_redis_node() || *s == Scenario::Propagation);
+        .any(|s| s.needs_redis_node() || s.runs_alone());
     match (embedded, args.endpoint.is_some(), spawns) {
         (true, true, _) => "endpoint",
         (true, false, _) | (false, _, true) => "spawned",
@@ -130,7 +137,7 @@ async fn run_cells(
 
 /// The scenarios once each: the ceilings first (the others' ratios need them; hard-reserve
 /// brings redis-script along), then as given, except that hard-reserve comes before
-/// soft-reserve (soft-reserve's ratio is to it), propagation last.
+/// soft-reserve (soft-reserve's ratio is to it), propagation then ingest last.
 fn ordered(given: &[Scenario]) -> Vec<Scenario> {
     let mut out = Vec::new();
     if given.contains(&Scenario::Ceiling) {
@@ -139,7 +146,7 @@ fn ordered(given: &[Scenario]) -> Vec<Scenario> {
     if given.contains(&Scenario::RedisScript) || given.contains(&Scenario::HardReserve) {
         out.push(Scenario::RedisScript);
     }
-    for s in given.iter().filter(|s| **s != Scenario::Propagation) {
+    for s in given.iter().filter(|s| !s.runs_alone()) {
         if *s == Scenario::SoftReserve
             && given.contains(&Scenario::HardReserve)
             && !out.contains(&Scenario::HardReserve)
@@ -150,8 +157,10 @@ fn ordered(given: &[Scenario]) -> Vec<Scenario> {
             out.push(*s);
         }
     }
-    if given.contains(&Scenario::Propagation) {
-        out.push(Scenario::Propagation);
+    for alone in [Scenario::Propagation, Scenario::Ingest] {
+        if given.contains(&alone) {
+            out.push(alone);
+        }
     }
     out
 }
@@ -195,6 +204,10 @@ mod tests {
         assert_eq!(
             ordered(&[HardReserve, SoftReserve]),
             vec![RedisScript, HardReserve, SoftReserve]
+        );
+        assert_eq!(
+            ordered(&[Ingest, Check, Propagation, Ingest]),
+            vec![Check, Propagation, Ingest]
         );
         // Alone, soft-reserve brings nothing along (and has no ratio).
         assert_eq!(ordered(&[SoftReserve]), vec![SoftReserve]);

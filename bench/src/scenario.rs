@@ -172,7 +172,8 @@ impl Driver {
                     key_prefix,
                 )));
             }
-            (Scenario::RedisScript | Scenario::Propagation, _) | (_, Target::Script(_)) => {
+            (Scenario::RedisScript | Scenario::Propagation | Scenario::Ingest, _)
+            | (_, Target::Script(_)) => {
                 anyhow::bail!("{} cannot run on this target", spec.scenario.name())
             }
             (_, Target::Grpc(channels)) => {
@@ -208,7 +209,9 @@ impl Driver {
                     seq: 0,
                 }
             }
-            Scenario::RedisScript | Scenario::Propagation => unreachable!("matched above"),
+            Scenario::RedisScript | Scenario::Propagation | Scenario::Ingest => {
+                unreachable!("matched above")
+            }
         })
     }
 
