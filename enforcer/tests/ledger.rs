@@ -198,6 +198,9 @@ async fn every_change_is_recorded_and_time_driven_ones_at_their_instants() {
     // The catalog's own history.
     let c = engine.history("", 10).await.unwrap();
     assert_eq!(c.len(), 1);
+    // The first catalog: nothing before; after, each plan with its versions.
+    assert!(c[0].before.is_empty());
+    assert_eq!(c[0].after, r#"["free@1","pro@1"]"#);
     assert_eq!(
         (c[0].action.as_str(), c[0].actor.as_str()),
         ("catalog.apply", "alice@example.com")

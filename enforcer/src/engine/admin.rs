@@ -167,6 +167,17 @@ fn addon_refs(list: &[(String, u32)], since: DateTime<Utc>) -> Vec<AddonRef> {
         .collect()
 }
 
+/// `code@1,2` for each plan of `c`: what a catalog offers, as its ledger entry shows it.
+fn plan_versions(c: &Catalog) -> Vec<String> {
+    c.plans
+        .iter()
+        .map(|(code, p)| {
+            let versions: Vec<String> = p.versions.keys().map(u32::to_string).collect();
+            format!("{code}@{}", versions.join(","))
+        })
+        .collect()
+}
+
 fn checked(sub: &Subscription, c: &Catalog) -> Result<(), EngineError> {
     sub.check_against(c)
         .map_err(|(field, reason)| EngineError::Invalid { field, reason })
@@ -218,20 +229,7 @@ impl Engine {
             })?;
         }
         let changed = old.as_ref().is_none_or(|(_, o)| **o != new);
-        let plans = new
-            .plans
-            .iter()
-            .map(|(code, p)| {
-                format!(
-                    "{code}@{}",
-                    p.versions
-                        .keys()
-                        .map(|v| v.to_string())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                )
-            })
-            .collect();
+        let plans = plan_versions(&new);
         if dry_run || !changed {
             return Ok(Applied {
                 changed,
@@ -245,7 +243,7 @@ impl Engine {
             self.now(),
             "",
             "catalog.apply",
-            old.as_ref().map(|(v, _)| v),
+            old.as_ref().map(|(_, c)| plan_versions(c)).as_ref(),
             Some(&plans),
         );
         self.control.save_catalog(&new, &entry).await?;
