@@ -22,8 +22,8 @@ use meter::grant::Override;
 use meter::ledger::LedgerEntry;
 use meter::lifecycle::Subscription;
 use meter::store::{
-    ControlStore, RecordOp, RecordOutcome, Reservation, ReserveOp, ReserveOutcome, SettleOutcome,
-    Settlement, SlotUsage, StoreError, UsageStore,
+    ControlStore, ProviderRecord, RecordOp, RecordOutcome, Reservation, ReserveOp, ReserveOutcome,
+    SettleOutcome, Settlement, SlotUsage, StoreError, UsageStore,
 };
 use redb::{Database, ReadableTable};
 use tokio::sync::oneshot;
@@ -431,5 +431,79 @@ impl ControlStore for EmbeddedStore {
 
     async fn ledger(&self, tenant: &str, limit: usize) -> Result<Vec<LedgerEntry>, StoreError> {
         Ok(self.lock().ledger_of(tenant, limit))
+    }
+
+    async fn provider_record(
+        &self,
+        provider: &str,
+        object_id: &str,
+    ) -> Result<Option<ProviderRecord>, StoreError> {
+        Ok(self
+            .lock()
+            .providers
+            .get(&row_key(provider, object_id))
+            .map(|r| ProviderRecord {
+                revision: r.revision,
+                text: r.text.clone(),
+            }))
+    }
+
+    async fn put_provider_record(
+        &self,
+        provider: &str,
+        object_id: &str,
+        expected: u64,
+        text: &str,
+    ) -> Result<bool, StoreError> {
+        self.apply(|s| {
+            let writes: Vec<_> = s
+                .put_provider_record(provider, object_id, expected, text)
+                .into_iter()
+                .collect();
+            Ok(Applied {
+                answer: !writes.is_empty(),
+                writes,
+            })
+        })
+        .await
+    }
+
+    async fn provider_objects(&self, provider: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = row_key(provider, "");
+        Ok(self
+            .lock()
+            .providers
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, _)| k[prefix.len()..].to_string())
+            .collect())
+    }
+
+    async fn link_payment(
+        &self,
+        provider: &str,
+        payment_id: &str,
+        object_id: &str,
+    ) -> Result<(), StoreError> {
+        self.apply(|s| {
+            writes_only(
+                s.link_payment(provider, payment_id, object_id)
+                    .into_iter()
+                    .collect(),
+            )
+        })
+        .await
+    }
+
+    async fn payment_link(
+        &self,
+        provider: &str,
+        payment_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .lock()
+            .payment_links
+            .get(&row_key(provider, payment_id))
+            .cloned())
     }
 }
