@@ -57,6 +57,24 @@ pub enum ServeError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A listener could not be bound.
+    #[error("{what} {addr}: {source}")]
+    Bind {
+        /// The option.
+        what: &'static str,
+        /// The address.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A configuration file named by an option is unusable.
+    #[error("{path}: {message}")]
+    Config {
+        /// The file.
+        path: String,
+        /// What is wrong, with the key.
+        message: String,
+    },
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -228,6 +246,27 @@ pub async fn run(
         .build_v1()
         .map_err(|e| crate::engine::EngineError::Internal(format!("reflection: {e}")))?;
 
+    if let Some(addr) = cfg.http_listen {
+        let stripe = match &cfg.stripe_config {
+            Some(path) => Some(Arc::new(stripe_endpoint(path, &engine)?)),
+            None => None,
+        };
+        let http = TcpListener::bind(addr)
+            .await
+            .map_err(|e| ServeError::Bind {
+                what: "--http-listen",
+                addr: addr.to_string(),
+                source: e,
+            })?;
+        tracing::info!(%addr, stripe = stripe.is_some(), "serving HTTP");
+        let app = crate::webhook::http::router(stripe);
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(http, app).await {
+                tracing::error!(error = %e, "HTTP listener stopped");
+            }
+        }));
+    }
+
     let auth = auth_layer(cfg, &engine)?;
     let result = tonic::transport::Server::builder()
         .layer(auth)
@@ -253,6 +292,30 @@ pub async fn run(
     }
     result?;
     Ok(())
+}
+
+/// The Stripe endpoint from its configuration file, checked against the catalog in force.
+fn stripe_endpoint(
+    path: &std::path::Path,
+    engine: &Arc<Engine>,
+) -> Result<crate::webhook::http::StripeEndpoint, ServeError> {
+    use crate::webhook::stripe::{StripeAdapter, StripeConfig};
+    let bad = |message: String| ServeError::Config {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let config: StripeConfig = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let (_, catalog) = engine.catalog()?;
+    let adapter = StripeAdapter::new(&config, &catalog).map_err(|e| bad(e.to_string()))?;
+    Ok(crate::webhook::http::StripeEndpoint {
+        adapter,
+        sync: crate::webhook::sync::ProviderSync::new(
+            engine.clone(),
+            "stripe",
+            meter::status_machine::StatusMachine::new(meter::status_machine::DEFAULT_GRACE_DAYS),
+        ),
+    })
 }
 
 /// Accepted connections with Nagle's algorithm off: small unary answers must not wait

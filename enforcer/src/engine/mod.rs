@@ -255,6 +255,11 @@ impl Engine {
         &self.usage
     }
 
+    /// The control store (for provider sync).
+    pub fn control_store(&self) -> &Arc<dyn ControlStore> {
+        &self.control
+    }
+
     /// The catalog in force and its generation.
     pub fn catalog(&self) -> Result<(u64, Arc<Catalog>), EngineError> {
         self.catalog

@@ -1,0 +1,412 @@
+//! Recorded Stripe deliveries (tests/fixtures/stripe/) posted over HTTP to real nodes
+//! (`allot serve --http-listen … --stripe-config …`): each ends in the documented answer
+//! and state, and the ledger says why. `stripe_webhooks.rs` covers the adapter and the fold
+//! without HTTP; this covers the endpoint, the stored sync state and the audit trail.
+
+mod harness;
+
+use std::time::Duration;
+
+use allot_proto::v1 as pb;
+use enforcer::webhook::stripe::sign;
+use harness::redis::RedisServer;
+use harness::Node;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+const SECRET: &str = "whsec_test_allot_0123456789";
+
+const CONFIG: &str = r#"
+signing_secret = "whsec_test_allot_0123456789"
+[prices]
+price_1QhProMonthly = { plan = "pro", version = 1 }
+price_1QhSeats10 = { addon = "extra_seats_10" }
+[products]
+prod_QhEnterprise = { plan = "enterprise", version = 1 }
+"#;
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!(
+        "{}/tests/fixtures/stripe/{name}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// A node with the webhook endpoint, and where to post.
+struct Hooked {
+    node: Node,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn hooked(extra: &[&str]) -> Hooked {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("stripe.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let port = free_port();
+    let mut b = Node::builder()
+        .arg("--http-listen")
+        .arg(&format!("127.0.0.1:{port}"))
+        .arg("--stripe-config")
+        .arg(config.to_str().unwrap());
+    for a in extra {
+        b = b.arg(a);
+    }
+    Hooked {
+        node: b.start().await,
+        url: format!("http://127.0.0.1:{port}/webhooks/stripe"),
+        _dir: dir,
+    }
+}
+
+/// Posts a body with a signature header; returns the status and the JSON answer.
+async fn post(url: &str, body: &[u8], signature: &str) -> (u16, serde_json::Value) {
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let req = hyper::Request::post(url)
+        .header("content-type", "application/json")
+        .header("stripe-signature", signature)
+        .body(Full::new(Bytes::from(body.to_vec())))
+        .unwrap();
+    // The listener starts a moment after gRPC does.
+    let mut last = None;
+    for _ in 0..50 {
+        match client.request(req.clone()).await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+                let json = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                    serde_json::Value::String(String::from_utf8_lossy(&bytes).into())
+                });
+                return (status, json);
+            }
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{url} unreachable: {last:?}");
+}
+
+/// Delivers a fixture as Stripe does now: signed with the current time.
+async fn deliver(url: &str, name: &str) -> (u16, serde_json::Value) {
+    let body = fixture(name);
+    post(url, &body, &sign(&body, SECRET.as_bytes(), now())).await
+}
+
+async fn tenant_status(node: &Node, tenant: &str) -> String {
+    let sub = node
+        .admin()
+        .await
+        .get_tenant(pb::GetTenantRequest {
+            tenant: tenant.into(),
+            at: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .subscription
+        .unwrap();
+    sub.status
+}
+
+async fn history(node: &Node, tenant: &str) -> Vec<pb::LedgerEntry> {
+    node.admin()
+        .await
+        .get_tenant_history(pb::GetTenantHistoryRequest {
+            tenant: tenant.into(),
+            limit: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+}
+
+fn verdict(answer: &serde_json::Value) -> &str {
+    answer["verdict"].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn deliveries_over_http_end_in_the_documented_states_and_the_ledger_says_why() {
+    let h = hooked(&[]).await;
+    let url = h.url.as_str();
+
+    // Unknown type: acknowledged, ignored, recorded provider-wide.
+    let (code, a) = deliver(url, "customer_created").await;
+    assert_eq!((code, verdict(&a)), (200, "ignored"), "{a}");
+
+    // A refund whose invoice has not arrived: Stripe must redeliver later.
+    let (code, a) = deliver(url, "charge_refunded").await;
+    assert_eq!(code, 503, "{a}");
+    assert!(
+        a["error"]
+            .as_str()
+            .unwrap()
+            .contains("no subscription known yet"),
+        "{a}"
+    );
+
+    // Updated before created: the update creates the tenant's subscription; the creation
+    // and the first payment arrive late and are folded in their place (they date the plan
+    // and the status from their own instants), leaving it active.
+    let (code, a) = deliver(url, "subscription_updated_active").await;
+    assert_eq!(
+        (code, verdict(&a), &a["changed"]),
+        (200, "applied", &true.into()),
+        "{a}"
+    );
+    assert_eq!(a["tenant"], "acme");
+    assert_eq!(tenant_status(&h.node, "acme").await, "active");
+    for f in ["subscription_created", "invoice_paid"] {
+        let (code, a) = deliver(url, f).await;
+        assert_eq!(code, 200, "{a}");
+        let reason = a["reason"].as_str().unwrap();
+        assert!(reason.contains("delivered after newer events"), "{f}: {a}");
+        assert_eq!(tenant_status(&h.node, "acme").await, "active");
+    }
+
+    // A duplicate: nothing changes, and the redelivery is on the record.
+    let (code, a) = deliver(url, "invoice_paid").await;
+    assert_eq!((code, verdict(&a)), (200, "duplicate"), "{a}");
+
+    // A bad signature, and a replay outside the tolerance: refused before reading.
+    let body = fixture("invoice_payment_failed");
+    let (code, a) = post(url, &body, &sign(&body, b"whsec_someone_else", now())).await;
+    assert_eq!(code, 400, "{a}");
+    assert!(
+        a["error"]
+            .as_str()
+            .unwrap()
+            .contains("no v1 signature matches"),
+        "{a}"
+    );
+    let (code, a) = post(url, &body, &sign(&body, SECRET.as_bytes(), now() - 600)).await;
+    assert_eq!(code, 400, "{a}");
+    assert!(
+        a["error"].as_str().unwrap().contains("at most 300 s"),
+        "{a}"
+    );
+    let (code, _) = post(url, &body, "").await;
+    assert_eq!(code, 400);
+    assert_eq!(
+        tenant_status(&h.node, "acme").await,
+        "active",
+        "nothing applied"
+    );
+
+    // Canceled before paid: the late payment cannot reopen it.
+    for f in [
+        "invoice_payment_failed",
+        "subscription_updated_past_due",
+        "subscription_updated_unpaid",
+    ] {
+        let (code, a) = deliver(url, f).await;
+        assert_eq!(code, 200, "{f}: {a}");
+    }
+    let (_, a) = deliver(url, "subscription_deleted").await;
+    assert_eq!(verdict(&a), "applied", "{a}");
+    assert_eq!(tenant_status(&h.node, "acme").await, "canceled");
+    let (_, a) = deliver(url, "invoice_paid_late").await;
+    assert_eq!(verdict(&a), "stale", "{a}");
+    assert_eq!(tenant_status(&h.node, "acme").await, "canceled");
+
+    // The refund, redelivered now that its invoice linked the charge: refunded.
+    let (code, a) = deliver(url, "charge_refunded").await;
+    assert_eq!((code, verdict(&a)), (200, "applied"), "{a}");
+    assert_eq!(tenant_status(&h.node, "acme").await, "refunded");
+
+    // The tenant's trail: one entry per delivery about it, in order, with the event id as
+    // correlation id, the provider as actor, and why.
+    let trail = history(&h.node, "acme").await;
+    let seen: Vec<(&str, &str, bool)> = trail
+        .iter()
+        .map(|e| (e.action.as_str(), e.correlation_id.as_str(), e.applied))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("stripe.applied", "evt_1QhActive000001", true),
+            ("stripe.applied", "evt_1QhCreated000001", true),
+            ("stripe.applied", "evt_1QhInvPaid000001", true),
+            ("stripe.duplicate", "evt_1QhInvPaid000001", false),
+            ("stripe.applied", "evt_1QhInvFail000002", true),
+            ("stripe.no_effect", "evt_1QhPastDue00002", false),
+            ("stripe.applied", "evt_1QhUnpaid000002", true),
+            ("stripe.applied", "evt_1QhDeleted00001", true),
+            ("stripe.stale", "evt_1QhInvPaid000002", false),
+            ("stripe.applied", "evt_1QhRefund000001", true),
+        ],
+        "{trail:#?}"
+    );
+    assert!(trail
+        .iter()
+        .all(|e| e.source == "webhook" && e.actor == "stripe"));
+    let dup = &trail[3];
+    assert!(dup.reason.contains("duplicate delivery"), "{}", dup.reason);
+    let deleted = &trail[7];
+    assert!(deleted.reason.contains("-> canceled"), "{}", deleted.reason);
+    assert!(deleted.before.contains("\"grace\"") && deleted.after.contains("\"canceled\""));
+
+    // Provider-wide: the ignored type and the three refused deliveries.
+    let wide: Vec<(String, bool)> = history(&h.node, "")
+        .await
+        .into_iter()
+        .filter(|e| e.source == "webhook")
+        .map(|e| (e.action, e.applied))
+        .collect();
+    assert_eq!(
+        wide,
+        vec![
+            ("stripe.ignored".to_string(), false),
+            ("stripe.refused".to_string(), false),
+            ("stripe.refused".to_string(), false),
+            ("stripe.refused".to_string(), false),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_change_made_by_support_stays_when_the_provider_changes_something_else() {
+    let h = hooked(&[]).await;
+    for f in ["subscription_created", "invoice_paid"] {
+        assert_eq!(deliver(&h.url, f).await.0, 200);
+    }
+    // Support moves acme to enterprise, in Paris time (the provider knows no time zone).
+    let (code, _, err) = h
+        .node
+        .cli(&[
+            "subscribe",
+            "--tenant",
+            "acme",
+            "--plan",
+            "enterprise",
+            "--time-zone",
+            "Europe/Paris",
+            "--reason",
+            "customer is in Paris",
+        ])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let (_, a) = deliver(&h.url, "invoice_payment_failed").await;
+    assert_eq!(verdict(&a), "applied", "{a}");
+    let sub = h
+        .node
+        .admin()
+        .await
+        .get_tenant(pb::GetTenantRequest {
+            tenant: "acme".into(),
+            at: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .subscription
+        .unwrap();
+    // The provider changed the status only; support's plan and time zone stay.
+    assert_eq!(
+        (
+            sub.status.as_str(),
+            sub.plan.as_str(),
+            sub.time_zone.as_str()
+        ),
+        ("past_due", "enterprise@1", "Europe/Paris")
+    );
+}
+
+/// Two nodes on one Redis receive every delivery at once (as after a load balancer
+/// retry): each event is applied once, and both answer.
+#[tokio::test]
+async fn two_nodes_receiving_the_same_deliveries_apply_each_once() {
+    let redis = RedisServer::start().await;
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let a = hooked(&["--redis", &url, "--node-id", "a"]).await;
+    let b = hooked(&["--redis", &url, "--node-id", "b"]).await;
+    for f in [
+        "subscription_created",
+        "invoice_paid",
+        "invoice_payment_failed",
+        "subscription_updated_past_due",
+    ] {
+        let body = fixture(f);
+        let sig = sign(&body, SECRET.as_bytes(), now());
+        let (ra, rb) = tokio::join!(post(&a.url, &body, &sig), post(&b.url, &body, &sig));
+        assert_eq!((ra.0, rb.0), (200, 200), "{f}: {} / {}", ra.1, rb.1);
+        let verdicts = [verdict(&ra.1), verdict(&rb.1)];
+        assert!(
+            verdicts.contains(&"duplicate")
+                && verdicts.iter().filter(|v| **v == "duplicate").count() == 1,
+            "{f}: exactly one node applies it: {verdicts:?}"
+        );
+    }
+    assert_eq!(tenant_status(&a.node, "acme").await, "past_due");
+    let trail = history(&b.node, "acme").await;
+    let firsts = trail
+        .iter()
+        .filter(|e| e.action != "stripe.duplicate")
+        .count();
+    assert_eq!(firsts, 4, "{trail:#?}");
+}
+
+#[tokio::test]
+async fn a_stripe_config_that_does_not_fit_the_catalog_stops_the_node_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("stripe.toml");
+    std::fs::write(
+        &config,
+        CONFIG.replace("plan = \"pro\"", "plan = \"platinum\""),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_allot"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--insecure-no-auth"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--catalog")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/catalog.yaml"
+        ))
+        .arg("--http-listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--stripe-config")
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("stripe.toml")
+            && err.contains("price_1QhProMonthly")
+            && err.contains("platinum"),
+        "{err}"
+    );
+
+    // And Stripe without an HTTP listener is a configuration error.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_allot"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--insecure-no-auth"])
+        .arg("--stripe-config")
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("stripe_config") && err.contains("--http-listen"),
+        "{err}"
+    );
+}
