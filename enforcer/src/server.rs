@@ -246,11 +246,11 @@ pub async fn run(
         .build_v1()
         .map_err(|e| crate::engine::EngineError::Internal(format!("reflection: {e}")))?;
 
+    let stripe = match &cfg.stripe_config {
+        Some(path) => Some(Arc::new(stripe_endpoint(path, &engine)?)),
+        None => None,
+    };
     if let Some(addr) = cfg.http_listen {
-        let stripe = match &cfg.stripe_config {
-            Some(path) => Some(Arc::new(stripe_endpoint(path, &engine)?)),
-            None => None,
-        };
         let http = TcpListener::bind(addr)
             .await
             .map_err(|e| ServeError::Bind {
@@ -259,7 +259,7 @@ pub async fn run(
                 source: e,
             })?;
         tracing::info!(%addr, stripe = stripe.is_some(), "serving HTTP");
-        let app = crate::webhook::http::router(stripe);
+        let app = crate::webhook::http::router(stripe.clone());
         tasks.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(http, app).await {
                 tracing::error!(error = %e, "HTTP listener stopped");
@@ -281,7 +281,9 @@ pub async fn run(
             engine.clone(),
             billing,
         )))
-        .add_service(AdminServer::new(AdminService::new(engine)))
+        .add_service(AdminServer::new(
+            AdminService::new(engine).with_stripe(stripe),
+        ))
         .add_service(PeerServer::new(PeerService::new(soft, peers)))
         // With Redis the node ships its spool to the Redis streams itself.
         .add_optional_service(spool_service.map(SpoolServer::new))

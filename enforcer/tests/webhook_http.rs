@@ -410,3 +410,145 @@ async fn a_stripe_config_that_does_not_fit_the_catalog_stops_the_node_naming_the
         "{err}"
     );
 }
+
+/// The `data.object` of a fixture: a Stripe subscription as the API lists it.
+fn subscription_object(name: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_slice(&fixture(name)).unwrap();
+    v["data"]["object"].clone()
+}
+
+#[tokio::test]
+async fn reconcile_reports_drift_and_repairs_it_on_request() {
+    let h = hooked(&[]).await;
+    for f in ["subscription_created", "invoice_paid"] {
+        assert_eq!(deliver(&h.url, f).await.0, 200);
+    }
+    // Stripe now says: acme was canceled (the webhook never came), and globex has a
+    // subscription Allot never heard of (its trial has ended since).
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("subscriptions.json");
+    let list = serde_json::json!({
+        "object": "list",
+        "data": [
+            subscription_object("subscription_deleted"),
+            subscription_object("subscription_trial_will_end"),
+        ],
+        "has_more": false,
+    });
+    std::fs::write(&file, list.to_string()).unwrap();
+    let file = file.to_str().unwrap();
+
+    let (code, out, err) = h.node.cli(&["reconcile", "--file", file]).await;
+    assert_eq!(code, 1, "drift remains: {out}{err}");
+    assert!(
+        out.contains("2 provider subscriptions checked, 2 differ, 0 repaired"),
+        "{out}"
+    );
+    let (_, json, _) = h.node.cli(&["--json", "reconcile", "--file", file]).await;
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let fields = |i: usize| -> Vec<(String, String, String)> {
+        report["drift"][i]["differences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["field"].as_str().unwrap().to_string(),
+                    d["allot"].as_str().unwrap().to_string(),
+                    d["provider"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(report["drift"][0]["tenant"], "acme");
+    assert!(
+        fields(0).contains(&("status".into(), "active".into(), "canceled".into())),
+        "{report:#}"
+    );
+    assert_eq!(report["drift"][1]["tenant"], "globex");
+    assert_eq!(
+        fields(1),
+        vec![(
+            "subscription".to_string(),
+            "none".to_string(),
+            "pro@1 active".to_string()
+        )],
+        "the trial ended in January: our clock makes it active"
+    );
+    assert_eq!(
+        tenant_status(&h.node, "acme").await,
+        "active",
+        "report only"
+    );
+
+    let (code, out, err) = h
+        .node
+        .cli(&[
+            "reconcile",
+            "--file",
+            file,
+            "--repair",
+            "--reason",
+            "monthly check",
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("2 differ, 2 repaired"), "{out}");
+    assert_eq!(tenant_status(&h.node, "acme").await, "canceled");
+    assert_eq!(tenant_status(&h.node, "globex").await, "active");
+    let repair = history(&h.node, "acme")
+        .await
+        .into_iter()
+        .find(|e| e.action == "reconcile.repair")
+        .expect("the repair is on the record");
+    assert!(repair.applied && repair.source == "admin");
+    assert!(
+        repair.reason.starts_with("monthly check")
+            && repair.reason.contains("status active -> canceled"),
+        "{}",
+        repair.reason
+    );
+
+    // Matched now; and a file lacking globex names it as unknown to the provider.
+    let (code, out, _) = h.node.cli(&["reconcile", "--file", file]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("2 provider subscriptions checked, 0 differ"),
+        "{out}"
+    );
+    let only_acme = dir.path().join("acme.json");
+    std::fs::write(
+        &only_acme,
+        serde_json::json!([subscription_object("subscription_deleted")]).to_string(),
+    )
+    .unwrap();
+    let (code, out, _) = h
+        .node
+        .cli(&["reconcile", "--file", only_acme.to_str().unwrap()])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("known to Allot but not in the file: sub_1QhGlobexTrial1"),
+        "{out}"
+    );
+
+    // A file that does not map names the subscription and the field; nothing changes.
+    let mut bad = subscription_object("subscription_deleted");
+    bad["items"]["data"][0]["price"]["id"] = "price_unknown".into();
+    bad["items"]["data"][0]["price"]["product"] = "prod_unknown".into();
+    std::fs::write(&only_acme, serde_json::json!([bad]).to_string()).unwrap();
+    let (code, _, err) = h
+        .node
+        .cli(&[
+            "reconcile",
+            "--repair",
+            "--file",
+            only_acme.to_str().unwrap(),
+        ])
+        .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("state: data[0] (sub_1QhAcmePro0001)") && err.contains("price_unknown"),
+        "{err}"
+    );
+}

@@ -27,11 +27,14 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use meter::ledger::{snapshot, LedgerEntry, Source};
 use meter::lifecycle::Subscription;
-use meter::provider::{Outcome, ProviderEvent, SyncState, Verdict};
+use meter::provider::{
+    Change, Outcome, ProviderEvent, Snapshot, SnapshotReason, SyncState, Verdict,
+};
 use meter::status_machine::StatusMachine;
 use meter::store::{ControlStore, StoreError};
 use serde::{Deserialize, Serialize};
 
+use crate::engine::admin::Who;
 use crate::engine::{Engine, EngineError};
 
 /// How often a delivery re-reads after losing a compare-and-set before giving up (the
@@ -341,6 +344,273 @@ impl ProviderSync {
             applied: subscription.is_some(),
         }
     }
+}
+
+/// One field on which Allot and the provider disagree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Difference {
+    /// `status`, `plan`, `addons`, `trial_ends_at`, `cancel_at`, or `subscription` when
+    /// Allot has none.
+    pub field: &'static str,
+    /// Allot's value, in force now.
+    pub allot: String,
+    /// The provider's, as Allot's state machine takes it.
+    pub provider: String,
+}
+
+/// The drift of one provider subscription.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Drift {
+    /// The provider's subscription id.
+    pub object_id: String,
+    /// The tenant.
+    pub tenant: String,
+    /// Where they differ.
+    pub differences: Vec<Difference>,
+    /// Whether Allot was made to match.
+    pub repaired: bool,
+    /// Why it could not be, or what to know.
+    pub note: String,
+}
+
+/// What a reconciliation found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Reconciliation {
+    /// Provider subscriptions compared.
+    pub checked: usize,
+    /// Those that differ.
+    pub drift: Vec<Drift>,
+    /// Objects Allot has a sync state for that the provider's list lacks.
+    pub not_in_provider: Vec<String>,
+}
+
+impl ProviderSync {
+    /// Compares the provider's subscriptions as they are now with the tenants'
+    /// subscriptions in Allot and, with `repair`, makes Allot match where the state
+    /// machine allows. Each repair is recorded (`reconcile.repair`, by `who`); the
+    /// snapshot joins the object's sync state as an event at this instant, so later
+    /// webhooks fold over it.
+    pub async fn reconcile(
+        &self,
+        current: Vec<(String, Snapshot)>,
+        repair: bool,
+        who: &Who,
+    ) -> Result<Reconciliation, EngineError> {
+        let _serial = self.serial.lock().await;
+        let now = self.engine.now();
+        let mut out = Reconciliation {
+            checked: current.len(),
+            ..Default::default()
+        };
+        let listed: std::collections::BTreeSet<&str> =
+            current.iter().map(|(id, _)| id.as_str()).collect();
+        out.not_in_provider = self
+            .store()
+            .provider_objects(&self.provider)
+            .await?
+            .into_iter()
+            .filter(|o| !listed.contains(o.as_str()))
+            .collect();
+        for (object_id, snapshot) in &current {
+            if let Some(d) = self
+                .reconcile_one(object_id, snapshot, now, repair, who)
+                .await?
+            {
+                out.drift.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn reconcile_one(
+        &self,
+        object_id: &str,
+        snapshot: &Snapshot,
+        now: DateTime<Utc>,
+        repair: bool,
+        who: &Who,
+    ) -> Result<Option<Drift>, EngineError> {
+        let event = ProviderEvent {
+            id: format!("reconcile:{}", uuid()),
+            object_id: object_id.to_string(),
+            version: u64::try_from(now.timestamp()).unwrap_or_default(),
+            occurred_at: now,
+            change: Change::Snapshot {
+                reason: SnapshotReason::Updated,
+                snapshot: snapshot.clone(),
+            },
+        };
+        for _ in 0..MAX_ATTEMPTS {
+            let (revision, mut record) = self.record(object_id).await?;
+            let Some(revision) = self.settle_owed(object_id, revision, &mut record).await? else {
+                continue;
+            };
+            let outcome = record
+                .state
+                .apply(&self.machine, event.clone())
+                .map_err(|e| EngineError::Internal(e.to_string()))?;
+            let mut note = match &outcome.verdict {
+                Verdict::Rejected { why } => {
+                    format!("the provider's state cannot be applied: {why}")
+                }
+                _ => String::new(),
+            };
+            let stored = self.store().subscription(&snapshot.tenant).await?;
+            let Some(mut expected) = outcome.after.clone() else {
+                return Ok(None);
+            };
+            self.machine.advance(&mut expected, now);
+            if let Verdict::Rejected { .. } = outcome.verdict {
+                // The fold kept Allot's status: show what the provider says instead.
+                expected.status = snapshot.status;
+            }
+            let differences = differences(stored.as_ref(), &expected, &self.machine, now);
+            if differences.is_empty() {
+                return Ok(None);
+            }
+            let mut drift = Drift {
+                object_id: object_id.to_string(),
+                tenant: snapshot.tenant.clone(),
+                differences,
+                repaired: false,
+                note: String::new(),
+            };
+            if !repair || !note.is_empty() {
+                if !note.is_empty() {
+                    note.push_str("; change it by hand if the provider is right");
+                }
+                drift.note = note;
+                return Ok(Some(drift));
+            }
+            if !self.put(object_id, revision, &record).await? {
+                continue;
+            }
+            let repaired = repaired(stored.clone(), &expected, &drift.differences);
+            let list: Vec<String> = drift
+                .differences
+                .iter()
+                .map(|d| format!("{} {} -> {}", d.field, d.allot, d.provider))
+                .collect();
+            let entry = LedgerEntry {
+                id: format!("reconcile:{}", uuid()),
+                at: now,
+                tenant: snapshot.tenant.clone(),
+                source: who.source,
+                action: "reconcile.repair".into(),
+                actor: who.actor.clone(),
+                reason: format!(
+                    "{}: Allot differed from {} subscription {object_id}: {}",
+                    if who.reason.is_empty() {
+                        "reconciliation"
+                    } else {
+                        &who.reason
+                    },
+                    self.provider,
+                    list.join("; ")
+                ),
+                correlation_id: who.correlation_id.clone(),
+                before: stored
+                    .as_ref()
+                    .map(meter::ledger::snapshot)
+                    .unwrap_or_default(),
+                after: meter::ledger::snapshot(&repaired),
+                applied: true,
+            };
+            self.store().save_subscription(&repaired, &entry).await?;
+            self.engine.changed(&repaired.tenant);
+            drift.repaired = true;
+            return Ok(Some(drift));
+        }
+        Err(EngineError::Unavailable(format!(
+            "{} object {object_id}: deliveries kept changing it during reconciliation; try again",
+            self.provider
+        )))
+    }
+}
+
+fn show<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+/// Where the stored subscription, in force at `now`, differs from the provider's.
+fn differences(
+    stored: Option<&Subscription>,
+    expected: &Subscription,
+    machine: &StatusMachine,
+    now: DateTime<Utc>,
+) -> Vec<Difference> {
+    let Some(stored) = stored else {
+        return vec![Difference {
+            field: "subscription",
+            allot: "none".into(),
+            provider: format!("{} {}", expected.plan, expected.status.as_str()),
+        }];
+    };
+    let mut s = stored.clone();
+    machine.advance(&mut s, now);
+    let addons = |x: &Subscription| {
+        x.addons
+            .iter()
+            .map(|a| format!("{}:{}", a.code, a.quantity))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut out = Vec::new();
+    let mut differ = |field, allot: String, provider: String| {
+        if allot != provider {
+            out.push(Difference {
+                field,
+                allot,
+                provider,
+            });
+        }
+    };
+    differ(
+        "status",
+        s.status.as_str().into(),
+        expected.status.as_str().into(),
+    );
+    differ("plan", s.plan.to_string(), expected.plan.to_string());
+    differ("addons", addons(&s), addons(expected));
+    differ(
+        "trial_ends_at",
+        show(&s.trial_ends_at),
+        show(&expected.trial_ends_at),
+    );
+    differ("cancel_at", show(&s.cancel_at), show(&expected.cancel_at));
+    out
+}
+
+/// The stored subscription with the provider's value of each field that differs.
+fn repaired(
+    stored: Option<Subscription>,
+    expected: &Subscription,
+    differences: &[Difference],
+) -> Subscription {
+    let Some(mut sub) = stored else {
+        return expected.clone();
+    };
+    for d in differences {
+        match d.field {
+            "status" => {
+                sub.status = expected.status;
+                sub.status_since = expected.status_since;
+            }
+            "plan" => {
+                sub.plan = expected.plan.clone();
+                sub.plan_since = expected.plan_since;
+                sub.scheduled_change = expected.scheduled_change.clone();
+            }
+            "addons" => sub.addons = expected.addons.clone(),
+            "trial_ends_at" => {
+                sub.trial_ends_at = expected.trial_ends_at;
+                sub.post_trial_plan = expected.post_trial_plan.clone();
+            }
+            "cancel_at" => sub.cancel_at = expected.cancel_at,
+            _ => return expected.clone(),
+        }
+    }
+    sub
 }
 
 /// The verdict, and what a late event revised.
