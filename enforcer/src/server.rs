@@ -87,6 +87,8 @@ pub async fn run(
     cfg: &ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    // Before anything records a metric.
+    crate::metrics::handle();
     let backend = match &cfg.redis {
         Some(opts) => Backend::Redis(Box::new(RedisStore::connect(opts.clone()).await?)),
         None => Backend::Embedded(EmbeddedStore::open(&cfg.data_dir)?),
@@ -221,10 +223,14 @@ pub async fn run(
         engine.clone(),
         cfg.retention,
     )));
+    let shared_redis = match &backend {
+        Backend::Redis(s) => Some((**s).clone()),
+        Backend::Embedded(_) => None,
+    };
     tasks.push(tokio::spawn(sweep(
         engine.clone(),
         backend,
-        disk,
+        disk.clone(),
         health,
         Timing {
             every: cfg.sweep_interval,
@@ -259,7 +265,14 @@ pub async fn run(
                 source: e,
             })?;
         tracing::info!(%addr, stripe = stripe.is_some(), "serving HTTP");
-        let app = crate::webhook::http::router(stripe.clone());
+        let probe = Arc::new(crate::http::Probe {
+            engine: engine.clone(),
+            disk: disk.clone(),
+            shared: shared_store,
+            peers: peers.clone(),
+            redis: shared_redis,
+        });
+        let app = crate::http::router(probe, stripe.clone());
         tasks.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(http, app).await {
                 tracing::error!(error = %e, "HTTP listener stopped");
@@ -269,7 +282,11 @@ pub async fn run(
 
     let auth = auth_layer(cfg, &engine)?;
     let result = tonic::transport::Server::builder()
-        .layer(auth)
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(crate::metrics::RpcMetricsLayer)
+                .layer(auth),
+        )
         .add_service(health_service)
         .add_service(reflection)
         .add_service(EnforcerServer::new(EnforcerService::new(engine.clone())))
@@ -624,6 +641,8 @@ async fn sweep(
             .await
         {
             Ok(expired) if !expired.is_empty() => {
+                metrics::counter!(crate::metrics::RESERVATIONS_EXPIRED)
+                    .increment(expired.len() as u64);
                 tracing::info!(count = expired.len(), "reservations expired")
             }
             Ok(_) => {}

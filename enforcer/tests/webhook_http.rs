@@ -5,16 +5,10 @@
 
 mod harness;
 
-use std::time::Duration;
-
 use allot_proto::v1 as pb;
 use enforcer::webhook::stripe::sign;
 use harness::redis::RedisServer;
-use harness::Node;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use harness::{free_port, Node};
 
 const SECRET: &str = "whsec_test_allot_0123456789";
 
@@ -33,14 +27,6 @@ fn fixture(name: &str) -> Vec<u8> {
         env!("CARGO_MANIFEST_DIR")
     );
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn now() -> i64 {
@@ -76,29 +62,18 @@ async fn hooked(extra: &[&str]) -> Hooked {
 
 /// Posts a body with a signature header; returns the status and the JSON answer.
 async fn post(url: &str, body: &[u8], signature: &str) -> (u16, serde_json::Value) {
-    let client = Client::builder(TokioExecutor::new()).build_http();
-    let req = hyper::Request::post(url)
-        .header("content-type", "application/json")
-        .header("stripe-signature", signature)
-        .body(Full::new(Bytes::from(body.to_vec())))
-        .unwrap();
-    // The listener starts a moment after gRPC does.
-    let mut last = None;
-    for _ in 0..50 {
-        match client.request(req.clone()).await {
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-                let json = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                    serde_json::Value::String(String::from_utf8_lossy(&bytes).into())
-                });
-                return (status, json);
-            }
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{url} unreachable: {last:?}");
+    let (status, text) = harness::http(
+        "POST",
+        url,
+        &[
+            ("content-type", "application/json"),
+            ("stripe-signature", signature),
+        ],
+        body,
+    )
+    .await;
+    let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    (status, json)
 }
 
 /// Delivers a fixture as Stripe does now: signed with the current time.

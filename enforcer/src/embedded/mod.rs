@@ -136,6 +136,24 @@ impl EmbeddedStore {
         .await
     }
 
+    /// Reservations neither settled nor expired.
+    pub fn open_reservations(&self) -> usize {
+        self.lock().expiry.len()
+    }
+
+    /// Usage events in the spool (written, not yet acknowledged by an aggregator or
+    /// shipped to Redis).
+    pub fn spool_len(&self) -> Result<u64, StoreError> {
+        use redb::ReadableTableMetadata;
+        let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("spool: {e}"));
+        let txn = self.inner.db.begin_read().map_err(|e| corrupt(&e))?;
+        match txn.open_table(writer::definition(Table::Spool)) {
+            Ok(t) => t.len().map_err(|e| corrupt(&e)),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(e) => Err(corrupt(&e)),
+        }
+    }
+
     /// False once a disk write failed; the node then refuses writes until restarted.
     pub fn healthy(&self) -> bool {
         !self.inner.failed.load(std::sync::atomic::Ordering::Acquire)

@@ -249,6 +249,34 @@ impl RedisStore {
         self.opts.retention.as_millis().to_string()
     }
 
+    /// Whether Redis answers a PING within the command timeout (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let wait = self.opts.command_timeout;
+        match tokio::time::timeout(wait, self.client.ping::<String>(None)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "redis: no answer to PING within {wait:?}"
+            ))),
+        }
+    }
+
+    /// A script's name in metrics.
+    fn script_name(&self, s: &Script) -> &'static str {
+        let named = [
+            (&self.reserve, "reserve"),
+            (&self.settle, "settle"),
+            (&self.record, "record"),
+            (&self.usage, "usage"),
+            (&self.gcra, "gcra"),
+            (&self.ship, "ship"),
+        ];
+        named
+            .iter()
+            .find(|(script, _)| std::ptr::eq(*script, s))
+            .map_or("other", |(_, n)| n)
+    }
+
     /// Runs a script; `on_error` says what a failure means (a write's outcome is unknown,
     /// a read simply failed).
     async fn eval(
@@ -258,10 +286,15 @@ impl RedisStore {
         args: Vec<String>,
         on_error: fn(Error) -> StoreError,
     ) -> Result<Vec<String>, StoreError> {
-        let v: Value = script
-            .evalsha_with_reload(&self.client, keys, args)
-            .await
-            .map_err(on_error)?;
+        let name = self.script_name(script);
+        let started = std::time::Instant::now();
+        let v = script.evalsha_with_reload(&self.client, keys, args).await;
+        metrics::histogram!(crate::metrics::REDIS_SECONDS, "script" => name)
+            .record(started.elapsed().as_secs_f64());
+        let v: Value = v.map_err(|e| {
+            metrics::counter!(crate::metrics::REDIS_ERRORS, "script" => name).increment(1);
+            on_error(e)
+        })?;
         strings(v)
     }
 

@@ -66,7 +66,13 @@ fn failed(e: EngineError) -> Response {
     answer(status, serde_json::json!({ "error": e.to_string() }))
 }
 
+fn counted(verdict: &'static str) {
+    metrics::counter!(crate::metrics::WEBHOOKS, "provider" => "stripe", "verdict" => verdict)
+        .increment(1);
+}
+
 fn reported(r: &Report) -> Response {
+    counted(r.verdict);
     tracing::info!(
         event = %r.event_id, object = %r.object_id, tenant = r.tenant.as_deref().unwrap_or(""),
         verdict = r.verdict, changed = r.changed, reason = %r.reason, "stripe event"
@@ -100,6 +106,11 @@ async fn stripe_delivery(
                 WebhookError::Signature(_) => (StatusCode::BAD_REQUEST, "stripe.refused"),
                 WebhookError::Parse(_) => (StatusCode::INTERNAL_SERVER_ERROR, "stripe.unreadable"),
             };
+            counted(if status == StatusCode::BAD_REQUEST {
+                "refused"
+            } else {
+                "unreadable"
+            });
             tracing::warn!(error = %e, "stripe delivery refused");
             // Unverified deliveries name no tenant we could trust: recorded provider-wide.
             let id = format!("stripe:{}:{}", action, uuid::Uuid::now_v7().simple());
@@ -115,6 +126,7 @@ async fn stripe_delivery(
     };
     match parsed {
         Parsed::Ignored(i) => {
+            counted("ignored");
             tracing::info!(event = %i.event_id, kind = %i.event_type, reason = %i.reason, "stripe event ignored");
             let reason = format!(
                 "{}: {}; acknowledged, nothing changed",
