@@ -22,6 +22,9 @@ pub enum AggregateError {
     /// reached at start.
     #[error("event source: {0}")]
     Source(#[from] SourceError),
+    /// The HTTP listener could not start.
+    #[error("{0}")]
+    Http(String),
 }
 
 /// What went wrong with ClickHouse.

@@ -18,6 +18,7 @@
 
 pub mod billing;
 pub mod error;
+pub mod metrics;
 pub mod options;
 pub mod queries;
 pub mod row;
@@ -56,6 +57,11 @@ pub async fn run(
     tokio::pin!(shutdown);
     let cfg = opts.clickhouse();
     let sink = ClickHouse::new(&cfg);
+    if let Some(addr) = opts.http_listen {
+        metrics::serve(addr, sink.clone())
+            .await
+            .map_err(|e| AggregateError::Http(format!("--http-listen {addr}: {e}")))?;
+    }
     let mut backoff = Backoff::new(opts.retry_min, opts.retry_max);
     loop {
         let attempt = async {
@@ -187,8 +193,12 @@ pub async fn consume(
             }
         }
         let live = match source.heartbeat().await {
-            Ok(n) => n,
+            Ok(n) => {
+                metrics::SOURCE_UP.store(true, Ordering::Relaxed);
+                n
+            }
             Err(e) => {
+                metrics::SOURCE_UP.store(false, Ordering::Relaxed);
                 tracing::warn!(error = %e, "heartbeat failed");
                 continue;
             }
@@ -242,6 +252,8 @@ pub async fn consume(
                 }
             }
         }
+        let held = running.values().filter(|r| !r.stopping).count();
+        ::metrics::gauge!(metrics::PARTITIONS).set(held as f64);
     }
     tracing::info!(partitions = running.len(), "aggregator stopping");
     for r in running.values() {

@@ -65,6 +65,8 @@ pub struct AggregateOptions {
     /// their entries are acknowledged.
     #[doc(hidden)]
     pub exit_after_inserts: Option<u64>,
+    /// Serve `/metrics`, `/healthz` and `/readyz` here.
+    pub http_listen: Option<std::net::SocketAddr>,
 }
 
 /// The ClickHouse database events go to unless told otherwise.
@@ -92,6 +94,7 @@ impl AggregateOptions {
             retry_max: DEFAULT_RETRY_MAX,
             keep_acknowledged: false,
             exit_after_inserts: None,
+            http_listen: None,
         }
     }
 
@@ -275,6 +278,10 @@ pub struct AggregateArgs {
     /// Test failpoint: abort right after N inserts, before acknowledging them.
     #[arg(long, hide = true)]
     pub exit_after_insert: Option<u64>,
+    /// Serve Prometheus metrics (`/metrics`), liveness (`/healthz`) and readiness
+    /// (`/readyz`: ClickHouse and the source answer) over HTTP here; off unless set.
+    #[arg(long, env = "ALLOT_AGGREGATOR_HTTP_LISTEN")]
+    pub http_listen: Option<std::net::SocketAddr>,
     /// The API token for the nodes' Spool service (scope `spool`): the `allot` binary's
     /// global `--token` / ALLOT_TOKEN.
     #[arg(skip)]
@@ -308,6 +315,7 @@ impl AggregateArgs {
         o.retry_max = self.retry_max;
         o.keep_acknowledged = self.keep_acknowledged;
         o.exit_after_inserts = self.exit_after_insert;
+        o.http_listen = self.http_listen;
         o
     }
 }

@@ -97,6 +97,13 @@ impl ClickHouse {
         .await
     }
 
+    /// Whether ClickHouse answers a query (readiness).
+    pub async fn ping(&self) -> Result<(), SinkError> {
+        self.bounded("ping", self.client.query("SELECT 1").fetch_one::<u8>())
+            .await
+            .map(|_| ())
+    }
+
     /// Inserts `rows` as one INSERT under `query_id` (so that [`ClickHouse::fence`] can
     /// stop it if its answer is lost). The caller keeps them to one month, so that they
     /// make one part: the whole insert lands or none of it.
@@ -113,7 +120,15 @@ impl ClickHouse {
             }
             insert.end().await
         };
-        self.bounded("insert", run).await
+        let started = std::time::Instant::now();
+        let result = self.bounded("insert", run).await;
+        let outcome = if result.is_ok() { "ok" } else { "failed" };
+        metrics::histogram!(crate::metrics::INSERT_SECONDS, "result" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        if result.is_ok() {
+            metrics::counter!(crate::metrics::ROWS_INSERTED).increment(rows.len() as u64);
+        }
+        result
     }
 
     /// Inserts `rows` into `table` as one INSERT.

@@ -217,6 +217,10 @@ impl Worker<'_> {
                 if let Err(e) = self.claim.trim().await {
                     tracing::warn!(partition = %self.name, error = %e, "trimming acknowledged entries failed");
                 }
+                if let Some(n) = self.claim.backlog().await {
+                    metrics::gauge!(crate::metrics::BACKLOG, "partition" => self.name.clone())
+                        .set(n as f64);
+                }
                 continue;
             }
             if got == 0 {
@@ -290,6 +294,7 @@ impl Worker<'_> {
             match self.claim.dead_letter(entry, error).await {
                 Ok(()) => {
                     self.ctx.stats.dead.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(crate::metrics::DEAD_LETTERS).increment(1);
                     tracing::error!(partition = %self.name, entry = %entry.id, error, "entry moved to the dead letters");
                     return Ok(());
                 }

@@ -145,9 +145,12 @@ async fn usage_through_a_node_reaches_the_monthly_rollup_exactly() {
     assert!(!r.recorded);
     denials += 1;
 
+    let metrics_port = harness::free_port();
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}");
     let mut aggregator = tokio::process::Command::new(env!("CARGO_BIN_EXE_allot"))
         .args(["aggregate", "--clickhouse", &ch.url, "--redis", &redis.url])
         .args(["--database", "allot", "--batch-interval", "200ms"])
+        .args(["--http-listen", &format!("127.0.0.1:{metrics_port}")])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true)
@@ -156,6 +159,47 @@ async fn usage_through_a_node_reaches_the_monthly_rollup_exactly() {
 
     wait_rollup(&ch, &ledger).await;
     let client = ch.client("allot");
+
+    // The aggregator's metrics count what it wrote (the denial may land a batch after
+    // the rollup is complete: compare once both agree, or when the attempts run out),
+    // and it says it is ready.
+    let series = |scrape: &str, name: &str| -> f64 {
+        scrape
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    let mut seen = (0.0, 0u64, String::new());
+    for _ in 0..100 {
+        let stored: u64 = client
+            .query("SELECT count() FROM usage_events")
+            .fetch_one()
+            .await
+            .unwrap();
+        let (status, scrape) =
+            harness::http("GET", &format!("{metrics_url}/metrics"), &[], b"").await;
+        assert_eq!(status, 200);
+        seen = (
+            series(&scrape, "allot_aggregator_rows_inserted_total"),
+            stored,
+            scrape,
+        );
+        let backlog = series(&seen.2, "allot_aggregator_backlog_events");
+        if seen.0 == seen.1 as f64 && backlog == 0.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (inserted, stored, scrape) = seen;
+    assert_eq!(inserted, stored as f64, "{scrape}");
+    assert_eq!(series(&scrape, "allot_aggregator_backlog_events"), 0.0);
+    assert!(series(&scrape, "allot_aggregator_partitions_held") >= 1.0);
+    assert!(series(&scrape, "allot_aggregator_insert_duration_seconds_count") >= 1.0);
+    assert_eq!(series(&scrape, "allot_aggregator_dead_letters_total"), 0.0);
+    let (status, body) = harness::http("GET", &format!("{metrics_url}/readyz"), &[], b"").await;
+    assert_eq!(status, 200, "{body}");
+
     let (events, unique) = usage_rows(&ch).await;
     assert_eq!(events, unique, "no event twice");
     assert_eq!(events, 60 * 2 * 3, "every commit and record");

@@ -80,6 +80,12 @@ pub trait Claim: Send {
     /// batch, when every entry handed out is acknowledged). Nothing else depends on it.
     async fn trim(&mut self) -> Result<(), SourceError>;
 
+    /// Entries the source holds for this partition (after a trim: those not yet
+    /// acknowledged), when it can tell cheaply; for the backlog metric.
+    async fn backlog(&mut self) -> Option<u64> {
+        None
+    }
+
     /// Moves an entry aside with `error` (its fields kept) and acknowledges it, in one
     /// step.
     async fn dead_letter(&mut self, entry: &Entry, error: &str) -> Result<(), SourceError>;

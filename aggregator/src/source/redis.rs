@@ -498,6 +498,19 @@ impl Claim for RedisClaim {
         Ok(())
     }
 
+    async fn backlog(&mut self) -> Option<u64> {
+        // Without trimming the stream holds acknowledged entries too: no cheap answer.
+        if !self.trim {
+            return None;
+        }
+        let len: u64 = self.client.xlen(self.stream.clone()).await.ok()?;
+        // Trimming keeps the last entry handed out (acknowledged).
+        let kept = match &self.cursor {
+            Cursor::Pending(last) | Cursor::New { last } => u64::from(last != "0"),
+        };
+        Some(len.saturating_sub(kept))
+    }
+
     async fn dead_letter(&mut self, entry: &Entry, error: &str) -> Result<(), SourceError> {
         let mut args = vec![
             self.me.clone(),
