@@ -91,6 +91,7 @@ pub async fn run(
             &opts.aggregator_id,
             opts.lease_ttl,
             opts.spool_token.as_deref(),
+            opts.spool_tls.as_ref(),
             sink.clone(),
         )?;
         return consume(

@@ -105,6 +105,11 @@ pub async fn run(
             .with_token(t)
             .map_err(crate::engine::EngineError::Internal)?;
     }
+    if let Some(tls) = &cfg.tls {
+        // Nodes of one cluster either all serve TLS or none does: peers are dialed the way
+        // this node is served.
+        peers = peers.with_tls(tls.peer.clone());
+    }
     let peers = Arc::new(peers);
     let (usage, control): (Arc<dyn UsageStore>, Arc<dyn ControlStore>) = match &backend {
         Backend::Embedded(s) => (Arc::new(s.clone()), Arc::new(s.clone())),
@@ -229,7 +234,12 @@ pub async fn run(
         .map_err(|e| crate::engine::EngineError::Internal(format!("reflection: {e}")))?;
 
     let auth = auth_layer(cfg, &engine)?;
-    let result = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &cfg.tls {
+        server = server.tls_config(tls.server.clone())?;
+        tracing::info!(mutual = tls.mutual, "serving grpc over tls");
+    }
+    let result = server
         .layer(auth)
         .add_service(health_service)
         .add_service(reflection)

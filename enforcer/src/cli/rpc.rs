@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::{InterceptedService, Interceptor};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
 /// Long enough for a loaded node, short enough that a wrong address fails promptly.
@@ -56,24 +56,53 @@ fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// Connects to the node at `endpoint` (`http://host:port`; a bare `host:port` means http).
+/// Connects to the node at `endpoint` (`http://host:port` or `https://host:port`; a bare
+/// `host:port` means https when `tls` is given, else http). An https endpoint without `tls`
+/// trusts the system's root certificates.
 ///
 /// Connects eagerly, so that an unreachable node is reported as such rather than as the
 /// `unavailable` status of whichever call happens to come first.
-pub async fn connect(endpoint: &str, token: Option<&str>) -> anyhow::Result<Conn> {
+pub async fn connect(
+    endpoint: &str,
+    token: Option<&str>,
+    tls: Option<ClientTlsConfig>,
+) -> anyhow::Result<Conn> {
     let uri = if endpoint.contains("://") {
         endpoint.to_string()
+    } else if tls.is_some() {
+        format!("https://{endpoint}")
     } else {
         format!("http://{endpoint}")
     };
-    let target = Endpoint::from_shared(uri.clone())
+    let mut target = Endpoint::from_shared(uri.clone())
         .map_err(|e| fail(format!("invalid endpoint {endpoint:?}: {}", chain(&e))))?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(REQUEST_TIMEOUT);
+    let https = uri.starts_with("https://");
+    match tls {
+        Some(_) if !https => {
+            return Err(fail(format!(
+                "--tls-* options given but the endpoint {uri} is not https://"
+            )))
+        }
+        Some(tls) => target = target.tls_config(tls).map_err(|e| fail(chain(&e)))?,
+        None if https => {
+            target = target
+                .tls_config(ClientTlsConfig::new().with_native_roots())
+                .map_err(|e| {
+                    fail(format!(
+                        "{uri}: cannot load the system's root certificates ({}); pass the node's CA with --tls-ca",
+                        chain(&e)
+                    ))
+                })?
+        }
+        None => {}
+    }
     let channel = target.connect().await.map_err(|e| {
+        let why = chain(&e);
         fail(format!(
-            "cannot reach allot node at {uri}: {}; is `allot serve` running?",
-            chain(&e)
+            "cannot reach allot node at {uri}: {why}; {}",
+            tls_hint(&why, https)
         ))
     })?;
     let bearer = match token {
@@ -85,6 +114,19 @@ pub async fn connect(endpoint: &str, token: Option<&str>) -> anyhow::Result<Conn
         None => None,
     };
     Ok(InterceptedService::new(channel, Bearer(bearer)))
+}
+
+/// What to try after a failed connection, from what failed.
+fn tls_hint(why: &str, https: bool) -> &'static str {
+    if why.contains("UnknownIssuer") || why.contains("invalid peer certificate") {
+        "is the node's certificate signed by the CA given with --tls-ca (ALLOT_TLS_CA)?"
+    } else if why.contains("NotValidForName") {
+        "the node's certificate does not name the endpoint's host: connect by a name it has"
+    } else if !https && (why.contains("connection closed") || why.contains("protocol")) {
+        "does the node serve TLS? then use https:// and --tls-ca"
+    } else {
+        "is `allot serve` running?"
+    }
 }
 
 /// A connection to a node that sends the API token with every call.
@@ -142,7 +184,10 @@ mod tests {
     #[tokio::test]
     async fn unreachable_nodes_are_named() {
         // Port 1 on localhost: nothing listens there, so the connection is refused at once.
-        let e = connect("127.0.0.1:1", None).await.unwrap_err().to_string();
+        let e = connect("127.0.0.1:1", None, None)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("error: cannot reach allot node at http://127.0.0.1:1: "),
             "{e}"
@@ -152,7 +197,7 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_endpoints_are_refused() {
-        let e = connect("http://exa mple", None)
+        let e = connect("http://exa mple", None, None)
             .await
             .unwrap_err()
             .to_string();
