@@ -424,6 +424,8 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// the first call), its causes.
 fn status_text(s: &Status) -> String {
     match std::error::Error::source(s) {
+        // tonic's message repeats the first cause's ("transport error").
+        Some(cause) if cause.to_string() == s.message() => error_chain(cause),
         Some(cause) => format!("{}: {}", s.message(), error_chain(cause)),
         None => s.message().to_string(),
     }

@@ -23,13 +23,19 @@ pub fn fail(msg: impl Display) -> anyhow::Error {
     anyhow!("error: {msg}")
 }
 
-/// A gRPC status as `error: <code>: <message>`.
+/// A gRPC status as `error: <code>: <message>`; a failure of the connection rather than
+/// an answer of the node adds its causes (tonic's message says only "transport error").
 pub fn status_error(status: Status) -> anyhow::Error {
     let code = code_name(status.code());
-    if status.message().is_empty() {
+    let message = match std::error::Error::source(&status) {
+        Some(cause) if status.message().is_empty() => chain(cause),
+        Some(cause) => format!("{}: {}", status.message(), chain(cause)),
+        None => status.message().to_string(),
+    };
+    if message.is_empty() {
         fail(code)
     } else {
-        fail(format!("{code}: {}", status.message()))
+        fail(format!("{code}: {message}"))
     }
 }
 
@@ -98,13 +104,29 @@ pub async fn connect(
         }
         None => {}
     }
-    let channel = target.connect().await.map_err(|e| {
-        let why = chain(&e);
+    let unreachable = |why: String| {
         fail(format!(
             "cannot reach allot node at {uri}: {why}; {}",
             tls_hint(&why, https)
         ))
-    })?;
+    };
+    let channel = target
+        .connect()
+        .await
+        .map_err(|e| unreachable(chain(&e)))?;
+    // A TCP connection (and, in TLS 1.3, the client's side of the handshake) does not
+    // mean the node talks to us: a TLS node hangs up on plain text, and one that wants a
+    // client certificate says so only after the handshake. One health check (no token
+    // needed) surfaces either here, named as such, rather than as a bare "transport error"
+    // of the first real call. Any answer from the node itself means it is reachable.
+    let probe = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await;
+    if let Err(status) = probe {
+        if let Some(cause) = std::error::Error::source(&status) {
+            return Err(unreachable(chain(cause)));
+        }
+    }
     let bearer = match token {
         Some(t) => Some(
             format!("Bearer {}", t.trim())
@@ -122,8 +144,17 @@ fn tls_hint(why: &str, https: bool) -> &'static str {
         "is the node's certificate signed by the CA given with --tls-ca (ALLOT_TLS_CA)?"
     } else if why.contains("NotValidForName") {
         "the node's certificate does not name the endpoint's host: connect by a name it has"
-    } else if !https && (why.contains("connection closed") || why.contains("protocol")) {
-        "does the node serve TLS? then use https:// and --tls-ca"
+    } else if !https && (why.contains("http2 error") || why.contains("connection closed")) {
+        // A TLS node answers plain text with a TLS alert, which HTTP/2 reads as a bad frame.
+        "does the node serve TLS? then use https:// (and --tls-ca)"
+    } else if https
+        && (why.contains("connection closed")
+            || why.contains("CertificateRequired")
+            || why.contains("UnknownCA")
+            || why.contains("BadCertificate"))
+    {
+        // In TLS 1.3 a refused client certificate may show only as the node hanging up.
+        "does the node require a client certificate (--tls-client-cert, --tls-client-key) signed by its --tls-client-ca?"
     } else {
         "is `allot serve` running?"
     }
