@@ -702,6 +702,34 @@ mod tests {
                 },
                 "peer_timeout:",
             ),
+            (
+                ServeArgs {
+                    tls_client_ca: Some("ca.pem".into()),
+                    ..Default::default()
+                },
+                "tls_client_ca:",
+            ),
+            (
+                ServeArgs {
+                    tls_peer_ca: Some("ca.pem".into()),
+                    ..Default::default()
+                },
+                "tls_peer_ca:",
+            ),
+            (
+                ServeArgs {
+                    tls_key: Some("node.key".into()),
+                    ..Default::default()
+                },
+                "tls_key:",
+            ),
+            (
+                ServeArgs {
+                    tls_cert: Some("node.pem".into()),
+                    ..Default::default()
+                },
+                "tls_key:",
+            ),
         ] {
             let err = args.resolve().unwrap_err();
             assert!(err.to_string().starts_with(field), "{err}");

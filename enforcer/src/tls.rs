@@ -170,8 +170,8 @@ fn certificates(file: &Pem, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>
 /// A certificate chain and its key, checked to belong together.
 fn identity(cert: &Pem, key: &Pem) -> Result<Identity, TlsError> {
     let cert_pem = read(cert)?;
-    let key_pem = read(key)?;
     let chain = certificates(cert, &cert_pem)?;
+    let key_pem = read(key)?;
     let der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
         pem::Error::NoItemsFound => TlsError::Missing {
             flag: key.flag,

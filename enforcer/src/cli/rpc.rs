@@ -110,10 +110,7 @@ pub async fn connect(
             tls_hint(&why, https)
         ))
     };
-    let channel = target
-        .connect()
-        .await
-        .map_err(|e| unreachable(chain(&e)))?;
+    let channel = target.connect().await.map_err(|e| unreachable(chain(&e)))?;
     // A TCP connection (and, in TLS 1.3, the client's side of the handshake) does not
     // mean the node talks to us: a TLS node hangs up on plain text, and one that wants a
     // client certificate says so only after the handshake. One health check (no token
