@@ -44,7 +44,7 @@ pub struct AggregateOptions {
     pub spool_token: Option<String>,
     /// TLS towards `https://` spool nodes: the CA to trust and any client certificate.
     /// `None`: an https node's certificate is checked against the system's roots.
-    pub spool_tls: Option<tonic::transport::ClientTlsConfig>,
+    pub spool_tls: Option<SpoolTls>,
     /// This aggregator's name in leases (unique among running aggregators).
     pub aggregator_id: String,
     /// Rows per insert at most.
@@ -287,7 +287,18 @@ pub struct AggregateArgs {
     /// TLS towards https:// spool nodes: the `allot` binary's global --tls-ca,
     /// --tls-client-cert and --tls-client-key, already read and checked.
     #[arg(skip)]
-    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    pub tls: Option<SpoolTls>,
+}
+
+/// TLS settings for dialing spool nodes. A wrapper only so that printing the options
+/// cannot print a private key, as tonic's `Identity` would.
+#[derive(Clone)]
+pub struct SpoolTls(pub tonic::transport::ClientTlsConfig);
+
+impl std::fmt::Debug for SpoolTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SpoolTls(..)")
+    }
 }
 
 impl AggregateArgs {

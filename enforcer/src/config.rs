@@ -258,7 +258,7 @@ pub struct ServeConfig {
 }
 
 /// A node serving TLS.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NodeTls {
     /// What the gRPC server presents and, with mTLS, requires.
     pub server: tonic::transport::ServerTlsConfig,
@@ -267,6 +267,15 @@ pub struct NodeTls {
     pub peer: tonic::transport::ClientTlsConfig,
     /// Whether clients must present a certificate.
     pub mutual: bool,
+}
+
+/// Written by hand: tonic's `Identity` prints its private key.
+impl std::fmt::Debug for NodeTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeTls")
+            .field("mutual", &self.mutual)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How a node exchanges soft-limit counters.
