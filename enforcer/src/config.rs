@@ -24,7 +24,8 @@ pub struct ServeArgs {
     /// redis_wait_timeout, backend_deadline, node_id, advertise, peers (a list),
     /// sync_interval, peer_timeout, soft_grace, rls_domain, max_lateness, clickhouse,
     /// clickhouse_database, clickhouse_user, clickhouse_password, tokens,
-    /// insecure_no_auth, peer_token, tls_cert, tls_key, tls_client_ca, tls_peer_ca).
+    /// insecure_no_auth, peer_token, http_listen, stripe_config, tls_cert, tls_key,
+    /// tls_client_ca, tls_peer_ca).
     /// Unknown keys are refused.
     #[arg(long, env = "ALLOT_CONFIG")]
     pub config: Option<PathBuf>,
@@ -147,6 +148,14 @@ pub struct ServeArgs {
     /// checks when it dials them. [default: --tls-client-ca, else the system's roots]
     #[arg(long, env = "ALLOT_TLS_PEER_CA", value_name = "PEM")]
     pub tls_peer_ca: Option<PathBuf>,
+    /// Serve HTTP here (billing-provider webhooks at `/webhooks/<provider>`); off unless
+    /// set.
+    #[arg(long, env = "ALLOT_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// The Stripe webhook configuration (TOML: signing secret, tolerance, price → plan
+    /// mapping; see docs/webhooks.md); enables `POST /webhooks/stripe` on --http-listen.
+    #[arg(long, env = "ALLOT_STRIPE_CONFIG")]
+    pub stripe_config: Option<PathBuf>,
 }
 
 /// Log output format.
@@ -205,6 +214,8 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
     tls_peer_ca: Option<PathBuf>,
+    http_listen: Option<SocketAddr>,
+    stripe_config: Option<PathBuf>,
 }
 
 mod humantime_serde_opt {
@@ -252,6 +263,10 @@ pub struct ServeConfig {
     pub tokens: Option<PathBuf>,
     /// The token presented to peers.
     pub peer_token: Option<String>,
+    /// Where HTTP (webhooks) is served, if anywhere.
+    pub http_listen: Option<SocketAddr>,
+    /// The Stripe webhook configuration file.
+    pub stripe_config: Option<PathBuf>,
     /// TLS, when the node serves it; the PEM files are read and checked while the
     /// configuration is built, so a bad one stops the node before it listens.
     pub tls: Option<NodeTls>,
@@ -402,6 +417,8 @@ impl ServeArgs {
             tokens: None,
             tls: None,
             peer_token: self.peer_token.clone().or(file.peer_token),
+            http_listen: self.http_listen.or(file.http_listen),
+            stripe_config: self.stripe_config.clone().or(file.stripe_config),
             clickhouse: self.clickhouse.clone().or(file.clickhouse).map(|url| {
                 aggregator::sink::ClickHouseConfig {
                     url,
@@ -467,6 +484,12 @@ impl ServeArgs {
             tls,
             ..cfg
         };
+        if cfg.stripe_config.is_some() && cfg.http_listen.is_none() {
+            return Err(ConfigError::Invalid {
+                field: "stripe_config",
+                reason: "Stripe delivers over HTTP: set --http-listen too".into(),
+            });
+        }
         if cfg.sweep_interval.is_zero() {
             return Err(ConfigError::Invalid {
                 field: "sweep_interval",
