@@ -220,7 +220,10 @@ async fn a_tls_node_answers_clients_that_trust_its_ca_and_no_one_else() {
         .await;
     assert_ne!(r.0, OK, "{r:?}");
     assert!(r.2.contains(&plain), "{r:?}");
-    assert!(r.2.contains("then use https://"), "{r:?}");
+    assert!(
+        r.2.contains("if it serves TLS, did you use https://"),
+        "{r:?}"
+    );
     assert!(!r.1.contains("free@1"), "{r:?}");
 
     // TLS options with an http:// endpoint are a mistake, said so.
@@ -483,9 +486,12 @@ async fn a_peer_without_a_certificate_from_the_ca_is_not_heard() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Refused in the handshake: a does not know the intruder's CA.
+    // Refused in the handshake: a does not know the intruder's CA. In TLS 1.3 the
+    // intruder learns it as an alert or as a closed connection, whichever it reads first.
     assert!(
-        error.contains("UnknownCA") || error.contains("connection closed"),
+        ["UnknownCA", "closed", "broken pipe", "reset"]
+            .iter()
+            .any(|w| error.contains(w)),
         "the intruder's push fails on its certificate: {error:?}"
     );
     let p = a

@@ -137,23 +137,26 @@ pub async fn connect(
 
 /// What to try after a failed connection, from what failed.
 fn tls_hint(why: &str, https: bool) -> &'static str {
-    if why.contains("UnknownIssuer") || why.contains("invalid peer certificate") {
-        "is the node's certificate signed by the CA given with --tls-ca (ALLOT_TLS_CA)?"
-    } else if why.contains("NotValidForName") {
+    let lower = why.to_lowercase();
+    if why.contains("NotValidForName") || lower.contains("not valid for name") {
         "the node's certificate does not name the endpoint's host: connect by a name it has"
-    } else if !https && (why.contains("http2 error") || why.contains("connection closed")) {
-        // A TLS node answers plain text with a TLS alert, which HTTP/2 reads as a bad frame.
-        "does the node serve TLS? then use https:// (and --tls-ca)"
-    } else if https
-        && (why.contains("connection closed")
-            || why.contains("CertificateRequired")
-            || why.contains("UnknownCA")
-            || why.contains("BadCertificate"))
+    } else if why.contains("UnknownIssuer") || why.contains("invalid peer certificate") {
+        "is the node's certificate signed by the CA given with --tls-ca (ALLOT_TLS_CA)?"
+    } else if lower.contains("refused")
+        || lower.contains("dns error")
+        || lower.contains("timed out")
+        || lower.contains("deadline")
     {
-        // In TLS 1.3 a refused client certificate may show only as the node hanging up.
+        "is `allot serve` running?"
+    } else if https {
+        // The TCP connection was made and the node's certificate trusted, yet the node
+        // hung up: in TLS 1.3 a refused client certificate shows only this way, as an
+        // alert, a closed connection or a broken pipe, whichever the client sees first.
         "does the node require a client certificate (--tls-client-cert, --tls-client-key) signed by its --tls-client-ca?"
     } else {
-        "is `allot serve` running?"
+        // A TLS node answers plain text with an alert, which HTTP/2 reads as a bad frame,
+        // or just hangs up.
+        "is `allot serve` running, and if it serves TLS, did you use https:// (and --tls-ca)?"
     }
 }
 
@@ -221,6 +224,23 @@ mod tests {
             "{e}"
         );
         assert!(e.ends_with("is `allot serve` running?"), "{e}");
+    }
+
+    #[test]
+    fn failed_connections_get_the_hint_that_fits() {
+        let hint = |why| tls_hint(why, true);
+        assert!(hint("invalid peer certificate: UnknownIssuer").contains("--tls-ca"));
+        assert!(hint("invalid peer certificate: NotValidForName").contains("name"));
+        // However a refused client certificate reaches the client, the hint is the same.
+        for why in [
+            "connection error: received fatal alert: CertificateRequired",
+            "operation was canceled: connection closed",
+            "connection error: stream closed because of a broken pipe",
+        ] {
+            assert!(hint(why).contains("--tls-client-cert"), "{why}");
+        }
+        assert!(hint("tcp connect error: Connection refused (os error 111)").ends_with("running?"));
+        assert!(tls_hint("http2 error: frame with invalid size", false).contains("https://"));
     }
 
     #[tokio::test]
