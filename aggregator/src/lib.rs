@@ -97,6 +97,7 @@ pub async fn run(
             &opts.aggregator_id,
             opts.lease_ttl,
             opts.spool_token.as_deref(),
+            opts.spool_tls.as_ref().map(|t| &t.0),
             sink.clone(),
         )?;
         return consume(

@@ -42,6 +42,9 @@ pub struct AggregateOptions {
     pub spool: Vec<String>,
     /// The API token presented to the nodes' Spool service (scope `spool`).
     pub spool_token: Option<String>,
+    /// TLS towards `https://` spool nodes: the CA to trust and any client certificate.
+    /// `None`: an https node's certificate is checked against the system's roots.
+    pub spool_tls: Option<SpoolTls>,
     /// This aggregator's name in leases (unique among running aggregators).
     pub aggregator_id: String,
     /// Rows per insert at most.
@@ -85,6 +88,7 @@ impl AggregateOptions {
             redis_url: redis_url.to_string(),
             spool: Vec::new(),
             spool_token: None,
+            spool_tls: None,
             aggregator_id: default_id(),
             batch_size: DEFAULT_BATCH_SIZE,
             batch_interval: DEFAULT_BATCH_INTERVAL,
@@ -240,7 +244,8 @@ pub struct AggregateArgs {
     #[arg(long, env = "ALLOT_REDIS")]
     pub redis: Option<String>,
     /// An embedded node (allot serve without --redis) whose spool to read, as its gRPC
-    /// endpoint http://host:port; repeat for each node (one partition each; ALLOT_SPOOL
+    /// endpoint http://host:port (https:// for a node serving TLS: see the global --tls-ca,
+    /// --tls-client-cert, --tls-client-key); repeat for each node (one partition each; ALLOT_SPOOL
     /// takes a comma-separated list). Give each node the same endpoint every time: it names
     /// the node's rows in ClickHouse (src spool:host:port). Exactly one of --redis and
     /// --spool.
@@ -286,6 +291,21 @@ pub struct AggregateArgs {
     /// global `--token` / ALLOT_TOKEN.
     #[arg(skip)]
     pub token: Option<String>,
+    /// TLS towards https:// spool nodes: the `allot` binary's global --tls-ca,
+    /// --tls-client-cert and --tls-client-key, already read and checked.
+    #[arg(skip)]
+    pub tls: Option<SpoolTls>,
+}
+
+/// TLS settings for dialing spool nodes. A wrapper only so that printing the options
+/// cannot print a private key, as tonic's `Identity` would.
+#[derive(Clone)]
+pub struct SpoolTls(pub tonic::transport::ClientTlsConfig);
+
+impl std::fmt::Debug for SpoolTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SpoolTls(..)")
+    }
 }
 
 impl AggregateArgs {
@@ -300,6 +320,7 @@ impl AggregateArgs {
         }
         o.database = self.database.clone();
         o.spool_token = self.token.clone();
+        o.spool_tls = self.tls.clone();
         o.user = self.clickhouse_user.clone();
         o.password = self.clickhouse_password.clone();
         if let Some(id) = &self.id {

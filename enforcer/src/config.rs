@@ -24,7 +24,9 @@ pub struct ServeArgs {
     /// redis_wait_timeout, backend_deadline, node_id, advertise, peers (a list),
     /// sync_interval, peer_timeout, soft_grace, rls_domain, max_lateness, clickhouse,
     /// clickhouse_database, clickhouse_user, clickhouse_password, tokens,
-    /// insecure_no_auth, peer_token). Unknown keys are refused.
+    /// insecure_no_auth, peer_token, http_listen, stripe_config, tls_cert, tls_key,
+    /// tls_client_ca, tls_peer_ca).
+    /// Unknown keys are refused.
     #[arg(long, env = "ALLOT_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to serve gRPC on; port 0 picks a free one. [default: 127.0.0.1:7411]
@@ -129,6 +131,23 @@ pub struct ServeArgs {
     /// The token this node presents to its peers (scope `peer`).
     #[arg(long, env = "ALLOT_PEER_TOKEN", hide_env_values = true)]
     pub peer_token: Option<String>,
+    /// Serve gRPC over TLS with this certificate (PEM, the node's first, then any
+    /// intermediates); needs --tls-key. Clients then use https:// (see docs/access.md).
+    /// Read at start: restart the node to use a renewed certificate.
+    #[arg(long, env = "ALLOT_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "ALLOT_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// With --tls-cert: require every client to present a certificate signed by this CA
+    /// (PEM), mutual TLS. Only the chain to the CA is checked; who the caller is still
+    /// comes from its API token. Peers present the node's own --tls-cert.
+    #[arg(long, env = "ALLOT_TLS_CLIENT_CA", value_name = "PEM")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// With --tls-cert: the CA (PEM) that signed the peers' certificates, which this node
+    /// checks when it dials them. [default: --tls-client-ca, else the system's roots]
+    #[arg(long, env = "ALLOT_TLS_PEER_CA", value_name = "PEM")]
+    pub tls_peer_ca: Option<PathBuf>,
     /// Serve HTTP here (billing-provider webhooks at `/webhooks/<provider>`); off unless
     /// set.
     #[arg(long, env = "ALLOT_HTTP_LISTEN")]
@@ -191,6 +210,10 @@ struct FileConfig {
     #[serde(default)]
     insecure_no_auth: bool,
     peer_token: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    tls_peer_ca: Option<PathBuf>,
     http_listen: Option<SocketAddr>,
     stripe_config: Option<PathBuf>,
 }
@@ -244,6 +267,30 @@ pub struct ServeConfig {
     pub http_listen: Option<SocketAddr>,
     /// The Stripe webhook configuration file.
     pub stripe_config: Option<PathBuf>,
+    /// TLS, when the node serves it; the PEM files are read and checked while the
+    /// configuration is built, so a bad one stops the node before it listens.
+    pub tls: Option<NodeTls>,
+}
+
+/// A node serving TLS.
+#[derive(Clone)]
+pub struct NodeTls {
+    /// What the gRPC server presents and, with mTLS, requires.
+    pub server: tonic::transport::ServerTlsConfig,
+    /// How the node dials its peers: their CA, and the node's own certificate as its client
+    /// certificate (peers that require mTLS ask for it).
+    pub peer: tonic::transport::ClientTlsConfig,
+    /// Whether clients must present a certificate.
+    pub mutual: bool,
+}
+
+/// Written by hand: tonic's `Identity` prints its private key.
+impl std::fmt::Debug for NodeTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeTls")
+            .field("mutual", &self.mutual)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How a node exchanges soft-limit counters.
@@ -282,6 +329,9 @@ pub enum ConfigError {
         /// What is wrong, with the key.
         message: String,
     },
+    /// A TLS file is missing, unreadable or malformed, or a key does not match.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// A value is out of range.
     #[error("{field}: {reason}")]
     Invalid {
@@ -365,6 +415,7 @@ impl ServeArgs {
                 .or(file.rls_domain)
                 .unwrap_or_else(|| DEFAULT_RLS_DOMAIN.into()),
             tokens: None,
+            tls: None,
             peer_token: self.peer_token.clone().or(file.peer_token),
             http_listen: self.http_listen.or(file.http_listen),
             stripe_config: self.stripe_config.clone().or(file.stripe_config),
@@ -421,9 +472,16 @@ impl ServeArgs {
                 .or(file.tokens)
                 .unwrap_or_else(|| crate::auth::default_path(&cfg.data_dir))
         });
+        let tls = node_tls(
+            self.tls_cert.clone().or(file.tls_cert),
+            self.tls_key.clone().or(file.tls_key),
+            self.tls_client_ca.clone().or(file.tls_client_ca),
+            self.tls_peer_ca.clone().or(file.tls_peer_ca),
+        )?;
         let cfg = ServeConfig {
             redis,
             tokens,
+            tls,
             ..cfg
         };
         if cfg.stripe_config.is_some() && cfg.http_listen.is_none() {
@@ -501,6 +559,48 @@ impl ServeArgs {
         }
         Ok(cfg)
     }
+}
+
+/// The node's TLS from its four files, after checking which go together.
+fn node_tls(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    peer_ca: Option<PathBuf>,
+) -> Result<Option<NodeTls>, ConfigError> {
+    use crate::tls::Pem;
+    let needs_cert = |field, what: &str| ConfigError::Invalid {
+        field,
+        reason: format!("{what} needs --tls-cert and --tls-key (the node's own certificate)"),
+    };
+    let (cert, key) = match (cert, key) {
+        (Some(c), Some(k)) => (Pem::new("--tls-cert", c), Pem::new("--tls-key", k)),
+        (Some(_), None) => {
+            return Err(ConfigError::Invalid {
+                field: "tls_key",
+                reason: "--tls-cert needs --tls-key (its private key)".into(),
+            })
+        }
+        (None, Some(_)) => return Err(needs_cert("tls_key", "--tls-key")),
+        (None, None) => {
+            return match (client_ca, peer_ca) {
+                (Some(_), _) => Err(needs_cert("tls_client_ca", "--tls-client-ca (mutual TLS)")),
+                (None, Some(_)) => Err(needs_cert("tls_peer_ca", "--tls-peer-ca")),
+                (None, None) => Ok(None),
+            }
+        }
+    };
+    let client_ca = client_ca.map(|p| Pem::new("--tls-client-ca", p));
+    let peer_ca = peer_ca
+        .map(|p| Pem::new("--tls-peer-ca", p))
+        .or_else(|| client_ca.clone());
+    Ok(Some(NodeTls {
+        server: crate::tls::server_config(&cert, &key, client_ca.as_ref())?,
+        // The node's certificate doubles as its client certificate towards peers: one
+        // certificate per node, which must then allow both server and client use.
+        peer: crate::tls::client_config(peer_ca.as_ref(), Some((&cert, &key)))?,
+        mutual: client_ca.is_some(),
+    }))
 }
 
 /// Node ids name CRDT actors and appear in reservation ids, so they are short and plain.
@@ -633,6 +733,34 @@ mod tests {
                     ..Default::default()
                 },
                 "peer_timeout:",
+            ),
+            (
+                ServeArgs {
+                    tls_client_ca: Some("ca.pem".into()),
+                    ..Default::default()
+                },
+                "tls_client_ca:",
+            ),
+            (
+                ServeArgs {
+                    tls_peer_ca: Some("ca.pem".into()),
+                    ..Default::default()
+                },
+                "tls_peer_ca:",
+            ),
+            (
+                ServeArgs {
+                    tls_key: Some("node.key".into()),
+                    ..Default::default()
+                },
+                "tls_key:",
+            ),
+            (
+                ServeArgs {
+                    tls_cert: Some("node.pem".into()),
+                    ..Default::default()
+                },
+                "tls_key:",
             ),
         ] {
             let err = args.resolve().unwrap_err();

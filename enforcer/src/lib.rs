@@ -10,7 +10,8 @@
 //!   one table.
 //! - [`embedded`] is the default store: memory + redb with group commit.
 //! - [`config`] is `allot serve`'s configuration (file, environment, flags); [`auth`]
-//!   checks every call's API token and scope before it is routed.
+//!   checks every call's API token and scope before it is routed; [`tls`] reads and checks
+//!   the PEM files of TLS and mutual TLS, for the node and for whoever dials one.
 //! - [`webhook`] verifies and parses billing-provider webhooks (Stripe) into
 //!   [`meter::provider`] events; no HTTP listener yet.
 //!
@@ -28,4 +29,5 @@ pub mod peer;
 pub mod redis;
 pub mod server;
 pub mod soft;
+pub mod tls;
 pub mod webhook;

@@ -91,6 +91,7 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => serve(*args).await,
             Command::Aggregate(mut args) => {
                 args.token = cli.client.token.clone();
+                args.tls = cli.client.tls()?.map(aggregator::options::SpoolTls);
                 aggregator::main(*args).await.map_err(Into::into)
             }
             Command::Token(cmd) => token(cmd),

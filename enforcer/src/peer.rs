@@ -70,6 +70,8 @@ pub struct Peers {
     table: Mutex<BTreeMap<String, PeerEntry>>,
     /// `authorization` value presented to peers (their `peer` scope), if any.
     bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    /// TLS towards peers (`https://`), when this node serves TLS.
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// A peer as reported by [`Peers::status`].
@@ -100,6 +102,13 @@ impl Peers {
         Ok(self)
     }
 
+    /// Dials every peer over TLS with `tls` (their CA, and this node's certificate as its
+    /// client certificate).
+    pub fn with_tls(mut self, tls: tonic::transport::ClientTlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// The peers of node `node` reachable at `address`; `statics` from `--peers`.
     pub fn new(node: &str, address: &str, timeout: Duration, statics: &[String]) -> Self {
         let now = Instant::now();
@@ -125,6 +134,7 @@ impl Peers {
             timeout,
             table: Mutex::new(table),
             bearer: None,
+            tls: None,
         }
     }
 
@@ -396,6 +406,31 @@ pub async fn run(
     }
 }
 
+/// An error with its causes, `a: b: c`.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !parts.last().is_some_and(|last| last.contains(&text)) {
+            parts.push(text);
+        }
+        cause = c.source();
+    }
+    parts.join(": ")
+}
+
+/// A status's message and, for a transport failure (a refused TLS handshake shows up on
+/// the first call), its causes.
+fn status_text(s: &Status) -> String {
+    match std::error::Error::source(s) {
+        // tonic's message repeats the first cause's ("transport error").
+        Some(cause) if cause.to_string() == s.message() => error_chain(cause),
+        Some(cause) => format!("{}: {}", s.message(), error_chain(cause)),
+        None => s.message().to_string(),
+    }
+}
+
 /// Pushes to one peer for as long as the node runs, reconnecting after failures.
 async fn push(
     address: String,
@@ -421,7 +456,8 @@ async fn push_once(
     peers: &Peers,
     rx: &mut broadcast::Receiver<Arc<Vec<pb::SyncMessage>>>,
 ) -> String {
-    let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{address}")) {
+    let scheme = if peers.tls.is_some() { "https" } else { "http" };
+    let endpoint = match tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}")) {
         Ok(e) => e
             .connect_timeout(Duration::from_secs(1))
             .http2_keep_alive_interval(Duration::from_secs(1))
@@ -430,9 +466,18 @@ async fn push_once(
             .tcp_nodelay(true),
         Err(e) => return format!("bad address: {e}"),
     };
+    let endpoint = match &peers.tls {
+        Some(tls) => match endpoint.tls_config(tls.clone()) {
+            Ok(e) => e,
+            Err(e) => return format!("tls: {}", error_chain(&e)),
+        },
+        None => endpoint,
+    };
     let channel = match endpoint.connect().await {
         Ok(c) => c,
-        Err(e) => return format!("connect: {e}"),
+        // The causes say why (refused, unknown issuer, certificate required…); tonic's own
+        // message is only "transport error".
+        Err(e) => return format!("connect: {}", error_chain(&e)),
     };
     let (out, out_rx) = tokio::sync::mpsc::channel::<pb::SyncMessage>(16);
     let full = messages(&peers.node, &peers.address, &soft.full_state());
@@ -473,11 +518,11 @@ async fn push_once(
                     match inbound.message().await {
                         Ok(Some(_)) => {}
                         Ok(None) => return "peer ended the stream".to_string(),
-                        Err(e) => return format!("stream: {}", e.message()),
+                        Err(e) => return format!("stream: {}", status_text(&e)),
                     }
                 }
             }
-            Err(e) => format!("sync: {}", e.message()),
+            Err(e) => format!("sync: {}", status_text(&e)),
         }
     };
     tokio::select! {

@@ -125,6 +125,11 @@ pub async fn run(
             .with_token(t)
             .map_err(crate::engine::EngineError::Internal)?;
     }
+    if let Some(tls) = &cfg.tls {
+        // Nodes of one cluster either all serve TLS or none does: peers are dialed the way
+        // this node is served.
+        peers = peers.with_tls(tls.peer.clone());
+    }
     let peers = Arc::new(peers);
     let (usage, control): (Arc<dyn UsageStore>, Arc<dyn ControlStore>) = match &backend {
         Backend::Embedded(s) => (Arc::new(s.clone()), Arc::new(s.clone())),
@@ -281,7 +286,12 @@ pub async fn run(
     }
 
     let auth = auth_layer(cfg, &engine)?;
-    let result = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &cfg.tls {
+        server = server.tls_config(tls.server.clone())?;
+        tracing::info!(mutual = tls.mutual, "serving grpc over tls");
+    }
+    let result = server
         .layer(
             tower::ServiceBuilder::new()
                 .layer(crate::metrics::RpcMetricsLayer)

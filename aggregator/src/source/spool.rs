@@ -37,7 +37,7 @@ use allot_proto::v1 as pb;
 use async_trait::async_trait;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::{InterceptedService, Interceptor};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::Code;
 
 use super::{Claim, Entry, Source};
@@ -69,14 +69,16 @@ pub struct SpoolSource {
 }
 
 impl SpoolSource {
-    /// Clients of the nodes at `endpoints` (`http://host:port`; connected lazily) for
-    /// aggregator `id`, renewing the node's lease every third of `ttl`, and keeping dead
-    /// letters in `sink`'s `dead_letters` table.
+    /// Clients of the nodes at `endpoints` (`http://host:port`, or `https://host:port`
+    /// dialed with `tls`, the system's roots when `None`; connected lazily) for aggregator
+    /// `id`, renewing the node's lease every third of `ttl`, and keeping dead letters in
+    /// `sink`'s `dead_letters` table.
     pub fn new(
         endpoints: &[String],
         id: &str,
         ttl: Duration,
         token: Option<&str>,
+        tls: Option<&ClientTlsConfig>,
         sink: ClickHouse,
     ) -> Result<SpoolSource, SourceError> {
         let bearer = match token {
@@ -97,6 +99,16 @@ impl SpoolSource {
                 .map_err(|e| SourceError::Invalid(format!("spool endpoint {url}: {e}")))?
                 .connect_timeout(Duration::from_secs(2))
                 .timeout(Duration::from_secs(5));
+            let endpoint = if url.starts_with("https://") {
+                let tls = tls
+                    .cloned()
+                    .unwrap_or_else(|| ClientTlsConfig::new().with_native_roots());
+                endpoint
+                    .tls_config(tls)
+                    .map_err(|e| SourceError::Invalid(format!("spool endpoint {url}: tls: {e}")))?
+            } else {
+                endpoint
+            };
             let name = partition_name(url);
             if nodes.iter().any(|(n, _)| *n == name) {
                 return Err(SourceError::Invalid(format!(

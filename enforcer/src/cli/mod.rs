@@ -21,8 +21,10 @@ mod rpc;
 mod tenant;
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use output::Output;
+use tonic::transport::ClientTlsConfig;
 
 /// Options shared by every client command.
 #[derive(Debug, Clone, clap::Args)]
@@ -42,6 +44,54 @@ pub struct ClientOptions {
     /// others with `allot token create`).
     #[arg(long, global = true, env = "ALLOT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// node, such as the private CA that
+    /// signed its --tls-cert. Giving any --tls-* option makes a bare host:port endpoint
+    /// https. [default: the system's roots]
+    #[arg(long, global = true, env = "ALLOT_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a node that requires one (mutual TLS,
+    /// --tls-client-ca); needs --tls-client-key.
+    #[arg(long, global = true, env = "ALLOT_TLS_CLIENT_CERT", value_name = "PEM")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-client-cert.
+    #[arg(long, global = true, env = "ALLOT_TLS_CLIENT_KEY", value_name = "PEM")]
+    pub tls_client_key: Option<PathBuf>,
+}
+
+impl ClientOptions {
+    /// The TLS settings the --tls-* options say, their files read and checked; `None`
+    /// when none is given (an https:// endpoint then trusts the system's roots).
+    pub fn tls(&self) -> anyhow::Result<Option<ClientTlsConfig>> {
+        use enforcer::tls::Pem;
+        let identity = match (&self.tls_client_cert, &self.tls_client_key) {
+            (Some(c), Some(k)) => Some((
+                Pem::new("--tls-client-cert", c),
+                Pem::new("--tls-client-key", k),
+            )),
+            (Some(_), None) => {
+                return Err(rpc::fail(
+                    "--tls-client-cert needs --tls-client-key (its private key)",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(rpc::fail(
+                    "--tls-client-key needs --tls-client-cert (its certificate)",
+                ))
+            }
+            (None, None) => None,
+        };
+        let ca = self.tls_ca.as_ref().map(|p| Pem::new("--tls-ca", p));
+        if ca.is_none() && identity.is_none() {
+            return Ok(None);
+        }
+        enforcer::tls::client_config(ca.as_ref(), identity.as_ref().map(|(c, k)| (c, k)))
+            .map(Some)
+            .map_err(rpc::fail)
+    }
+
+    async fn connect(&self) -> anyhow::Result<rpc::Conn> {
+        rpc::connect(&self.endpoint, self.token.as_deref(), self.tls()?).await
+    }
 }
 
 /// Exit status of `allot check` when it could not decide, set apart from 1 (denied) so that
@@ -129,7 +179,7 @@ pub async fn run(opts: &ClientOptions, cmd: ClientCommand) -> anyhow::Result<()>
         let _ = std::io::stdout().flush();
         std::process::exit(status);
     }
-    let channel = rpc::connect(&opts.endpoint, opts.token.as_deref()).await?;
+    let channel = opts.connect().await?;
     let channel = &channel;
     match cmd {
         ClientCommand::Check(_) => unreachable!("handled above"),
@@ -156,7 +206,7 @@ async fn check(
     out: Output,
     args: enforce::CheckArgs,
 ) -> anyhow::Result<bool> {
-    let channel = rpc::connect(&opts.endpoint, opts.token.as_deref()).await?;
+    let channel = opts.connect().await?;
     enforce::check(&channel, out, args).await
 }
 

@@ -16,7 +16,7 @@ use pb::admin_client::AdminClient;
 use pb::enforcer_client::EnforcerClient;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 pub mod proxy;
 pub mod warehouse;
@@ -82,6 +82,7 @@ pub struct NodeBuilder {
     data_dir: Option<PathBuf>,
     args: Vec<String>,
     auth: bool,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl NodeBuilder {
@@ -101,6 +102,13 @@ impl NodeBuilder {
     /// Reuse a data directory (to restart a node on the same state).
     pub fn data_dir(mut self, dir: &Path) -> Self {
         self.data_dir = Some(dir.to_path_buf());
+        self
+    }
+
+    /// The node serves TLS (give it its `--tls-*` options with [`NodeBuilder::arg`]): its
+    /// endpoint is `https://`, and the harness's own clients dial it with `tls`.
+    pub fn client_tls(mut self, tls: ClientTlsConfig) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -144,10 +152,13 @@ impl NodeBuilder {
         })
         .await
         .expect("allot serve listens within 30 s");
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let node = Node {
             child,
-            endpoint: format!("http://{addr}"),
+            endpoint: format!("{scheme}://{addr}"),
+            addr,
             data_dir,
+            tls: self.tls,
             _tmp: tmp,
         };
         node.wait_ready().await;
@@ -158,10 +169,13 @@ impl NodeBuilder {
 /// A running node.
 pub struct Node {
     child: Child,
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` for a node serving TLS).
     pub endpoint: String,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
     /// Its data directory.
     pub data_dir: PathBuf,
+    tls: Option<ClientTlsConfig>,
     _tmp: tempfile::TempDir,
 }
 
@@ -173,26 +187,27 @@ impl Node {
             data_dir: None,
             args: Vec::new(),
             auth: false,
+            tls: None,
+        }
+    }
+
+    fn target(&self) -> Endpoint {
+        let e = Endpoint::from_shared(self.endpoint.clone()).unwrap();
+        match &self.tls {
+            Some(tls) => e.tls_config(tls.clone()).unwrap(),
+            None => e,
         }
     }
 
     async fn channel(&self) -> Channel {
-        Channel::from_shared(self.endpoint.clone())
-            .unwrap()
-            .connect()
-            .await
-            .expect("node reachable")
+        self.target().connect().await.expect("node reachable")
     }
 
     async fn wait_ready(&self) {
-        // The gRPC server starts a moment after the line is printed.
+        // The gRPC server starts a moment after the line is printed. A TLS handshake is
+        // part of the connection, so a node serving TLS is ready once it completes.
         for _ in 0..100 {
-            if Channel::from_shared(self.endpoint.clone())
-                .unwrap()
-                .connect()
-                .await
-                .is_ok()
-            {
+            if self.target().connect().await.is_ok() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
