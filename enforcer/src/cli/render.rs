@@ -390,7 +390,16 @@ fn limit_row(l: &LimitEntitlement) -> Vec<String> {
         nonzero(l.burst),
         enforcement_text(l),
         l.per.clone(),
-        sources_text(&l.sources),
+        match &l.closed_by {
+            // Why the metric cannot be consumed, next to what grants it.
+            Some(c) => format!(
+                "{}\nclosed by {} {}",
+                sources_text(&l.sources),
+                c.kind,
+                c.r#ref
+            ),
+            None => sources_text(&l.sources),
+        },
         when(l.since.as_ref()),
     ]
 }
