@@ -122,7 +122,11 @@ pub const SCHEDULE_ACTOR: &str = "allot";
 ///
 /// Steps someone asked for ([`Cause::Requested`]) have no entry here: the request's own
 /// entry records them.
-pub fn step_entries(machine: &StatusMachine, start: &Subscription, steps: &[Step]) -> Vec<LedgerEntry> {
+pub fn step_entries(
+    machine: &StatusMachine,
+    start: &Subscription,
+    steps: &[Step],
+) -> Vec<LedgerEntry> {
     steps
         .iter()
         .filter_map(|step| {
@@ -382,11 +386,12 @@ mod tests {
             (all[0].action.as_str(), all[0].at),
             ("grace.ended", t0() + Duration::days(3))
         );
-        assert!(all[0].after.contains("\"status\":\"suspended\""), "{}", all[0].after);
-        assert_eq!(
-            next_due(&m, &s, &[], t0()),
-            Some(t0() + Duration::days(3))
+        assert!(
+            all[0].after.contains("\"status\":\"suspended\""),
+            "{}",
+            all[0].after
         );
+        assert_eq!(next_due(&m, &s, &[], t0()), Some(t0() + Duration::days(3)));
         assert_eq!(next_due(&m, &s, &[], t0() + Duration::days(3)), None);
 
         // Canceled on day 2, its trial would have ended on day 14: only the cancellation.

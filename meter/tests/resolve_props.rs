@@ -246,8 +246,12 @@ fn downgrade_waits_for_period_end_and_upgrade_is_immediate() {
 fn cancel_at_period_end_keeps_access_until_then() {
     let c = example();
     let mut s = sub("acme", "pro");
-    s.cancel(&c.status_machine(), ChangeTiming::PeriodEnd, t0() + Duration::days(1))
-        .unwrap();
+    s.cancel(
+        &c.status_machine(),
+        ChangeTiming::PeriodEnd,
+        t0() + Duration::days(1),
+    )
+    .unwrap();
     let end = t0() + Duration::days(31);
     assert_eq!(
         resolve(&c, &s, &[], end - Duration::seconds(1)).access,

@@ -9,8 +9,8 @@ use meter::catalog::{self, Catalog};
 use meter::grant::Override;
 use meter::ledger::{snapshot, LedgerEntry, Source};
 use meter::lifecycle::{AddonRef, ChangeTiming, PlanRef, Status, Subscription};
-use meter::status_machine::{is_ended, IllegalTransition, StatusMachine, Step};
 use meter::resolve::{resolve, Entitlements};
+use meter::status_machine::{is_ended, IllegalTransition, StatusMachine, Step};
 use serde::Serialize;
 
 use super::{check_tenant, Engine, EngineError};
@@ -421,11 +421,7 @@ impl Engine {
             }
             match machine.transition(&mut sub, status, now) {
                 Ok(more) => steps.extend(more),
-                Err(e) => {
-                    return Err(self
-                        .refuse(&before, "subscription.change", &e, who)
-                        .await)
-                }
+                Err(e) => return Err(self.refuse(&before, "subscription.change", &e, who).await),
             }
             if !is_ended(status) {
                 // Moving to (or confirming) a live status undoes a scheduled cancellation.
