@@ -129,6 +129,14 @@ pub struct ServeArgs {
     /// The token this node presents to its peers (scope `peer`).
     #[arg(long, env = "ALLOT_PEER_TOKEN", hide_env_values = true)]
     pub peer_token: Option<String>,
+    /// Serve HTTP here (billing-provider webhooks at `/webhooks/<provider>`); off unless
+    /// set.
+    #[arg(long, env = "ALLOT_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// The Stripe webhook configuration (TOML: signing secret, tolerance, price → plan
+    /// mapping; see docs/webhooks.md); enables `POST /webhooks/stripe` on --http-listen.
+    #[arg(long, env = "ALLOT_STRIPE_CONFIG")]
+    pub stripe_config: Option<PathBuf>,
 }
 
 /// Log output format.
@@ -183,6 +191,8 @@ struct FileConfig {
     #[serde(default)]
     insecure_no_auth: bool,
     peer_token: Option<String>,
+    http_listen: Option<SocketAddr>,
+    stripe_config: Option<PathBuf>,
 }
 
 mod humantime_serde_opt {
@@ -230,6 +240,10 @@ pub struct ServeConfig {
     pub tokens: Option<PathBuf>,
     /// The token presented to peers.
     pub peer_token: Option<String>,
+    /// Where HTTP (webhooks) is served, if anywhere.
+    pub http_listen: Option<SocketAddr>,
+    /// The Stripe webhook configuration file.
+    pub stripe_config: Option<PathBuf>,
 }
 
 /// How a node exchanges soft-limit counters.
@@ -352,6 +366,8 @@ impl ServeArgs {
                 .unwrap_or_else(|| DEFAULT_RLS_DOMAIN.into()),
             tokens: None,
             peer_token: self.peer_token.clone().or(file.peer_token),
+            http_listen: self.http_listen.or(file.http_listen),
+            stripe_config: self.stripe_config.clone().or(file.stripe_config),
             clickhouse: self.clickhouse.clone().or(file.clickhouse).map(|url| {
                 aggregator::sink::ClickHouseConfig {
                     url,
@@ -410,6 +426,12 @@ impl ServeArgs {
             tokens,
             ..cfg
         };
+        if cfg.stripe_config.is_some() && cfg.http_listen.is_none() {
+            return Err(ConfigError::Invalid {
+                field: "stripe_config",
+                reason: "Stripe delivers over HTTP: set --http-listen too".into(),
+            });
+        }
         if cfg.sweep_interval.is_zero() {
             return Err(ConfigError::Invalid {
                 field: "sweep_interval",

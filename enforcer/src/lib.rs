@@ -22,6 +22,8 @@ pub mod degraded;
 pub mod embedded;
 pub mod engine;
 pub mod grpc;
+pub mod http;
+pub mod metrics;
 pub mod peer;
 pub mod redis;
 pub mod server;

@@ -57,6 +57,24 @@ pub enum ServeError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A listener could not be bound.
+    #[error("{what} {addr}: {source}")]
+    Bind {
+        /// The option.
+        what: &'static str,
+        /// The address.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A configuration file named by an option is unusable.
+    #[error("{path}: {message}")]
+    Config {
+        /// The file.
+        path: String,
+        /// What is wrong, with the key.
+        message: String,
+    },
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -69,6 +87,8 @@ pub async fn run(
     cfg: &ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    // Before anything records a metric.
+    crate::metrics::handle();
     let backend = match &cfg.redis {
         Some(opts) => Backend::Redis(Box::new(RedisStore::connect(opts.clone()).await?)),
         None => Backend::Embedded(EmbeddedStore::open(&cfg.data_dir)?),
@@ -203,10 +223,14 @@ pub async fn run(
         engine.clone(),
         cfg.retention,
     )));
+    let shared_redis = match &backend {
+        Backend::Redis(s) => Some((**s).clone()),
+        Backend::Embedded(_) => None,
+    };
     tasks.push(tokio::spawn(sweep(
         engine.clone(),
         backend,
-        disk,
+        disk.clone(),
         health,
         Timing {
             every: cfg.sweep_interval,
@@ -228,9 +252,41 @@ pub async fn run(
         .build_v1()
         .map_err(|e| crate::engine::EngineError::Internal(format!("reflection: {e}")))?;
 
+    let stripe = match &cfg.stripe_config {
+        Some(path) => Some(Arc::new(stripe_endpoint(path, &engine)?)),
+        None => None,
+    };
+    if let Some(addr) = cfg.http_listen {
+        let http = TcpListener::bind(addr)
+            .await
+            .map_err(|e| ServeError::Bind {
+                what: "--http-listen",
+                addr: addr.to_string(),
+                source: e,
+            })?;
+        tracing::info!(%addr, stripe = stripe.is_some(), "serving HTTP");
+        let probe = Arc::new(crate::http::Probe {
+            engine: engine.clone(),
+            disk: disk.clone(),
+            shared: shared_store,
+            peers: peers.clone(),
+            redis: shared_redis,
+        });
+        let app = crate::http::router(probe, stripe.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(http, app).await {
+                tracing::error!(error = %e, "HTTP listener stopped");
+            }
+        }));
+    }
+
     let auth = auth_layer(cfg, &engine)?;
     let result = tonic::transport::Server::builder()
-        .layer(auth)
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(crate::metrics::RpcMetricsLayer)
+                .layer(auth),
+        )
         .add_service(health_service)
         .add_service(reflection)
         .add_service(EnforcerServer::new(EnforcerService::new(engine.clone())))
@@ -242,7 +298,9 @@ pub async fn run(
             engine.clone(),
             billing,
         )))
-        .add_service(AdminServer::new(AdminService::new(engine)))
+        .add_service(AdminServer::new(
+            AdminService::new(engine).with_stripe(stripe),
+        ))
         .add_service(PeerServer::new(PeerService::new(soft, peers)))
         // With Redis the node ships its spool to the Redis streams itself.
         .add_optional_service(spool_service.map(SpoolServer::new))
@@ -253,6 +311,30 @@ pub async fn run(
     }
     result?;
     Ok(())
+}
+
+/// The Stripe endpoint from its configuration file, checked against the catalog in force.
+fn stripe_endpoint(
+    path: &std::path::Path,
+    engine: &Arc<Engine>,
+) -> Result<crate::webhook::http::StripeEndpoint, ServeError> {
+    use crate::webhook::stripe::{StripeAdapter, StripeConfig};
+    let bad = |message: String| ServeError::Config {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let config: StripeConfig = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let (_, catalog) = engine.catalog()?;
+    let adapter = StripeAdapter::new(&config, &catalog).map_err(|e| bad(e.to_string()))?;
+    Ok(crate::webhook::http::StripeEndpoint {
+        adapter,
+        sync: crate::webhook::sync::ProviderSync::new(
+            engine.clone(),
+            "stripe",
+            meter::status_machine::StatusMachine::new(meter::status_machine::DEFAULT_GRACE_DAYS),
+        ),
+    })
 }
 
 /// Accepted connections with Nagle's algorithm off: small unary answers must not wait
@@ -559,6 +641,8 @@ async fn sweep(
             .await
         {
             Ok(expired) if !expired.is_empty() => {
+                metrics::counter!(crate::metrics::RESERVATIONS_EXPIRED)
+                    .increment(expired.len() as u64);
                 tracing::info!(count = expired.len(), "reservations expired")
             }
             Ok(_) => {}

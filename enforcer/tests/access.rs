@@ -120,6 +120,20 @@ async fn every_admin_rpc(a: &mut AdminClient<Channel>, token: Option<&str>) -> V
             .await
             .map(drop),
         ),
+        // Refused before the node looks at it (it has no Stripe configuration either).
+        code(
+            a.reconcile_provider(with(
+                pb::ReconcileProviderRequest {
+                    provider: "stripe".into(),
+                    state: b"[]".to_vec(),
+                    repair: true,
+                    ..Default::default()
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        ),
     ]
 }
 
@@ -175,14 +189,14 @@ async fn admin_rpcs_need_a_token_with_the_scope() {
     let before = state(&mut admin).await;
 
     use Code::{PermissionDenied as Denied, Unauthenticated as Unauth};
-    assert_eq!(every_admin_rpc(&mut admin, None).await, vec![Unauth; 10]);
+    assert_eq!(every_admin_rpc(&mut admin, None).await, vec![Unauth; 11]);
     assert_eq!(
         every_admin_rpc(&mut admin, Some("al_not_a_token")).await,
-        vec![Unauth; 10]
+        vec![Unauth; 11]
     );
     assert_eq!(
         every_admin_rpc(&mut admin, Some(&eve)).await,
-        vec![Denied; 10]
+        vec![Denied; 11]
     );
     // Support reads, and only reads.
     let support = every_admin_rpc(&mut admin, Some(&sam)).await;
@@ -198,7 +212,8 @@ async fn admin_rpcs_need_a_token_with_the_scope() {
             Denied,
             Code::Ok,
             Code::Ok,
-            Code::Ok
+            Code::Ok,
+            Denied
         ]
     );
     assert_eq!(
@@ -207,7 +222,7 @@ async fn admin_rpcs_need_a_token_with_the_scope() {
         "a refused call changed something"
     );
 
-    // Every refusal is audited: 10 + 10 + 10 + 6, with who and what was called.
+    // Every refusal is audited: 11 + 11 + 11 + 7, with who and what was called.
     let mut audit = Vec::new();
     for _ in 0..100 {
         audit = admin
@@ -225,17 +240,17 @@ async fn admin_rpcs_need_a_token_with_the_scope() {
             .into_iter()
             .filter(|e| e.action == "access.denied")
             .collect::<Vec<_>>();
-        if audit.len() >= 36 {
+        if audit.len() >= 40 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert_eq!(audit.len(), 36);
+    assert_eq!(audit.len(), 40);
     assert!(audit.iter().all(|e| !e.applied));
     let by = |who: &str| audit.iter().filter(|e| e.actor == who).count();
     assert_eq!(
         (by("anonymous"), by("edge-service"), by("sam@example.com")),
-        (20, 10, 6)
+        (22, 11, 7)
     );
     assert!(audit
         .iter()

@@ -94,6 +94,7 @@ where
     tenants_are_isolated(&make().await).await;
     control_state_round_trips(&make().await).await;
     changes_are_recorded_with_their_entries(&make().await).await;
+    provider_records_are_compared_and_set(&make().await).await;
 }
 
 /// Units are held and visible as reserved.
@@ -404,7 +405,16 @@ pub async fn control_state_round_trips<S: Backend>(s: &S) {
     s.save_subscription(&sub, &entry("e1", "acme"))
         .await
         .unwrap();
+    assert_eq!(s.subscription("acme").await.unwrap(), Some(sub.clone()));
+    // The same entry again (a change retried after a crash): the change was made, and
+    // what came after it stays.
+    let mut retried = sub.clone();
+    retried.status = Status::Canceled;
+    s.save_subscription(&retried, &entry("e1", "acme"))
+        .await
+        .unwrap();
     assert_eq!(s.subscription("acme").await.unwrap(), Some(sub));
+    assert_eq!(s.ledger("acme", 10).await.unwrap().len(), 1);
     assert_eq!(s.subscription("globex").await.unwrap(), None);
     assert_eq!(s.tenants().await.unwrap(), vec!["acme".to_string()]);
 
@@ -497,4 +507,65 @@ pub async fn changes_are_recorded_with_their_entries<S: Backend>(s: &S) {
     assert_eq!(ids(s.ledger("acme", 2).await.unwrap()), ["e5", "e9"]);
     assert_eq!(ids(s.ledger("globex", 100).await.unwrap()), ["e6"]);
     assert!(s.ledger("initech", 100).await.unwrap().is_empty());
+}
+
+/// Provider records change only from the revision the writer read; payment links keep
+/// their first object.
+pub async fn provider_records_are_compared_and_set<S: Backend>(s: &S) {
+    assert_eq!(s.provider_record("stripe", "sub_1").await.unwrap(), None);
+    assert!(s.provider_objects("stripe").await.unwrap().is_empty());
+    // Only "absent" (0) creates.
+    assert!(!s
+        .put_provider_record("stripe", "sub_1", 1, "a")
+        .await
+        .unwrap());
+    assert!(s
+        .put_provider_record("stripe", "sub_1", 0, "a")
+        .await
+        .unwrap());
+    // Two writers read revision 1: the first wins, the second writes nothing.
+    assert!(s
+        .put_provider_record("stripe", "sub_1", 1, "b")
+        .await
+        .unwrap());
+    assert!(!s
+        .put_provider_record("stripe", "sub_1", 1, "c")
+        .await
+        .unwrap());
+    assert!(!s
+        .put_provider_record("stripe", "sub_1", 0, "d")
+        .await
+        .unwrap());
+    let got = s.provider_record("stripe", "sub_1").await.unwrap().unwrap();
+    assert_eq!((got.revision, got.text.as_str()), (2, "b"));
+    // Objects are per provider.
+    assert!(s
+        .put_provider_record("stripe", "sub_0", 0, "x")
+        .await
+        .unwrap());
+    assert!(s
+        .put_provider_record("paddle", "sub_1", 0, "y")
+        .await
+        .unwrap());
+    assert_eq!(
+        s.provider_objects("stripe").await.unwrap(),
+        ["sub_0", "sub_1"]
+    );
+    assert_eq!(
+        s.provider_record("paddle", "sub_1")
+            .await
+            .unwrap()
+            .unwrap()
+            .text,
+        "y"
+    );
+
+    assert_eq!(s.payment_link("stripe", "ch_1").await.unwrap(), None);
+    s.link_payment("stripe", "ch_1", "sub_1").await.unwrap();
+    s.link_payment("stripe", "ch_1", "sub_2").await.unwrap();
+    assert_eq!(
+        s.payment_link("stripe", "ch_1").await.unwrap().as_deref(),
+        Some("sub_1")
+    );
+    assert_eq!(s.payment_link("paddle", "ch_1").await.unwrap(), None);
 }

@@ -28,6 +28,15 @@ impl Outcome {
     pub fn allowed(self) -> bool {
         !matches!(self, Outcome::Deny)
     }
+
+    /// The name used in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allow => "allow",
+            Outcome::AllowWithWarning => "allow_with_warning",
+            Outcome::Deny => "deny",
+        }
+    }
 }
 
 /// Why a decision came out as it did. Stable codes: see [`Reason::as_str`].

@@ -229,6 +229,80 @@ pub enum Verdict {
     },
 }
 
+impl Verdict {
+    /// A short name for logs, answers and ledger actions (`applied`, `no_effect`…).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Verdict::Applied { .. } => "applied",
+            Verdict::NoEffect { .. } => "no_effect",
+            Verdict::Rejected { .. } => "rejected",
+            Verdict::Waiting => "waiting",
+            Verdict::Stale { .. } => "stale",
+            Verdict::Duplicate { .. } => "duplicate",
+            Verdict::BeforeHorizon { .. } => "before_horizon",
+        }
+    }
+
+    /// What happened, for people (the reason of a ledger entry).
+    pub fn explain(&self) -> String {
+        match self {
+            Verdict::Applied { steps } if steps.is_empty() => {
+                "applied: plan, add-ons or dates changed".into()
+            }
+            Verdict::Applied { steps } => {
+                let steps: Vec<String> = steps
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{} -> {} ({}, {})",
+                            s.from.as_str(),
+                            s.to.as_str(),
+                            s.cause.as_str(),
+                            s.at.to_rfc3339()
+                        )
+                    })
+                    .collect();
+                format!("applied: {}", steps.join(", "))
+            }
+            Verdict::NoEffect { why } => format!("no effect: {}", why.explain()),
+            Verdict::Rejected { why } => format!("rejected, nothing changed: {why}"),
+            Verdict::Waiting => {
+                "waiting: no snapshot of the subscription yet; applied once one arrives".into()
+            }
+            Verdict::Stale { newest } => format!(
+                "stale: older than event {} already applied; in its place it changes nothing",
+                newest.id
+            ),
+            Verdict::Duplicate { differs: false } => {
+                "duplicate delivery of an event already recorded; nothing changed".into()
+            }
+            Verdict::Duplicate { differs: true } => "duplicate delivery of an event already \
+                 recorded, with a different payload (the first one stays); nothing changed"
+                .into(),
+            Verdict::BeforeHorizon { horizon } => format!(
+                "older than the forgotten history (up to event {}); not recorded",
+                horizon.id
+            ),
+        }
+    }
+}
+
+impl NoEffect {
+    /// Why, for people.
+    pub fn explain(self) -> &'static str {
+        match self {
+            NoEffect::Unchanged => "the snapshot matches the subscription",
+            NoEffect::InGoodStanding => "a payment while trialing or active: nothing to restore",
+            NoEffect::AlreadyCollecting => {
+                "a failed payment while the provider is already collecting"
+            }
+            NoEffect::NotStarted => "a failed payment before the subscription started",
+            NoEffect::Ended => "a payment after the end does not reopen the subscription",
+            NoEffect::AlreadyThere => "already refunded or in chargeback",
+        }
+    }
+}
+
 /// Why an event changed nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -319,7 +319,9 @@ pub trait ControlStore: Send + Sync {
     async fn save_catalog(&self, catalog: &Catalog, entry: &LedgerEntry) -> Result<(), StoreError>;
     /// A tenant's subscription.
     async fn subscription(&self, tenant: &str) -> Result<Option<Subscription>, StoreError>;
-    /// Creates or replaces a tenant's subscription.
+    /// Creates or replaces a tenant's subscription. When `entry`'s id was recorded
+    /// before, the change was made before: nothing is written (so a change retried after a
+    /// crash never undoes what came after it).
     async fn save_subscription(
         &self,
         sub: &Subscription,
@@ -343,4 +345,49 @@ pub trait ControlStore: Send + Sync {
     async fn record_entry(&self, entry: &LedgerEntry) -> Result<bool, StoreError>;
     /// The last `limit` entries of a tenant's ledger (`""`: catalog-wide), oldest first.
     async fn ledger(&self, tenant: &str, limit: usize) -> Result<Vec<LedgerEntry>, StoreError>;
+
+    /// The sync record of a billing provider's object (`provider` `stripe`, object
+    /// `sub_…`), if one was written.
+    async fn provider_record(
+        &self,
+        provider: &str,
+        object_id: &str,
+    ) -> Result<Option<ProviderRecord>, StoreError>;
+    /// Writes a provider object's record if its revision is still `expected` (0: there is
+    /// none yet), as revision `expected + 1`; returns false, writing nothing, when another
+    /// writer got there first (compare-and-set: nodes may receive the same object's
+    /// deliveries at once).
+    async fn put_provider_record(
+        &self,
+        provider: &str,
+        object_id: &str,
+        expected: u64,
+        text: &str,
+    ) -> Result<bool, StoreError>;
+    /// Every object of `provider` with a record, sorted.
+    async fn provider_objects(&self, provider: &str) -> Result<Vec<String>, StoreError>;
+    /// Remembers that a payment (invoice, charge…) belongs to `object_id`; the first link
+    /// of a payment stays (a payment never moves between subscriptions).
+    async fn link_payment(
+        &self,
+        provider: &str,
+        payment_id: &str,
+        object_id: &str,
+    ) -> Result<(), StoreError>;
+    /// The object a payment was linked to.
+    async fn payment_link(
+        &self,
+        provider: &str,
+        payment_id: &str,
+    ) -> Result<Option<String>, StoreError>;
+}
+
+/// A billing provider object's sync record as stored: text the store does not read, and
+/// its revision (1 for the first write, one more per write).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderRecord {
+    /// Compare-and-set token: pass it as `expected` to replace this record.
+    pub revision: u64,
+    /// The record.
+    pub text: String,
 }

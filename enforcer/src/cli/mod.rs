@@ -15,6 +15,7 @@ mod enforce;
 mod json;
 mod output;
 mod parse;
+mod reconcile;
 mod render;
 mod rpc;
 mod tenant;
@@ -105,6 +106,10 @@ pub enum ClientCommand {
     /// --clickhouse).
     #[command(subcommand)]
     Billing(billing::BillingCommand),
+    /// Compare a billing provider's subscriptions (a file or API response) with the
+    /// tenants' subscriptions, report drift, and with --repair make Allot match (the node
+    /// needs the provider configured, e.g. --stripe-config).
+    Reconcile(reconcile::ReconcileArgs),
 }
 
 /// Runs one client command against the node named in `opts`.
@@ -141,6 +146,7 @@ pub async fn run(opts: &ClientOptions, cmd: ClientCommand) -> anyhow::Result<()>
         ClientCommand::Revoke(args) => admin::revoke(channel, out, args).await,
         ClientCommand::Peers => admin::peers(channel, out).await,
         ClientCommand::Billing(cmd) => billing::run(channel, out, cmd).await,
+        ClientCommand::Reconcile(args) => reconcile::run(channel, out, args).await,
     }
 }
 

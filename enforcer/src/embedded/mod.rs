@@ -22,8 +22,8 @@ use meter::grant::Override;
 use meter::ledger::LedgerEntry;
 use meter::lifecycle::Subscription;
 use meter::store::{
-    ControlStore, RecordOp, RecordOutcome, Reservation, ReserveOp, ReserveOutcome, SettleOutcome,
-    Settlement, SlotUsage, StoreError, UsageStore,
+    ControlStore, ProviderRecord, RecordOp, RecordOutcome, Reservation, ReserveOp, ReserveOutcome,
+    SettleOutcome, Settlement, SlotUsage, StoreError, UsageStore,
 };
 use redb::{Database, ReadableTable};
 use tokio::sync::oneshot;
@@ -134,6 +134,24 @@ impl EmbeddedStore {
             )])
         })
         .await
+    }
+
+    /// Reservations neither settled nor expired.
+    pub fn open_reservations(&self) -> usize {
+        self.lock().expiry.len()
+    }
+
+    /// Usage events in the spool (written, not yet acknowledged by an aggregator or
+    /// shipped to Redis).
+    pub fn spool_len(&self) -> Result<u64, StoreError> {
+        use redb::ReadableTableMetadata;
+        let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("spool: {e}"));
+        let txn = self.inner.db.begin_read().map_err(|e| corrupt(&e))?;
+        match txn.open_table(writer::definition(Table::Spool)) {
+            Ok(t) => t.len().map_err(|e| corrupt(&e)),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(e) => Err(corrupt(&e)),
+        }
     }
 
     /// False once a disk write failed; the node then refuses writes until restarted.
@@ -431,5 +449,79 @@ impl ControlStore for EmbeddedStore {
 
     async fn ledger(&self, tenant: &str, limit: usize) -> Result<Vec<LedgerEntry>, StoreError> {
         Ok(self.lock().ledger_of(tenant, limit))
+    }
+
+    async fn provider_record(
+        &self,
+        provider: &str,
+        object_id: &str,
+    ) -> Result<Option<ProviderRecord>, StoreError> {
+        Ok(self
+            .lock()
+            .providers
+            .get(&row_key(provider, object_id))
+            .map(|r| ProviderRecord {
+                revision: r.revision,
+                text: r.text.clone(),
+            }))
+    }
+
+    async fn put_provider_record(
+        &self,
+        provider: &str,
+        object_id: &str,
+        expected: u64,
+        text: &str,
+    ) -> Result<bool, StoreError> {
+        self.apply(|s| {
+            let writes: Vec<_> = s
+                .put_provider_record(provider, object_id, expected, text)
+                .into_iter()
+                .collect();
+            Ok(Applied {
+                answer: !writes.is_empty(),
+                writes,
+            })
+        })
+        .await
+    }
+
+    async fn provider_objects(&self, provider: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = row_key(provider, "");
+        Ok(self
+            .lock()
+            .providers
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, _)| k[prefix.len()..].to_string())
+            .collect())
+    }
+
+    async fn link_payment(
+        &self,
+        provider: &str,
+        payment_id: &str,
+        object_id: &str,
+    ) -> Result<(), StoreError> {
+        self.apply(|s| {
+            writes_only(
+                s.link_payment(provider, payment_id, object_id)
+                    .into_iter()
+                    .collect(),
+            )
+        })
+        .await
+    }
+
+    async fn payment_link(
+        &self,
+        provider: &str,
+        payment_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .lock()
+            .payment_links
+            .get(&row_key(provider, payment_id))
+            .cloned())
     }
 }

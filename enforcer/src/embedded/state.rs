@@ -40,11 +40,15 @@ pub enum Table {
     Spool,
     /// Ledger entries by tenant, time and id.
     Ledger,
+    /// Billing-provider sync records by provider and object id.
+    Providers,
+    /// Provider object ids by provider and payment id.
+    PaymentLinks,
 }
 
 impl Table {
     /// Every table.
-    pub const ALL: [Table; 9] = [
+    pub const ALL: [Table; 11] = [
         Table::Counters,
         Table::Reservations,
         Table::Idempotency,
@@ -54,6 +58,8 @@ impl Table {
         Table::Overrides,
         Table::Spool,
         Table::Ledger,
+        Table::Providers,
+        Table::PaymentLinks,
     ];
 
     /// Its name on disk.
@@ -68,6 +74,8 @@ impl Table {
             Table::Overrides => "overrides",
             Table::Spool => "spool",
             Table::Ledger => "ledger",
+            Table::Providers => "providers",
+            Table::PaymentLinks => "payment_links",
         }
     }
 }
@@ -137,6 +145,19 @@ pub struct State {
     /// Ledger entries by [`ledger_key`], and the (tenant, id) of each.
     pub(crate) ledger: BTreeMap<String, LedgerEntry>,
     pub(crate) ledger_ids: HashSet<String>,
+    /// Provider sync records by [`row_key`] (provider, object id).
+    pub(crate) providers: BTreeMap<String, ProviderRow>,
+    /// Provider object ids by [`row_key`] (provider, payment id).
+    pub(crate) payment_links: HashMap<String, String>,
+}
+
+/// A provider sync record and its revision.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProviderRow {
+    /// Compare-and-set token.
+    pub revision: u64,
+    /// The record (opaque here).
+    pub text: String,
 }
 
 /// Row key of a ledger entry: by tenant, then time (zero-padded milliseconds), then id.
@@ -623,11 +644,58 @@ impl State {
     }
 
     /// Creates or replaces a subscription.
+    /// Nothing is written when the entry was recorded before (the change was made then).
     pub fn save_subscription(&mut self, s: &Subscription, e: &LedgerEntry) -> Vec<Write> {
+        let Some(entry) = self.record_entry(e) else {
+            return Vec::new();
+        };
         self.subscriptions.insert(s.tenant.clone(), s.clone());
-        let mut w = vec![Write::Put(Table::Subscriptions, s.tenant.clone(), json(s))];
-        w.extend(self.record_entry(e));
-        w
+        vec![
+            Write::Put(Table::Subscriptions, s.tenant.clone(), json(s)),
+            entry,
+        ]
+    }
+
+    /// Replaces a provider record if its revision is still `expected`.
+    pub fn put_provider_record(
+        &mut self,
+        provider: &str,
+        object_id: &str,
+        expected: u64,
+        text: &str,
+    ) -> Option<Write> {
+        let key = row_key(provider, object_id);
+        let current = self.providers.get(&key).map_or(0, |r| r.revision);
+        if current != expected {
+            return None;
+        }
+        let row = ProviderRow {
+            revision: expected + 1,
+            text: text.to_string(),
+        };
+        let write = Write::Put(Table::Providers, key.clone(), json(&row));
+        self.providers.insert(key, row);
+        Some(write)
+    }
+
+    /// Links a payment to a provider object, unless it is linked already.
+    pub fn link_payment(
+        &mut self,
+        provider: &str,
+        payment_id: &str,
+        object_id: &str,
+    ) -> Option<Write> {
+        let key = row_key(provider, payment_id);
+        if self.payment_links.contains_key(&key) {
+            return None;
+        }
+        self.payment_links
+            .insert(key.clone(), object_id.to_string());
+        Some(Write::Put(
+            Table::PaymentLinks,
+            key,
+            object_id.as_bytes().to_vec(),
+        ))
     }
 
     /// Adds an override.
@@ -707,6 +775,15 @@ impl State {
                 let e: LedgerEntry = serde_json::from_slice(value).map_err(bad)?;
                 self.ledger_ids.insert(row_key(&e.tenant, &e.id));
                 self.ledger.insert(key.into(), e);
+            }
+            Table::Providers => {
+                self.providers
+                    .insert(key.into(), serde_json::from_slice(value).map_err(bad)?);
+            }
+            Table::PaymentLinks => {
+                let id = String::from_utf8(value.to_vec())
+                    .map_err(|e| StoreError::Corrupt(format!("payment link {key:?}: {e}")))?;
+                self.payment_links.insert(key.into(), id);
             }
             Table::Spool => {
                 // Only the sequence is kept in memory; entries are read from disk.

@@ -255,6 +255,11 @@ impl Engine {
         &self.usage
     }
 
+    /// The control store (for provider sync).
+    pub fn control_store(&self) -> &Arc<dyn ControlStore> {
+        &self.control
+    }
+
     /// The catalog in force and its generation.
     pub fn catalog(&self) -> Result<(u64, Arc<Catalog>), EngineError> {
         self.catalog
@@ -284,27 +289,36 @@ impl Engine {
     ) -> Result<TenantContext, EngineError> {
         check_tenant(tenant)?;
         let (generation, catalog) = self.catalog()?;
+        let looked_up = |result: &'static str| {
+            metrics::counter!(crate::metrics::CACHE, "result" => result).increment(1)
+        };
         if let Some(ctx) = self.cache.get(tenant, generation, at) {
+            looked_up("hit");
             return Ok(ctx);
         }
         let epoch = self.cache.epoch();
         if self.degraded.as_ref().is_some_and(|d| !d.breaker.closed()) {
             // The shared store is known to be down: no request should wait for it.
             if let Some(ctx) = self.cache.get_stale(tenant, at) {
+                looked_up("stale");
                 return Ok(ctx);
             }
         }
         match self.resolve_fresh(tenant, at, catalog).await {
             Ok(ctx) => {
+                looked_up("miss");
                 self.cache.put(tenant, generation, epoch, &ctx);
                 Ok(ctx)
             }
             // With the shared store down, entitlements a little past their TTL beat none:
             // the failure policies of their limits can still decide.
-            Err(EngineError::Unavailable(e)) => self
-                .cache
-                .get_stale(tenant, at)
-                .ok_or(EngineError::Unavailable(e)),
+            Err(EngineError::Unavailable(e)) => {
+                let stale = self.cache.get_stale(tenant, at);
+                if stale.is_some() {
+                    looked_up("stale");
+                }
+                stale.ok_or(EngineError::Unavailable(e))
+            }
             Err(e) => Err(e),
         }
     }

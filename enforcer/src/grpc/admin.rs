@@ -13,16 +13,28 @@ use super::convert::{self, from_ts, ts};
 use super::status::invalid;
 use crate::engine::admin::{NewSubscription, SubscriptionChange, Who};
 use crate::engine::Engine;
+use crate::webhook::http::StripeEndpoint;
 
 /// The Admin service over an engine.
 pub struct AdminService {
     engine: Arc<Engine>,
+    /// The Stripe endpoint, for reconciliation.
+    stripe: Option<Arc<StripeEndpoint>>,
 }
 
 impl AdminService {
     /// A service over `engine`.
     pub fn new(engine: Arc<Engine>) -> Self {
-        AdminService { engine }
+        AdminService {
+            engine,
+            stripe: None,
+        }
+    }
+
+    /// Reconciles with Stripe through `stripe`'s mapping and sync state.
+    pub fn with_stripe(mut self, stripe: Option<Arc<StripeEndpoint>>) -> Self {
+        self.stripe = stripe;
+        self
     }
 }
 
@@ -376,6 +388,53 @@ impl Admin for AdminService {
                     message: d.message,
                 })
                 .collect(),
+        }))
+    }
+
+    async fn reconcile_provider(
+        &self,
+        req: Request<pb::ReconcileProviderRequest>,
+    ) -> Result<Response<pb::ReconcileProviderResponse>, Status> {
+        let who = who(&req, |r| (&r.actor, &r.reason));
+        let r = req.into_inner();
+        if r.provider != "stripe" {
+            return Err(invalid(
+                "provider",
+                format!("{:?} is not a provider Allot knows (stripe)", r.provider),
+            ));
+        }
+        let Some(stripe) = &self.stripe else {
+            return Err(Status::failed_precondition(
+                "provider: this node has no Stripe configuration; start it with --stripe-config",
+            ));
+        };
+        let current = stripe
+            .adapter
+            .current_subscriptions(&r.state)
+            .map_err(|e| invalid("state", e.to_string()))?;
+        let done = stripe.sync.reconcile(current, r.repair, &who).await?;
+        Ok(Response::new(pb::ReconcileProviderResponse {
+            checked: u32::try_from(done.checked).unwrap_or(u32::MAX),
+            drift: done
+                .drift
+                .into_iter()
+                .map(|d| pb::ProviderDrift {
+                    object_id: d.object_id,
+                    tenant: d.tenant,
+                    differences: d
+                        .differences
+                        .into_iter()
+                        .map(|f| pb::FieldDifference {
+                            field: f.field.into(),
+                            allot: f.allot,
+                            provider: f.provider,
+                        })
+                        .collect(),
+                    repaired: d.repaired,
+                    note: d.note,
+                })
+                .collect(),
+            not_in_provider: done.not_in_provider,
         }))
     }
 }

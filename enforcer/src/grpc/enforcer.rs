@@ -24,8 +24,8 @@ impl EnforcerService {
 }
 
 impl EnforcerService {
-    /// Keeps a refused reserve or record for the support view.
-    fn note_denial(
+    /// Counts a reserve's or record's decision, and keeps a refusal for the support view.
+    fn decided(
         &self,
         request: &'static str,
         tenant: &str,
@@ -33,6 +33,7 @@ impl EnforcerService {
         amount: i64,
         d: &meter::decision::Decision,
     ) {
+        count(request, d);
         if d.outcome == meter::decision::Outcome::Deny {
             self.engine.denials.note(
                 tenant,
@@ -49,6 +50,17 @@ impl EnforcerService {
     }
 }
 
+/// Counts a decision by operation, outcome and reason.
+pub fn count(op: &'static str, d: &meter::decision::Decision) {
+    metrics::counter!(
+        crate::metrics::DECISIONS,
+        "op" => op,
+        "outcome" => d.outcome.as_str(),
+        "reason" => d.reason.as_str(),
+    )
+    .increment(1);
+}
+
 #[tonic::async_trait]
 impl Enforcer for EnforcerService {
     async fn check(
@@ -59,6 +71,7 @@ impl Enforcer for EnforcerService {
         let resp = match (r.feature.is_empty(), r.metric.is_empty()) {
             (false, true) => {
                 let c = self.engine.check_feature(&r.tenant, &r.feature).await?;
+                count("check", &c.decision);
                 pb::CheckResponse {
                     decision: Some(convert::decision(&c.decision)),
                     value: Some(convert::value(&c.grant.value)),
@@ -71,6 +84,7 @@ impl Enforcer for EnforcerService {
                     .engine
                     .check_metric(&r.tenant, &r.metric, r.amount, &dims)
                     .await?;
+                count("check", &d);
                 pb::CheckResponse {
                     decision: Some(convert::decision(&d)),
                     value: None,
@@ -105,7 +119,7 @@ impl Enforcer for EnforcerService {
                 id,
             )
             .await?;
-        self.note_denial("reserve", &r.tenant, &r.metric, r.amount, &out.decision);
+        self.decided("reserve", &r.tenant, &r.metric, r.amount, &out.decision);
         Ok(Response::new(pb::ReserveResponse {
             reservation_id: out.reservation_id.unwrap_or_default(),
             decision: Some(convert::decision(&out.decision)),
@@ -162,7 +176,7 @@ impl Enforcer for EnforcerService {
                 event_time,
             )
             .await?;
-        self.note_denial("record", &r.tenant, &r.metric, r.amount, &out.decision);
+        self.decided("record", &r.tenant, &r.metric, r.amount, &out.decision);
         Ok(Response::new(pb::RecordResponse {
             decision: Some(convert::decision(&out.decision)),
             recorded: out.recorded,

@@ -350,6 +350,7 @@ impl RateLimitService for EnvoyRlsService {
                 )
                 .await
                 .map_err(|e| locate(i, d, e))?;
+            super::enforcer::count("rls", &out.decision);
             statuses.push(descriptor_status(&out.decision, self.engine.now()));
         }
         Ok(Response::new(RateLimitResponse {

@@ -31,8 +31,9 @@ use meter::ledger::LedgerEntry;
 use meter::lifecycle::Subscription;
 use meter::quota::RateSlot;
 use meter::store::{
-    ControlStore, RateOutcome, RateStore, RecordOp, RecordOutcome, Reservation, ReserveOp,
-    ReserveOutcome, SettleOutcome, Settlement, SlotSpec, SlotUsage, StoreError, UsageStore,
+    ControlStore, ProviderRecord, RateOutcome, RateStore, RecordOp, RecordOutcome, Reservation,
+    ReserveOp, ReserveOutcome, SettleOutcome, Settlement, SlotSpec, SlotUsage, StoreError,
+    UsageStore,
 };
 
 /// The channel on which changes of control state are announced.
@@ -47,6 +48,21 @@ const TENANTS: &str = "al:tenants";
 const CATALOG: &str = "al:catalog";
 /// Membership: node id → "address\theartbeat unix ms".
 const MEMBERS: &str = "al:members";
+
+/// A provider object's sync record; the hash tag keeps each object in its own slot.
+fn provider_key(provider: &str, object_id: &str) -> String {
+    format!("al:prov:{{{provider}:{object_id}}}")
+}
+
+/// The objects of a provider that have a record.
+fn provider_objects_key(provider: &str) -> String {
+    format!("al:prov-objects:{provider}")
+}
+
+/// The object a payment belongs to.
+fn payment_link_key(provider: &str, payment_id: &str) -> String {
+    format!("al:plink:{{{provider}:{payment_id}}}")
+}
 
 /// An event of a node's local spool to ship: its sequence number and its fields.
 pub type Shipment<'a> = (u64, &'a [(String, String)]);
@@ -78,6 +94,7 @@ pub struct RedisStore {
     gcra: Script,
     ship: Script,
     ledger: Script,
+    provider: Script,
 }
 
 fn unavailable(e: Error) -> StoreError {
@@ -201,6 +218,7 @@ impl RedisStore {
             gcra: Script::from_lua(include_str!("lua/gcra.lua")),
             ship: Script::from_lua(include_str!("lua/ship.lua")),
             ledger: Script::from_lua(include_str!("lua/ledger.lua")),
+            provider: Script::from_lua(include_str!("lua/provider.lua")),
         };
         for s in [
             &store.reserve,
@@ -210,6 +228,7 @@ impl RedisStore {
             &store.gcra,
             &store.ship,
             &store.ledger,
+            &store.provider,
         ] {
             s.load(&store.client).await.map_err(unavailable)?;
         }
@@ -230,6 +249,34 @@ impl RedisStore {
         self.opts.retention.as_millis().to_string()
     }
 
+    /// Whether Redis answers a PING within the command timeout (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let wait = self.opts.command_timeout;
+        match tokio::time::timeout(wait, self.client.ping::<String>(None)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "redis: no answer to PING within {wait:?}"
+            ))),
+        }
+    }
+
+    /// A script's name in metrics.
+    fn script_name(&self, s: &Script) -> &'static str {
+        let named = [
+            (&self.reserve, "reserve"),
+            (&self.settle, "settle"),
+            (&self.record, "record"),
+            (&self.usage, "usage"),
+            (&self.gcra, "gcra"),
+            (&self.ship, "ship"),
+        ];
+        named
+            .iter()
+            .find(|(script, _)| std::ptr::eq(*script, s))
+            .map_or("other", |(_, n)| n)
+    }
+
     /// Runs a script; `on_error` says what a failure means (a write's outcome is unknown,
     /// a read simply failed).
     async fn eval(
@@ -239,10 +286,15 @@ impl RedisStore {
         args: Vec<String>,
         on_error: fn(Error) -> StoreError,
     ) -> Result<Vec<String>, StoreError> {
-        let v: Value = script
-            .evalsha_with_reload(&self.client, keys, args)
-            .await
-            .map_err(on_error)?;
+        let name = self.script_name(script);
+        let started = std::time::Instant::now();
+        let v = script.evalsha_with_reload(&self.client, keys, args).await;
+        metrics::histogram!(crate::metrics::REDIS_SECONDS, "script" => name)
+            .record(started.elapsed().as_secs_f64());
+        let v: Value = v.map_err(|e| {
+            metrics::counter!(crate::metrics::REDIS_ERRORS, "script" => name).increment(1);
+            on_error(e)
+        })?;
         strings(v)
     }
 
@@ -1076,6 +1128,89 @@ impl ControlStore for RedisStore {
                     .map_err(|e| StoreError::Corrupt(format!("ledger of {tenant}: {e}")))
             })
             .collect()
+    }
+
+    async fn provider_record(
+        &self,
+        provider: &str,
+        object_id: &str,
+    ) -> Result<Option<ProviderRecord>, StoreError> {
+        let (rev, text): (Option<String>, Option<String>) = self
+            .client
+            .hmget(provider_key(provider, object_id), vec!["rev", "text"])
+            .await
+            .map_err(unavailable)?;
+        let (Some(rev), Some(text)) = (rev, text) else {
+            return Ok(None);
+        };
+        let revision = rev
+            .parse()
+            .map_err(|e| StoreError::Corrupt(format!("revision of {provider} {object_id}: {e}")))?;
+        Ok(Some(ProviderRecord { revision, text }))
+    }
+
+    async fn put_provider_record(
+        &self,
+        provider: &str,
+        object_id: &str,
+        expected: u64,
+        text: &str,
+    ) -> Result<bool, StoreError> {
+        // Listed first, in its own slot: a listed object without a record yet is harmless
+        // (reconciliation reads nothing for it), a record nobody can list is not.
+        self.client
+            .sadd::<(), _, _>(provider_objects_key(provider), object_id)
+            .await
+            .map_err(unavailable)?;
+        let v: Value = self
+            .provider
+            .evalsha_with_reload(
+                &self.client,
+                vec![provider_key(provider, object_id)],
+                vec![expected.to_string(), text.to_string()],
+            )
+            .await
+            .map_err(write_error)?;
+        Ok(v.as_i64() == Some(1))
+    }
+
+    async fn provider_objects(&self, provider: &str) -> Result<Vec<String>, StoreError> {
+        let mut ids: Vec<String> = self
+            .client
+            .smembers(provider_objects_key(provider))
+            .await
+            .map_err(unavailable)?;
+        ids.sort();
+        Ok(ids)
+    }
+
+    async fn link_payment(
+        &self,
+        provider: &str,
+        payment_id: &str,
+        object_id: &str,
+    ) -> Result<(), StoreError> {
+        self.client
+            .set::<(), _, _>(
+                payment_link_key(provider, payment_id),
+                object_id,
+                None,
+                Some(SetOptions::NX),
+                false,
+            )
+            .await
+            .map_err(write_error)
+    }
+
+    async fn payment_link(
+        &self,
+        provider: &str,
+        payment_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.client
+            .get(payment_link_key(provider, payment_id))
+            .await
+            .map_err(unavailable)
     }
 }
 

@@ -38,6 +38,44 @@ pub fn example_catalog() -> String {
         .unwrap()
 }
 
+/// A free loopback port (bound, then released for a process to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.1 request; returns the status and the body. Retries while the listener is
+/// not up yet (it starts a moment after gRPC).
+pub async fn http(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let mut last = None;
+    for _ in 0..50 {
+        let mut req = hyper::Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Full::new(hyper::body::Bytes::from(body.to_vec())))
+            .unwrap();
+        match client.request(req).await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+                return (status, String::from_utf8_lossy(&bytes).into_owned());
+            }
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{method} {url} unreachable: {last:?}");
+}
+
 /// Builds a node.
 pub struct NodeBuilder {
     catalog: Option<String>,

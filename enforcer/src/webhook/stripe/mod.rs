@@ -149,6 +149,15 @@ pub enum IgnoreReason {
 /// A payload that cannot be turned into an event; names the field and why.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ParseError {
+    /// One subscription of a list (a reconciliation file) is unusable; the inner error's
+    /// paths are relative to it (`data.object` is the subscription).
+    #[error("{item}: {source}")]
+    Item {
+        /// Which (`data[3] (sub_…)`).
+        item: String,
+        /// Why.
+        source: Box<ParseError>,
+    },
     /// Not the JSON shape expected.
     #[error("{field}: {reason}")]
     Malformed {
@@ -356,6 +365,46 @@ impl StripeAdapter {
             }
             _ => ignored(IgnoreReason::UnhandledType),
         }
+    }
+
+    /// Stripe's subscriptions as they are now, each as a snapshot: the body of
+    /// `GET /v1/subscriptions?status=all` (a list object, every page merged into `data`)
+    /// or a JSON array of subscription objects. For reconciliation.
+    pub fn current_subscriptions(
+        &self,
+        body: &[u8],
+    ) -> Result<Vec<(String, Snapshot)>, ParseError> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Listing {
+            List { data: Vec<serde_json::Value> },
+            Array(Vec<serde_json::Value>),
+        }
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let listing: Listing =
+            serde_path_to_error::deserialize(&mut de).map_err(|e| ParseError::Malformed {
+                field: "file".into(),
+                reason: format!(
+                    "neither a Stripe list object nor a JSON array of subscriptions: {}",
+                    e.into_inner()
+                ),
+            })?;
+        let (Listing::List { data: items } | Listing::Array(items)) = listing;
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(i, object)| {
+                let id = object.get("id").and_then(|v| v.as_str()).unwrap_or("?");
+                let item = format!("data[{i}] ({id})");
+                let wrap = |e: ParseError| ParseError::Item {
+                    item: item.clone(),
+                    source: Box::new(e),
+                };
+                let sub: payload::Subscription = object_of(object).map_err(wrap)?;
+                let snap = self.snapshot(&sub, SnapshotReason::Updated).map_err(wrap)?;
+                Ok((sub.id, snap))
+            })
+            .collect()
     }
 
     /// A Stripe subscription as a snapshot in Allot's terms.
