@@ -709,4 +709,26 @@ mod tests {
             "soft (+5 overage)\nwarn at 80%, 90%\nglobal\nfail_open"
         );
     }
+
+    #[test]
+    fn a_limit_the_status_closes_says_so_next_to_its_sources() {
+        let grant = |kind: &str, r: &str| Provenance {
+            kind: kind.into(),
+            r#ref: r.into(),
+            since: None,
+        };
+        let open = LimitEntitlement {
+            metric: "api_calls".into(),
+            window: "month".into(),
+            amount: 100,
+            sources: vec![grant("plan", "pro@1")],
+            ..Default::default()
+        };
+        assert_eq!(limit_row(&open)[6], "plan pro@1");
+        let closed = LimitEntitlement {
+            closed_by: Some(grant("status", "grace")),
+            ..open
+        };
+        assert_eq!(limit_row(&closed)[6], "plan pro@1\nclosed by status grace");
+    }
 }
