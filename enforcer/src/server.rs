@@ -342,7 +342,7 @@ fn stripe_endpoint(
         sync: crate::webhook::sync::ProviderSync::new(
             engine.clone(),
             "stripe",
-            meter::status_machine::StatusMachine::new(meter::status_machine::DEFAULT_GRACE_DAYS),
+            catalog.status_machine(),
         ),
     })
 }

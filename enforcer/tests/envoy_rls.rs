@@ -312,15 +312,18 @@ async fn bad_requests_get_the_documented_errors_and_count_nothing() {
     .await;
     assert_eq!(r.overall_code(), RlsCode::OverLimit);
     assert_eq!(limit(&r.statuses[0]), None);
-    admin
-        .change_subscription(allot_proto::v1::ChangeSubscriptionRequest {
-            tenant: "acme".into(),
-            status: "suspended".into(),
-            actor: "test".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    // Suspended the legal way: active → past_due → grace → suspended.
+    for status in ["past_due", "grace", "suspended"] {
+        admin
+            .change_subscription(allot_proto::v1::ChangeSubscriptionRequest {
+                tenant: "acme".into(),
+                status: status.into(),
+                actor: "test".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
     let r = ask(&mut c, request("edge", vec![ok()], 0)).await;
     assert_eq!(r.overall_code(), RlsCode::OverLimit);
     assert_eq!(window_usage(&mut e, "acme", "calls", "day").await, (0, 0));

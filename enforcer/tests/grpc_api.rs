@@ -868,16 +868,22 @@ async fn lifecycle_corner_cases_through_the_api() {
     let mut e = node.enforcer().await;
     subscribe(&mut admin, "acme", "pro").await;
 
-    // Cancel, then reactivate: access comes back.
-    admin
+    // Cancel at period end, then change one's mind: the cancellation is undone.
+    // (Before the state machine this test canceled now and reactivated; canceled →
+    // active is no edge any more, see below.)
+    let s = admin
         .cancel_subscription(pb::CancelSubscriptionRequest {
             tenant: "acme".into(),
-            at_period_end: false,
+            at_period_end: true,
             actor: "t".into(),
             reason: String::new(),
         })
         .await
+        .unwrap()
+        .into_inner()
+        .subscription
         .unwrap();
+    assert!(s.cancel_at.is_some());
     let s = admin
         .change_subscription(status_change("acme", "active"))
         .await
@@ -915,11 +921,14 @@ async fn lifecycle_corner_cases_through_the_api() {
         "idempotency_key",
     );
 
-    // Read-only (grace): Check of an amount answers as Reserve would.
-    admin
-        .change_subscription(status_change("acme", "grace"))
-        .await
-        .unwrap();
+    // Read-only (grace, through past_due: active → grace is no edge): Check of an
+    // amount answers as Reserve would.
+    for status in ["past_due", "grace"] {
+        admin
+            .change_subscription(status_change("acme", status))
+            .await
+            .unwrap();
+    }
     let r = e
         .check(metric_check("acme", "api_calls", 5))
         .await
@@ -963,4 +972,81 @@ async fn lifecycle_corner_cases_through_the_api() {
         (second.time_zone.as_str(), second.billing_anchor),
         ("Asia/Tokyo", first.billing_anchor)
     );
+}
+
+#[tokio::test]
+async fn an_illegal_status_change_is_refused_recorded_and_changes_nothing() {
+    let node = Node::builder().start().await;
+    let mut admin = node.admin().await;
+    subscribe(&mut admin, "acme", "pro").await;
+    admin
+        .cancel_subscription(pb::CancelSubscriptionRequest {
+            tenant: "acme".into(),
+            at_period_end: false,
+            actor: "t".into(),
+            reason: "customer left".into(),
+        })
+        .await
+        .unwrap();
+    let get = pb::GetTenantRequest {
+        tenant: "acme".into(),
+        ..Default::default()
+    };
+    let before = admin.get_tenant(get.clone()).await.unwrap().into_inner();
+
+    // canceled → active, and anything → pending: refused, naming from, to and the way on.
+    let mut ask = status_change("acme", "active");
+    ask.actor = "support@example.com".into();
+    ask.reason = "customer asked".into();
+    let refused = admin.change_subscription(ask).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    let m = refused.message();
+    assert!(
+        m.starts_with("status: canceled → active")
+            && m.contains("from canceled the next status can be refunded, chargeback"),
+        "{m}"
+    );
+    let refused = admin
+        .change_subscription(status_change("acme", "pending"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().starts_with("status: canceled → pending"),
+        "{}",
+        refused.message()
+    );
+
+    // Nothing changed.
+    let after = admin.get_tenant(get).await.unwrap().into_inner();
+    assert_eq!(
+        (&after.subscription, &after.status, after.version),
+        (&before.subscription, &before.status, before.version)
+    );
+
+    // Both refusals are in the ledger, not applied, with who asked and why.
+    let h = admin
+        .get_tenant_history(pb::GetTenantHistoryRequest {
+            tenant: "acme".into(),
+            limit: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let refusals: Vec<_> = h.iter().filter(|e| !e.applied).collect();
+    assert_eq!(refusals.len(), 2, "{h:?}");
+    let first = refusals[0];
+    assert_eq!(
+        (first.action.as_str(), first.actor.as_str()),
+        ("subscription.change", "support@example.com")
+    );
+    assert!(
+        first.reason.contains("canceled → active") && first.reason.contains("customer asked"),
+        "{}",
+        first.reason
+    );
+    assert!(first.after.is_empty() && first.before.contains("\"status\":\"canceled\""));
+    // The applied entries are the put and the cancellation only.
+    assert_eq!(h.iter().filter(|e| e.applied).count(), 2, "{h:?}");
 }

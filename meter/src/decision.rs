@@ -64,8 +64,12 @@ pub enum Reason {
     ExceedsBurst,
     /// The subscription's status gives no access (suspended, canceled…).
     SubscriptionInactive,
-    /// The subscription's status gives read-only access: nothing can be consumed.
+    /// The subscription's status gives read-only access: nothing can be consumed (but the
+    /// metrics the catalog's rule keeps consumable).
     SubscriptionReadOnly,
+    /// The catalog's access rule for the subscription's status turns this feature (or
+    /// the metered feature of this metric) off.
+    SubscriptionRestricted,
     /// The backend could not be reached and the limit fails open: allowed, reconciled later.
     DegradedFailOpen,
     /// The backend could not be reached and the limit fails closed.
@@ -87,6 +91,7 @@ impl Reason {
             Reason::ExceedsBurst => "exceeds_burst",
             Reason::SubscriptionInactive => "subscription_inactive",
             Reason::SubscriptionReadOnly => "subscription_read_only",
+            Reason::SubscriptionRestricted => "subscription_restricted",
             Reason::DegradedFailOpen => "degraded_fail_open",
             Reason::BackendUnavailable => "backend_unavailable",
         }

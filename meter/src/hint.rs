@@ -38,7 +38,7 @@ pub fn upgrade_options(
     at: DateTime<Utc>,
     need: &Need<'_>,
 ) -> Vec<UpgradeOption> {
-    let current = sub.state_at(at).plan;
+    let current = catalog.status_machine().state_at(sub, at).plan;
     let mut out = Vec::new();
     let mut plans: Vec<_> = catalog.plans.iter().collect();
     plans.sort_by_key(|(code, p)| (p.tier, code.as_str()));
@@ -91,6 +91,13 @@ pub fn upgrade_options(
 fn meets(e: &Entitlements, need: &Need<'_>) -> bool {
     if e.access == crate::catalog::AccessLevel::None {
         return false;
+    }
+    // A metric the status closes stays closed on any plan: paying, not upgrading, opens
+    // it.
+    if let Need::Units { metric, .. } = need {
+        if e.closed.contains_key(*metric) {
+            return false;
+        }
     }
     match need {
         Need::Feature(f) => e.features.get(*f).is_some_and(|g| g.enabled()),

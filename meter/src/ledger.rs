@@ -5,8 +5,9 @@
 //! Stores write an entry in the same atomic step as the change it records (see
 //! [`crate::store::ControlStore`]), so a change never happens without its entry. Changes
 //! that happen by themselves at an instant (a trial ends, a scheduled downgrade takes
-//! effect, an override expires) are found by [`due`] and recorded with ids derived from
-//! what happened and when, so that every node may record them and each is kept once.
+//! effect, a grace period runs out, an override expires) are found by [`due`], which asks
+//! the catalog's [`StatusMachine`] what time did, and recorded with ids derived from what
+//! happened and when, so that every node may record them and each is kept once.
 //! Requests that were refused (an illegal transition, a caller without the scope) are
 //! recorded too, with `applied: false`: the trail says why nothing changed.
 
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::grant::Override;
 use crate::lifecycle::Subscription;
+use crate::status_machine::{Cause, StatusMachine, Step};
 
 /// Where a change came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -112,66 +114,115 @@ pub fn snapshot<T: Serialize>(state: &T) -> String {
 /// The actor of time-driven entries.
 pub const SCHEDULE_ACTOR: &str = "allot";
 
-/// The changes of `sub` and `overrides` that took effect by themselves in `(after, upto]`:
-/// trial end, scheduled plan change, cancellation, overrides starting late or expiring.
-/// Ids depend only on the tenant, the change and its instant.
+/// The ledger entries of steps the machine took by itself (trial end, grace end,
+/// scheduled plan change, cancellation date), each at its instant, with an id that
+/// depends only on the tenant, the step and its instant. `start` is the subscription
+/// before the steps, as `machine` advanced it; the entry's `after` is what was in force
+/// from the step's instant on.
+///
+/// Steps someone asked for ([`Cause::Requested`]) have no entry here: the request's own
+/// entry records them.
+pub fn step_entries(
+    machine: &StatusMachine,
+    start: &Subscription,
+    steps: &[Step],
+) -> Vec<LedgerEntry> {
+    steps
+        .iter()
+        .filter_map(|step| {
+            let state = machine.state_at(start, step.at);
+            let (action, reason) = match step.cause {
+                Cause::TrialEnd => (
+                    "trial.ended",
+                    format!(
+                        "trial ended; now {}, {}",
+                        step.plan.as_ref().unwrap_or(&state.plan),
+                        step.to.as_str()
+                    ),
+                ),
+                Cause::GraceEnd => (
+                    "grace.ended",
+                    format!(
+                        "grace of {} days ended; now {}",
+                        machine.grace().num_days(),
+                        step.to.as_str()
+                    ),
+                ),
+                Cause::ScheduledChange => (
+                    "plan.scheduled_change",
+                    format!(
+                        "scheduled change to {} took effect",
+                        step.plan.as_ref().unwrap_or(&state.plan)
+                    ),
+                ),
+                Cause::CancelAt => (
+                    "subscription.canceled",
+                    "scheduled cancellation took effect".to_string(),
+                ),
+                Cause::Requested => return None,
+            };
+            Some(scheduled(
+                &start.tenant,
+                action,
+                step.at,
+                "",
+                reason,
+                snapshot(&state),
+            ))
+        })
+        .collect()
+}
+
+/// An entry of a change time made; its id names the change and its instant only.
+fn scheduled(
+    tenant: &str,
+    action: &str,
+    at: DateTime<Utc>,
+    key: &str,
+    reason: String,
+    after: String,
+) -> LedgerEntry {
+    LedgerEntry {
+        id: format!("{action}:{tenant}:{key}:{}", at.timestamp_millis()),
+        at,
+        tenant: tenant.to_string(),
+        source: Source::Schedule,
+        action: action.to_string(),
+        actor: SCHEDULE_ACTOR.to_string(),
+        reason,
+        correlation_id: String::new(),
+        before: String::new(),
+        after,
+        applied: true,
+    }
+}
+
+/// The changes of `sub` and `overrides` that took effect by themselves in `(after, upto]`,
+/// as `machine` (the catalog's, see [`crate::catalog::Catalog::status_machine`]) takes
+/// them: trial end, grace end, scheduled plan change, cancellation, and overrides
+/// starting late or expiring. Ids depend only on the tenant, the change and its instant.
 pub fn due(
+    machine: &StatusMachine,
     sub: &Subscription,
     overrides: &[Override],
     after: DateTime<Utc>,
     upto: DateTime<Utc>,
 ) -> Vec<LedgerEntry> {
     let within = |t: DateTime<Utc>| after < t && t <= upto;
-    let entry =
-        |action: &str, at: DateTime<Utc>, key: &str, reason: String, after: String| LedgerEntry {
-            id: format!("{action}:{}:{key}:{}", sub.tenant, at.timestamp_millis()),
-            at,
-            tenant: sub.tenant.clone(),
-            source: Source::Schedule,
-            action: action.to_string(),
-            actor: SCHEDULE_ACTOR.to_string(),
-            reason,
-            correlation_id: String::new(),
-            before: String::new(),
-            after,
-            applied: true,
-        };
     let mut out = Vec::new();
-    if let Some(t) = sub.trial_ends_at.filter(|t| within(*t)) {
-        let next = sub
-            .post_trial_plan
-            .as_ref()
-            .map_or_else(|| sub.plan.to_string(), |p| p.to_string());
-        let state = sub.state_at(t);
-        out.push(entry(
-            "trial.ended",
-            t,
-            "",
-            format!("trial ended; now {next}, {}", state.status.as_str()),
-            snapshot(&state),
-        ));
-    }
-    if let Some(c) = sub.scheduled_change.as_ref().filter(|c| within(c.at)) {
-        out.push(entry(
-            "plan.scheduled_change",
-            c.at,
-            "",
-            format!("scheduled change to {} took effect", c.plan),
-            snapshot(&sub.state_at(c.at)),
-        ));
-    }
-    if let Some(t) = sub.cancel_at.filter(|t| within(*t)) {
-        out.push(entry(
-            "subscription.canceled",
-            t,
-            "",
-            "scheduled cancellation took effect".into(),
-            snapshot(&sub.state_at(t)),
-        ));
+    if after < upto {
+        // What was due by `after` was found by an earlier call; the machine's steps in
+        // the span follow from there.
+        let mut start = sub.clone();
+        machine.advance(&mut start, after);
+        let mut s = start.clone();
+        let steps = machine.advance(&mut s, upto);
+        out = step_entries(machine, &start, &steps);
     }
     for o in overrides {
         if within(o.valid_from) && o.valid_from > o.created_at {
-            out.push(entry(
+            out.push(scheduled(
+                &sub.tenant,
                 "override.started",
                 o.valid_from,
                 &o.id,
@@ -180,7 +231,8 @@ pub fn due(
             ));
         }
         if let Some(t) = o.valid_to.filter(|t| within(*t)) {
-            out.push(entry(
+            out.push(scheduled(
+                &sub.tenant,
                 "override.expired",
                 t,
                 &o.id,
@@ -195,18 +247,21 @@ pub fn due(
 
 /// The next instant after `after` at which [`due`] finds something, if any.
 pub fn next_due(
+    machine: &StatusMachine,
     sub: &Subscription,
     overrides: &[Override],
     after: DateTime<Utc>,
 ) -> Option<DateTime<Utc>> {
-    let scheduled = sub.scheduled_change.as_ref().map(|c| c.at);
+    let mut s = sub.clone();
+    machine.advance(&mut s, after);
     let starts = overrides
         .iter()
         .filter(|o| o.valid_from > o.created_at)
         .map(|o| o.valid_from);
-    [sub.trial_ends_at, scheduled, sub.cancel_at]
+    machine
+        .next_due(&s)
+        .map(|d| d.at)
         .into_iter()
-        .flatten()
         .chain(starts)
         .chain(overrides.iter().filter_map(|o| o.valid_to))
         .filter(|t| *t > after)
@@ -274,7 +329,8 @@ mod tests {
             },
         });
         let o = [grant("o1", 0, 2), grant("o2", 5, 6)];
-        let all = due(&s, &o, t0(), t0() + Duration::days(100));
+        let m = StatusMachine::default();
+        let all = due(&m, &s, &o, t0(), t0() + Duration::days(100));
         let actions: Vec<(&str, i64)> = all
             .iter()
             .map(|e| (e.action.as_str(), (e.at - t0()).num_days()))
@@ -294,24 +350,55 @@ mod tests {
         // Split into any two spans, the same entries with the same ids.
         for cut in [1, 2, 5, 14, 39, 40, 99] {
             let mid = t0() + Duration::days(cut);
-            let mut two = due(&s, &o, t0(), mid);
-            two.extend(due(&s, &o, mid, t0() + Duration::days(100)));
+            let mut two = due(&m, &s, &o, t0(), mid);
+            two.extend(due(&m, &s, &o, mid, t0() + Duration::days(100)));
             assert_eq!(two, all, "cut at day {cut}");
         }
         // The next instant is the first one found, each time.
         let mut at = t0();
         let mut seen = vec![];
-        while let Some(next) = next_due(&s, &o, at) {
-            seen.extend(due(&s, &o, at, next));
+        while let Some(next) = next_due(&m, &s, &o, at) {
+            seen.extend(due(&m, &s, &o, at, next));
             at = next;
         }
         assert_eq!(seen, all);
         assert!(due(
+            &m,
             &s,
             &o,
             t0() + Duration::days(40),
             t0() + Duration::days(400)
         )
         .is_empty());
+    }
+
+    #[test]
+    fn grace_end_is_recorded_at_its_instant_and_a_canceled_trial_never_converts() {
+        let m = StatusMachine::new(3);
+        let mut s = sub();
+        s.status = Status::Grace;
+        s.trial_ends_at = None;
+        s.post_trial_plan = None;
+        s.cancel_at = None;
+        let all = due(&m, &s, &[], t0(), t0() + Duration::days(30));
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert_eq!(
+            (all[0].action.as_str(), all[0].at),
+            ("grace.ended", t0() + Duration::days(3))
+        );
+        assert!(
+            all[0].after.contains("\"status\":\"suspended\""),
+            "{}",
+            all[0].after
+        );
+        assert_eq!(next_due(&m, &s, &[], t0()), Some(t0() + Duration::days(3)));
+        assert_eq!(next_due(&m, &s, &[], t0() + Duration::days(3)), None);
+
+        // Canceled on day 2, its trial would have ended on day 14: only the cancellation.
+        let mut s = sub();
+        s.cancel_at = Some(t0() + Duration::days(2));
+        let all = due(&m, &s, &[], t0(), t0() + Duration::days(100));
+        let actions: Vec<&str> = all.iter().map(|e| e.action.as_str()).collect();
+        assert_eq!(actions, vec!["subscription.canceled"]);
     }
 }

@@ -6,17 +6,20 @@
 //! A tour, in the order a request meets it:
 //! - [`catalog`]: plans, add-ons, features, metrics and limits, loaded from YAML and
 //!   validated ([`catalog::parse`]).
-//! - [`lifecycle`]: subscriptions and what is in force at an instant (trials, scheduled
-//!   downgrades, cancellation).
+//! - [`lifecycle`]: subscriptions as stored (trials, scheduled downgrades, cancellation
+//!   dates) and the plan changes and cancellations people ask for.
 //! - [`status_machine`]: which status may follow which (pending → trialing/active →
 //!   past_due → grace → suspended → canceled, refunded, chargeback), and the steps that
-//!   happen by themselves (trial end, grace end, cancellation date).
+//!   happen by themselves (trial end, grace end, scheduled change, cancellation date):
+//!   the one rule of time, built from the catalog
+//!   ([`catalog::Catalog::status_machine`], `grace_days`) and used by resolution, the
+//!   ledger and every status change.
 //! - [`provider`]: billing-provider events (Stripe's, mapped) folded into a subscription,
 //!   deduplicated and in any arrival order.
 //! - [`grant`]: time-boxed overrides.
 //! - [`ledger`]: the record of every entitlement change, and the ones time makes.
 //! - [`resolve`]: catalog + subscription + overrides → [`resolve::Entitlements`], with
-//!   provenance.
+//!   provenance, the status's access rule ([`catalog::AccessRule`]) applied last.
 //! - [`window`] and [`gcra`]: calendar periods in the tenant's zone, and token buckets.
 //! - [`quota`]: a request → counter slots and buckets → [`decision::Decision`].
 //! - [`hint`]: which plans or add-ons would have allowed a denied request.

@@ -2,13 +2,16 @@
 //! cancellations scheduled for the end of a billing period, upgrades that apply at once.
 //!
 //! A [`Subscription`] stores intentions (trial end, scheduled change, cancel date);
-//! [`Subscription::state_at`] says what is in force at an instant, so nothing has to run at
-//! the moment a trial ends for the answer to change.
+//! [`StatusMachine::state_at`] says what is in force at an instant, so nothing has to run
+//! at the moment a trial ends for the answer to change. The rules of time (what a trial
+//! end, a grace end, a scheduled change or a cancellation date does) live only in the
+//! machine: this module asks it, so there is one reading of a subscription.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::Catalog;
+use crate::status_machine::{allows, IllegalTransition, StatusMachine, Step, Why};
 use crate::window::{period_at, Window};
 
 /// Where a subscription is in its life.
@@ -110,7 +113,7 @@ pub struct ScheduledChange {
 pub struct Subscription {
     /// The tenant it belongs to.
     pub tenant: String,
-    /// The plan in force (before any scheduled change or trial end).
+    /// The plan stored (before any scheduled change or trial end that is due).
     pub plan: PlanRef,
     /// Since when `plan` is in force.
     pub plan_since: DateTime<Utc>,
@@ -165,63 +168,6 @@ impl Subscription {
         self.time_zone.parse().unwrap_or(chrono_tz::UTC)
     }
 
-    /// What is in force at `at`: the trial ends, scheduled changes and cancellation are
-    /// applied in time order.
-    pub fn state_at(&self, at: DateTime<Utc>) -> InForce {
-        let mut s = InForce {
-            plan: self.plan.clone(),
-            plan_since: self.plan_since,
-            status: self.status,
-            status_since: self.status_since,
-            next_change: None,
-        };
-        let mut events: Vec<(DateTime<Utc>, u8)> = Vec::new();
-        if self.status == Status::Trialing {
-            if let Some(t) = self.trial_ends_at {
-                events.push((t, 0));
-            }
-        }
-        if let Some(c) = &self.scheduled_change {
-            events.push((c.at, 1));
-        }
-        if let Some(c) = self.cancel_at {
-            events.push((c, 2));
-        }
-        events.sort();
-        for (when, what) in events {
-            if when > at {
-                s.next_change = Some(s.next_change.map_or(when, |n: DateTime<Utc>| n.min(when)));
-                continue;
-            }
-            match what {
-                0 => match &self.post_trial_plan {
-                    Some(p) => {
-                        s.plan = p.clone();
-                        s.plan_since = when;
-                        s.status = Status::Active;
-                        s.status_since = when;
-                    }
-                    None => {
-                        s.status = Status::Canceled;
-                        s.status_since = when;
-                    }
-                },
-                1 => {
-                    let c = self.scheduled_change.as_ref().expect("event comes from it");
-                    s.plan = c.plan.clone();
-                    s.plan_since = when;
-                }
-                _ => {
-                    if s.status != Status::Canceled {
-                        s.status = Status::Canceled;
-                        s.status_since = when;
-                    }
-                }
-            }
-        }
-        s
-    }
-
     /// The end of the billing period that contains `at`.
     pub fn period_end(&self, at: DateTime<Utc>) -> DateTime<Utc> {
         period_at(Window::BillingPeriod, at, self.tz(), self.billing_anchor)
@@ -230,56 +176,69 @@ impl Subscription {
     }
 
     /// Changes the plan, now or at the end of the billing period. A change now first
-    /// settles whatever the trial or a schedule already did by `now`, and replaces any
-    /// pending scheduled change.
-    pub fn change_plan(&mut self, plan: PlanRef, timing: ChangeTiming, now: DateTime<Utc>) {
-        self.settle(now);
+    /// takes the steps that were due by `now` (see [`StatusMachine::advance`]), and
+    /// replaces any pending scheduled change; choosing a plan during a trial ends the
+    /// trial (`trialing → active`). Returns the steps taken, the trial's end last.
+    pub fn change_plan(
+        &mut self,
+        machine: &StatusMachine,
+        plan: PlanRef,
+        timing: ChangeTiming,
+        now: DateTime<Utc>,
+    ) -> Vec<Step> {
+        let mut steps = machine.advance(self, now);
         match timing {
             ChangeTiming::Immediately => {
+                if self.status == Status::Trialing {
+                    steps.extend(
+                        machine
+                            .transition(self, Status::Active, now)
+                            .expect("trialing → active is always allowed"),
+                    );
+                }
                 self.plan = plan;
                 self.plan_since = now;
                 self.scheduled_change = None;
-                if self.status == Status::Trialing {
-                    // Choosing a plan during a trial ends the trial.
-                    self.status = Status::Active;
-                    self.status_since = now;
-                    self.trial_ends_at = None;
-                    self.post_trial_plan = None;
-                }
             }
             ChangeTiming::PeriodEnd => {
                 let at = self.period_end(now);
                 self.scheduled_change = Some(ScheduledChange { at, plan });
             }
         }
+        steps
     }
 
-    /// Cancels now or at the end of the billing period.
-    pub fn cancel(&mut self, timing: ChangeTiming, now: DateTime<Utc>) {
-        self.settle(now);
+    /// Cancels now (a step to `canceled` through the machine) or at the end of the
+    /// billing period (`cancel_at`, which the machine takes at its instant). Refused, with
+    /// the subscription unchanged, when the subscription cannot be canceled: it is
+    /// `refunded` or `chargeback`, which are more serious than canceled. Canceling a
+    /// canceled subscription changes nothing.
+    pub fn cancel(
+        &mut self,
+        machine: &StatusMachine,
+        timing: ChangeTiming,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Step>, IllegalTransition> {
         match timing {
-            ChangeTiming::Immediately => {
-                self.cancel_at = Some(now);
-                self.settle(now);
+            ChangeTiming::Immediately => machine.transition(self, Status::Canceled, now),
+            ChangeTiming::PeriodEnd => {
+                let mut s = self.clone();
+                let steps = machine.advance(&mut s, now);
+                if s.status != Status::Canceled && !allows(s.status, Status::Canceled) {
+                    return Err(IllegalTransition {
+                        from: s.status,
+                        to: Status::Canceled,
+                        at: now,
+                        why: Why::NoEdge,
+                    });
+                }
+                if s.status != Status::Canceled {
+                    s.cancel_at = Some(s.period_end(now));
+                }
+                *self = s;
+                Ok(steps)
             }
-            ChangeTiming::PeriodEnd => self.cancel_at = Some(self.period_end(now)),
         }
-    }
-
-    /// Folds everything that took effect by `now` into the stored fields.
-    pub fn settle(&mut self, now: DateTime<Utc>) {
-        let s = self.state_at(now);
-        if self.scheduled_change.as_ref().is_some_and(|c| c.at <= now) {
-            self.scheduled_change = None;
-        }
-        if self.status == Status::Trialing && self.trial_ends_at.is_some_and(|t| t <= now) {
-            self.trial_ends_at = None;
-            self.post_trial_plan = None;
-        }
-        self.plan = s.plan;
-        self.plan_since = s.plan_since;
-        self.status = s.status;
-        self.status_since = s.status_since;
     }
 
     /// Checks references against the catalog: plans and add-ons exist, versions are

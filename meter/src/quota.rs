@@ -190,20 +190,29 @@ pub fn plan_request(
     // A Check for a positive amount asks whether a Reserve would pass, so it follows the
     // same access rule.
     let consumes = amount > 0;
-    match ent.access {
-        AccessLevel::None => {
-            return Ok(Planned::Decided(Decision::deny(
-                Reason::SubscriptionInactive,
-                format!("subscription is {}", ent.status.as_str()),
-            )))
-        }
-        AccessLevel::ReadOnly if consumes => {
-            return Ok(Planned::Decided(Decision::deny(
+    if ent.access == AccessLevel::None {
+        return Ok(Planned::Decided(Decision::deny(
+            Reason::SubscriptionInactive,
+            format!("subscription is {}", ent.status.as_str()),
+        )));
+    }
+    if let Some(closed) = ent.closed.get(metric).filter(|_| consumes) {
+        let status = ent.status.as_str();
+        let d = match &closed.feature {
+            Some(feature) => Decision::deny(
+                Reason::SubscriptionRestricted,
+                format!(
+                    "subscription is {status}: {feature} is off in this status (catalog access.{status}.features_off), so {metric} cannot be consumed"
+                ),
+            ),
+            None => Decision::deny(
                 Reason::SubscriptionReadOnly,
-                format!("subscription is {}: read-only access", ent.status.as_str()),
-            )))
-        }
-        _ => {}
+                format!(
+                    "subscription is {status}: read-only access, and {metric} is not among the metrics it keeps consumable (catalog access.{status})"
+                ),
+            ),
+        };
+        return Ok(Planned::Decided(d));
     }
     let Some(limits) = ent.limits.get(metric) else {
         return Ok(Planned::Decided(Decision::deny(

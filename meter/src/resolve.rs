@@ -7,6 +7,13 @@
 //! overrides were stored. Every value carries its provenance and the instant since which
 //! it holds; the result carries `valid_until`, the next instant it changes by itself, so
 //! caches know when to drop it.
+//!
+//! What is in force at the instant (plan, status) comes from the catalog's
+//! [`StatusMachine`](crate::status_machine::StatusMachine), so a trial end, a grace end or
+//! a scheduled downgrade takes effect exactly at its instant. The status's access rule
+//! ([`AccessRule`]) applies last: it may turn features off and close metrics for
+//! consumption, and says so in the provenance ([`Source::Status`]), so support can read
+//! why a feature is off or a metric refused.
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -16,7 +23,7 @@ use chrono_tz::Tz;
 use serde::Serialize;
 
 use crate::catalog::{
-    default_access, AccessLevel, Catalog, Enforcement, FailurePolicy, FeatureKind, FeatureValue,
+    AccessLevel, AccessRule, Catalog, Enforcement, FailurePolicy, FeatureKind, FeatureValue,
     LimitDef, MergeRule, Scope, MAX_AMOUNT,
 };
 use crate::grant::{Change, Override};
@@ -44,6 +51,12 @@ pub enum Source {
         /// Override id.
         id: String,
     },
+    /// The catalog's access rule for the subscription's status (`access.grace`): it
+    /// turned a feature off or closes a metric.
+    Status {
+        /// The status whose rule it is.
+        status: Status,
+    },
 }
 
 impl std::fmt::Display for Source {
@@ -53,6 +66,7 @@ impl std::fmt::Display for Source {
             Source::Addon { code, quantity: 1 } => write!(f, "add-on {code}"),
             Source::Addon { code, quantity } => write!(f, "add-on {code} x{quantity}"),
             Source::Override { id } => write!(f, "override {id}"),
+            Source::Status { status } => write!(f, "status {} (access.{0})", status.as_str()),
         }
     }
 }
@@ -82,6 +96,27 @@ impl FeatureGrant {
     pub fn enabled(&self) -> bool {
         !matches!(self.value, FeatureValue::Bool(false))
     }
+
+    /// The status whose access rule turned the feature off, if that is why it is off.
+    pub fn off_by_status(&self) -> Option<Status> {
+        if self.enabled() {
+            return None;
+        }
+        self.sources.iter().find_map(|p| match p.source {
+            Source::Status { status } => Some(status),
+            _ => None,
+        })
+    }
+}
+
+/// Why a granted metric cannot be consumed now: the status rule that closes it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct Closed {
+    /// The rule ([`Source::Status`]) and since when it applies.
+    pub rule: Provenance,
+    /// The metered feature of the metric that the rule's `features_off` turns off; `None`
+    /// when the level closes it (`read_only` without it in `consumable`, or `none`).
+    pub feature: Option<String>,
 }
 
 /// An effective limit on a metric.
@@ -140,13 +175,21 @@ pub struct Entitlements {
     pub status: Status,
     /// Since when.
     pub status_since: DateTime<Utc>,
-    /// What the status allows.
+    /// What the status allows (the level of the catalog's rule for it).
     pub access: AccessLevel,
-    /// Every feature of the catalog with its value (off ones included, with no sources).
+    /// Every feature of the catalog with its value (off ones included, with no sources;
+    /// one the status rule turns off has that rule as its only source).
     pub features: BTreeMap<String, FeatureGrant>,
-    /// Limits by metric; a metric without an entry here is not granted at all, one with an
-    /// empty list is granted without limits.
+    /// Limits by metric, as the plan, add-ons and overrides grant them; a metric without
+    /// an entry here is not granted at all, one with an empty list is granted without
+    /// limits. Whether the status lets them be consumed is [`Entitlements::closed`].
     pub limits: BTreeMap<String, Vec<ResolvedLimit>>,
+    /// Granted metrics the status does not let be consumed (reserve, positive record),
+    /// with the rule that closes each: every one under level `none`, every one but the
+    /// rule's `consumable` under `read_only`, and those of the rule's `features_off`.
+    /// Checking a feature, reading usage and releasing (negative gauge records) stay
+    /// open.
+    pub closed: BTreeMap<String, Closed>,
     /// Calendar windows follow this zone.
     #[serde(serialize_with = "tz_name")]
     pub time_zone: Tz,
@@ -190,12 +233,9 @@ pub fn resolve(
     overrides: &[Override],
     at: DateTime<Utc>,
 ) -> Entitlements {
-    let state = sub.state_at(at);
-    let access = catalog
-        .access
-        .get(&state.status)
-        .copied()
-        .unwrap_or_else(|| default_access(state.status));
+    let state = catalog.status_machine().state_at(sub, at);
+    let rule = catalog.access_rule(state.status);
+    let access = rule.level;
 
     let mut contributions = Vec::new();
     if let Some(bundle) = catalog
@@ -248,8 +288,17 @@ pub fn resolve(
     // Later overrides win ties; the id breaks ties between equal instants.
     active.sort_by(|a, b| (a.valid_from, &a.id).cmp(&(b.valid_from, &b.id)));
 
-    let features = merge_features(catalog, &contributions, &active);
+    let mut features = merge_features(catalog, &contributions, &active);
     let limits = merge_limits(catalog, &contributions, &active, &features);
+    // The status rule applies last, over overrides too: an override that enables a
+    // feature is a commercial gesture, not a payment, and does not lift grace.
+    let by_rule = Provenance {
+        source: Source::Status {
+            status: state.status,
+        },
+        since: state.status_since,
+    };
+    let closed = apply_rule(catalog, &rule, &by_rule, &mut features, &limits);
 
     let mut valid_until = state.next_change;
     for o in overrides.iter().filter(|o| o.tenant == sub.tenant) {
@@ -270,6 +319,7 @@ pub fn resolve(
         access,
         features,
         limits,
+        closed,
         time_zone: sub.tz(),
         billing_anchor: sub.billing_anchor,
         valid_until,
@@ -288,9 +338,62 @@ fn digest(e: &Entitlements) -> u64 {
     e.access.hash(&mut h);
     e.features.hash(&mut h);
     e.limits.hash(&mut h);
+    e.closed.hash(&mut h);
     e.time_zone.name().hash(&mut h);
     e.billing_anchor.hash(&mut h);
     h.finish()
+}
+
+/// Turns off the features `rule` names, and returns the granted metrics it closes.
+fn apply_rule(
+    catalog: &Catalog,
+    rule: &AccessRule,
+    by_rule: &Provenance,
+    features: &mut BTreeMap<String, FeatureGrant>,
+    limits: &BTreeMap<String, Vec<ResolvedLimit>>,
+) -> BTreeMap<String, Closed> {
+    let mut closed = BTreeMap::new();
+    for code in &rule.features_off {
+        let Some(g) = features.get_mut(code) else {
+            continue;
+        };
+        *g = FeatureGrant {
+            value: FeatureValue::Bool(false),
+            sources: vec![by_rule.clone()],
+            since: by_rule.since,
+        };
+        let metric = catalog
+            .features
+            .get(code)
+            .filter(|f| f.kind == FeatureKind::Metered)
+            .and_then(|f| f.metric.as_ref());
+        if let Some(m) = metric.filter(|m| limits.contains_key(*m)) {
+            closed.insert(
+                m.clone(),
+                Closed {
+                    rule: by_rule.clone(),
+                    feature: Some(code.clone()),
+                },
+            );
+        }
+    }
+    for metric in limits.keys() {
+        let open = match rule.level {
+            AccessLevel::Full => true,
+            AccessLevel::ReadOnly => rule.consumable.contains(metric),
+            AccessLevel::None => false,
+        };
+        if !open && !closed.contains_key(metric) {
+            closed.insert(
+                metric.clone(),
+                Closed {
+                    rule: by_rule.clone(),
+                    feature: None,
+                },
+            );
+        }
+    }
+    closed
 }
 
 fn merge_features(

@@ -41,9 +41,14 @@
 //! next of them, so a node can schedule a wake-up, and [`StatusMachine::state_at`] says
 //! what is in force at any instant without anyone having called in.
 //!
-//! Unlike [`Subscription::state_at`], which knows nothing of grace periods, this module
-//! never lets a past `cancel_at` turn `refunded` or `chargeback` into `canceled` (that
-//! would leave the more serious status), and it clears `cancel_at` on entering either.
+//! This is the only reading of time in the crate: resolution ([`crate::resolve`]), the
+//! ledger's time-driven entries ([`crate::ledger::due`]), [`Subscription`]'s plan changes
+//! and cancellations, and the Admin API's status changes all go through one machine,
+//! built from the catalog ([`crate::catalog::Catalog::status_machine`]) so that its grace
+//! period is the catalog's `grace_days`. A past `cancel_at` never turns `refunded` or
+//! `chargeback` into `canceled` (that would leave the more serious status), `cancel_at` is
+//! cleared on entering either, and a trial canceled before its end stays canceled: its
+//! trial end is not a step any more.
 
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
@@ -300,7 +305,7 @@ impl StatusMachine {
             }
         }
         // Same instant: in the order of `Cause` (trial end, grace end, plan change,
-        // cancellation), the order `Subscription::state_at` uses too.
+        // cancellation), so a downgrade due with the cancellation is in the final record.
         due.into_iter().min().map(|(at, cause)| Due { at, cause })
     }
 
@@ -316,8 +321,8 @@ impl StatusMachine {
         steps
     }
 
-    /// What is in force at `at`, with the instant it next changes by itself; unlike
-    /// [`Subscription::state_at`], grace ends here.
+    /// What is in force at `at`, with the instant it next changes by itself (a trial end,
+    /// a grace end, a scheduled change, a cancellation date).
     pub fn state_at(&self, sub: &Subscription, at: DateTime<Utc>) -> InForce {
         let mut s = sub.clone();
         self.advance(&mut s, at);
@@ -377,7 +382,7 @@ pub(crate) fn enter(sub: &mut Subscription, to: Status, at: DateTime<Utc>, cause
     let mut plan = None;
     if from == Status::Trialing && to != Status::Trialing {
         // A trial that converts (to any live status) moves to the plan it converts to; one
-        // that ends keeps its plan, as `Subscription::state_at` does on cancellation.
+        // that ends keeps its plan: a canceled trial is not a paid plan.
         if let Some(p) = sub.post_trial_plan.take().filter(|_| !is_ended(to)) {
             if p != sub.plan {
                 plan = Some(p.clone());
@@ -406,8 +411,8 @@ pub(crate) fn enter(sub: &mut Subscription, to: Status, at: DateTime<Utc>, cause
 /// Takes one due step (as named by `next_due`, which guarantees it applies).
 fn take_due(sub: &mut Subscription, due: Due) -> Step {
     let from = sub.status;
-    // Steps that happen by themselves keep `cancel_at` as it was, as
-    // `Subscription::settle` does: it is the record of when the subscription ends.
+    // Steps that happen by themselves keep `cancel_at` as it was: it is the record of when
+    // the subscription ends.
     let cancel_at = sub.cancel_at;
     let to = match due.cause {
         Cause::TrialEnd if sub.post_trial_plan.is_some() => Status::Active,

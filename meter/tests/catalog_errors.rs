@@ -191,3 +191,70 @@ fn prices_are_exact_on_billing_limits_of_plans_with_a_currency() {
         "{e}"
     );
 }
+
+#[test]
+fn grace_days_are_at_least_one_and_at_most_a_year() {
+    const PLAN: &str = "plans:\n  free: {versions: {1: {}}}\n";
+    for (days, says) in [
+        ("0", "cat.yaml: grace_days: must be at least 1"),
+        ("366", "cat.yaml: grace_days: 366 days is more than 365"),
+        ("-1", "cat.yaml: grace_days: must not be negative"),
+    ] {
+        let e = err(&format!(
+            "version: 1\ngrace_days: {days}\n{}{PLAN}",
+            &HEAD[11..]
+        ));
+        assert!(e.starts_with(says), "{days}: {e}");
+    }
+    let c = parse(&format!("{HEAD}grace_days: 14\n{PLAN}"), "cat.yaml").unwrap();
+    assert_eq!(c.status_machine().grace(), chrono::Duration::days(14));
+    let c = parse(&format!("{HEAD}{PLAN}"), "cat.yaml").unwrap();
+    assert_eq!(
+        c.status_machine().grace(),
+        chrono::Duration::days(meter::status_machine::DEFAULT_GRACE_DAYS.into())
+    );
+}
+
+#[test]
+fn access_rules_name_known_statuses_features_and_metrics() {
+    const REST: &str = "features:\n  reports: {kind: boolean}\n  export: {kind: metered, metric: api_calls}\nplans:\n  free: {versions: {1: {}}}\n";
+    let e = err(&format!("{HEAD}access:\n  overdue: read_only\n{REST}"));
+    assert!(
+        e.starts_with("cat.yaml: access")
+            && e.contains("unknown variant `overdue`, expected one of `pending`"),
+        "{e}"
+    );
+    let e = err(&format!("{HEAD}access:\n  grace: readonly\n{REST}"));
+    assert!(e.contains("access.grace") && e.contains("readonly"), "{e}");
+    let e = err(&format!(
+        "{HEAD}access:\n  grace: {{level: read_only, features_off: [reports, repots], consumable: [seats, sets]}}\n{REST}"
+    ));
+    assert!(
+        e.contains("access.grace.features_off[1]: unknown feature \"repots\""),
+        "{e}"
+    );
+    assert!(
+        e.contains("access.grace.consumable[1]: unknown metric \"sets\""),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{HEAD}access:\n  grace: {{level: read_only, featurs_off: [reports]}}\n{REST}"
+    ));
+    assert!(e.contains("unknown field `featurs_off`"), "{e}");
+    // Lists only where the level gives them a meaning, and no contradiction.
+    let e = err(&format!(
+        "{HEAD}access:\n  past_due: {{level: full, consumable: [seats]}}\n  suspended: {{level: none, features_off: [reports]}}\n  grace: {{level: read_only, features_off: [export], consumable: [api_calls]}}\n{REST}"
+    ));
+    assert!(
+        e.contains("access.past_due.consumable: only level read_only keeps metrics consumable"),
+        "{e}"
+    );
+    assert!(
+        e.contains("access.suspended.features_off: with level none"),
+        "{e}"
+    );
+    assert!(
+        e.contains("access.grace.consumable[0]: api_calls is the metric of export, which features_off turns off"),
+        "{e}"
+    );
+}

@@ -159,6 +159,7 @@ fn gauge_above_limit_after_downgrade_keeps_seats_but_refuses_new_ones() {
     let c = example();
     let mut s = sub("acme", "pro");
     s.change_plan(
+        &c.status_machine(),
         PlanRef {
             code: "free".into(),
             version: 1,

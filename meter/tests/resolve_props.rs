@@ -205,6 +205,7 @@ fn downgrade_waits_for_period_end_and_upgrade_is_immediate() {
     let mut s = sub("acme", "pro");
     let now = t0() + Duration::days(10);
     s.change_plan(
+        &c.status_machine(),
         PlanRef {
             code: "free".into(),
             version: 1,
@@ -226,6 +227,7 @@ fn downgrade_waits_for_period_end_and_upgrade_is_immediate() {
     assert_eq!((after.plan.code.as_str(), after.plan_since), ("free", end));
     // An upgrade now replaces the pending downgrade.
     s.change_plan(
+        &c.status_machine(),
         PlanRef {
             code: "enterprise".into(),
             version: 1,
@@ -244,7 +246,12 @@ fn downgrade_waits_for_period_end_and_upgrade_is_immediate() {
 fn cancel_at_period_end_keeps_access_until_then() {
     let c = example();
     let mut s = sub("acme", "pro");
-    s.cancel(ChangeTiming::PeriodEnd, t0() + Duration::days(1));
+    s.cancel(
+        &c.status_machine(),
+        ChangeTiming::PeriodEnd,
+        t0() + Duration::days(1),
+    )
+    .unwrap();
     let end = t0() + Duration::days(31);
     assert_eq!(
         resolve(&c, &s, &[], end - Duration::seconds(1)).access,
@@ -365,7 +372,7 @@ proptest! {
         // A downgrade requested at any later instant applies at that period's end.
         let mut s = sub("acme", "pro");
         let asked = t0() + Duration::days(change_after_days) + Duration::seconds(offset_s.abs());
-        s.change_plan(PlanRef { code: "free".into(), version: 1 }, ChangeTiming::PeriodEnd, asked);
+        s.change_plan(&c.status_machine(), PlanRef { code: "free".into(), version: 1 }, ChangeTiming::PeriodEnd, asked);
         let at_change = s.scheduled_change.as_ref().unwrap().at;
         prop_assert!(at_change > asked);
         prop_assert!(at_change - asked <= Duration::days(31));
@@ -389,6 +396,7 @@ fn addons_stop_applying_on_a_plan_they_are_not_sold_on() {
         FeatureValue::Bool(true)
     );
     s.change_plan(
+        &c.status_machine(),
         PlanRef {
             code: "free".into(),
             version: 1,

@@ -119,7 +119,9 @@ pub struct ChangeArgs {
     #[arg(long = "remove-addon", value_name = "CODE")]
     pub remove_addons: Vec<String>,
     /// New status: pending, trialing, active, past_due, grace, suspended, canceled,
-    /// refunded or chargeback.
+    /// refunded or chargeback. Only the state machine's steps are allowed (active →
+    /// past_due → grace → suspended, back to active when paid, …); another is refused,
+    /// naming the statuses allowed next, and recorded in the tenant's history.
     #[arg(long)]
     pub status: Option<String>,
     /// Who makes the change, for the audit trail.

@@ -214,6 +214,7 @@ fn limit(l: &LimitEntitlement) -> Json {
         "on_backend_failure": text(&l.on_backend_failure),
         "sources": l.sources.iter().map(provenance).collect::<Vec<_>>(),
         "since": instant(l.since.as_ref()),
+        "closed_by": l.closed_by.as_ref().map(provenance),
     })
 }
 

@@ -390,7 +390,16 @@ fn limit_row(l: &LimitEntitlement) -> Vec<String> {
         nonzero(l.burst),
         enforcement_text(l),
         l.per.clone(),
-        sources_text(&l.sources),
+        match &l.closed_by {
+            // Why the metric cannot be consumed, next to what grants it.
+            Some(c) => format!(
+                "{}\nclosed by {} {}",
+                sources_text(&l.sources),
+                c.kind,
+                c.r#ref
+            ),
+            None => sources_text(&l.sources),
+        },
         when(l.since.as_ref()),
     ]
 }
@@ -699,5 +708,27 @@ mod tests {
             enforcement_text(&global),
             "soft (+5 overage)\nwarn at 80%, 90%\nglobal\nfail_open"
         );
+    }
+
+    #[test]
+    fn a_limit_the_status_closes_says_so_next_to_its_sources() {
+        let grant = |kind: &str, r: &str| Provenance {
+            kind: kind.into(),
+            r#ref: r.into(),
+            since: None,
+        };
+        let open = LimitEntitlement {
+            metric: "api_calls".into(),
+            window: "month".into(),
+            amount: 100,
+            sources: vec![grant("plan", "pro@1")],
+            ..Default::default()
+        };
+        assert_eq!(limit_row(&open)[6], "plan pro@1");
+        let closed = LimitEntitlement {
+            closed_by: Some(grant("status", "grace")),
+            ..open
+        };
+        assert_eq!(limit_row(&closed)[6], "plan pro@1\nclosed by status grace");
     }
 }

@@ -10,6 +10,7 @@ use meter::grant::Override;
 use meter::ledger::{snapshot, LedgerEntry, Source};
 use meter::lifecycle::{AddonRef, ChangeTiming, PlanRef, Status, Subscription};
 use meter::resolve::{resolve, Entitlements};
+use meter::status_machine::{is_ended, IllegalTransition, StatusMachine, Step};
 use serde::Serialize;
 
 use super::{check_tenant, Engine, EngineError};
@@ -353,7 +354,11 @@ impl Engine {
         })
     }
 
-    /// Changes plan, add-ons or status.
+    /// Changes plan, add-ons or status. A status change is a step of the catalog's
+    /// [`StatusMachine`]: one that is not an edge of its table (`canceled → active`,
+    /// anything → `pending`) is refused with FAILED_PRECONDITION naming from, to and the
+    /// allowed next statuses, changes nothing, and is recorded in the tenant's ledger with
+    /// `applied: false`.
     pub async fn change_subscription(
         &self,
         tenant: &str,
@@ -361,11 +366,14 @@ impl Engine {
         who: &Who,
     ) -> Result<Subscription, EngineError> {
         let (_, c) = self.catalog()?;
+        let machine = c.status_machine();
         let _serial = self.admin_lock.lock().await;
         let mut sub = self.existing(tenant).await?;
         let before = sub.clone();
         let now = self.now();
-        sub.settle(now);
+        // What time did by now first (a trial end, a grace end, a scheduled change): the
+        // change applies to what is in force.
+        let mut steps = machine.advance(&mut sub, now);
         // Add-ons stop applying when a scheduled change or a trial end moves the tenant to
         // a plan they are not sold on; drop them from the record too.
         let current = sub.plan.code.clone();
@@ -384,7 +392,7 @@ impl Engine {
                     ChangeTiming::PeriodEnd
                 }
             });
-            sub.change_plan(plan, timing, now);
+            steps.extend(sub.change_plan(&machine, plan, timing, now));
         }
         for code in &change.remove_addons {
             let before = sub.addons.len();
@@ -411,19 +419,17 @@ impl Engine {
                     "trialing needs a trial end: use PutSubscription with trial_ends_at",
                 ));
             }
-            if status != sub.status {
-                sub.status = status;
-                sub.status_since = now;
+            match machine.transition(&mut sub, status, now) {
+                Ok(more) => steps.extend(more),
+                Err(e) => return Err(self.refuse(&before, "subscription.change", &e, who).await),
             }
-            if !matches!(
-                status,
-                Status::Canceled | Status::Refunded | Status::Chargeback
-            ) {
-                // Moving back to a live status undoes a cancellation, scheduled or done.
+            if !is_ended(status) {
+                // Moving to (or confirming) a live status undoes a scheduled cancellation.
                 sub.cancel_at = None;
             }
         }
         checked(&sub, &c)?;
+        self.record_steps(&machine, &before, &steps).await?;
         let entry = who.entry(
             now,
             tenant,
@@ -436,13 +442,17 @@ impl Engine {
         Ok(sub)
     }
 
-    /// Cancels now or at period end.
+    /// Cancels now (a step to `canceled` of the catalog's [`StatusMachine`]) or at period
+    /// end. A subscription that is refunded or charged back cannot be canceled (it is
+    /// more serious already): refused like an illegal status change.
     pub async fn cancel_subscription(
         &self,
         tenant: &str,
         at_period_end: bool,
         who: &Who,
     ) -> Result<Subscription, EngineError> {
+        let (_, c) = self.catalog()?;
+        let machine = c.status_machine();
         let _serial = self.admin_lock.lock().await;
         let mut sub = self.existing(tenant).await?;
         let before = sub.clone();
@@ -452,7 +462,11 @@ impl Engine {
             ChangeTiming::Immediately
         };
         let now = self.now();
-        sub.cancel(timing, now);
+        let steps = match sub.cancel(&machine, timing, now) {
+            Ok(steps) => steps,
+            Err(e) => return Err(self.refuse(&before, "subscription.cancel", &e, who).await),
+        };
+        self.record_steps(&machine, &before, &steps).await?;
         let entry = who.entry(
             now,
             tenant,
@@ -463,6 +477,52 @@ impl Engine {
         self.control.save_subscription(&sub, &entry).await?;
         self.changed(tenant);
         Ok(sub)
+    }
+
+    /// Records the steps time took that a change is about to fold into the stored
+    /// subscription: once folded, [`Engine::record_due`] cannot find them any more. Their
+    /// ids are the ones `record_due` would give, so each is kept once either way.
+    async fn record_steps(
+        &self,
+        machine: &StatusMachine,
+        start: &Subscription,
+        steps: &[Step],
+    ) -> Result<(), EngineError> {
+        for e in meter::ledger::step_entries(machine, start, steps) {
+            self.control.record_entry(&e).await?;
+        }
+        Ok(())
+    }
+
+    /// Records a refused status change in the tenant's ledger (`applied: false`, the
+    /// subscription as it stays in `before`) and returns the error for the caller. A
+    /// ledger that cannot be written does not hide the refusal: it is logged.
+    async fn refuse(
+        &self,
+        current: &Subscription,
+        action: &str,
+        e: &IllegalTransition,
+        who: &Who,
+    ) -> EngineError {
+        let why = format!("status: {e}");
+        let mut entry = who.entry(
+            e.at,
+            &current.tenant,
+            action,
+            Some(current),
+            None::<&Subscription>,
+        );
+        entry.applied = false;
+        entry.reason = if who.reason.is_empty() {
+            format!("refused: {why}")
+        } else {
+            format!("refused: {why} (asked because: {})", who.reason)
+        };
+        if let Err(err) = self.control.record_entry(&entry).await {
+            tracing::warn!(tenant = %current.tenant, error = %err, "refused status change not recorded in the ledger");
+        }
+        tracing::info!(tenant = %current.tenant, from = e.from.as_str(), to = e.to.as_str(), actor = %who.actor, "status change refused");
+        EngineError::FailedPrecondition(why)
     }
 
     /// Adds an override.
@@ -521,8 +581,9 @@ impl Engine {
         Ok(removed)
     }
 
-    /// Records the changes time made in `(after, upto]` (trial ends, scheduled plan changes
-    /// and cancellations, overrides starting or expiring) for every tenant; returns how
+    /// Records the changes time made in `(after, upto]` (trial ends, grace ends, scheduled
+    /// plan changes and cancellations, overrides starting or expiring), as the catalog's
+    /// [`StatusMachine`] takes them, for every tenant; returns how
     /// many were new. Entry ids derive from the change, so nodes running this at once, or
     /// a node running it again after a restart, record each change once.
     pub async fn record_due(
@@ -530,13 +591,18 @@ impl Engine {
         after: DateTime<Utc>,
         upto: DateTime<Utc>,
     ) -> Result<usize, EngineError> {
+        // No catalog yet: no subscription can have been written either.
+        let Ok((_, c)) = self.catalog() else {
+            return Ok(0);
+        };
+        let machine = c.status_machine();
         let mut new = 0;
         for tenant in self.control.tenants().await? {
             let Some(sub) = self.control.subscription(&tenant).await? else {
                 continue;
             };
             let overrides = self.control.overrides(&tenant).await?;
-            for e in meter::ledger::due(&sub, &overrides, after, upto) {
+            for e in meter::ledger::due(&machine, &sub, &overrides, after, upto) {
                 if self.control.record_entry(&e).await? {
                     tracing::info!(tenant = %e.tenant, action = %e.action, at = %e.at, "scheduled change recorded");
                     new += 1;

@@ -198,6 +198,13 @@ impl Engine {
                 format!("subscription is {}", ent.status.as_str()),
             ),
             _ if grant.enabled() => Decision::allow(),
+            _ if grant.off_by_status().is_some() => {
+                let status = ent.status.as_str();
+                Decision::deny(
+                    Reason::SubscriptionRestricted,
+                    format!("subscription is {status}: {feature} is off in this status (catalog access.{status}.features_off)"),
+                )
+            }
             _ => {
                 let mut d = Decision::deny(
                     Reason::FeatureNotInPlan,

@@ -343,14 +343,19 @@ impl Admin for AdminService {
             .collect();
         let mut limits = Vec::new();
         for (metric, list) in &e.limits {
+            let closed_by = e.closed.get(metric).map(|c| convert::provenance(&c.rule));
             if list.is_empty() {
                 limits.push(pb::LimitEntitlement {
                     metric: metric.clone(),
                     window: "unlimited".into(),
+                    closed_by: closed_by.clone(),
                     ..Default::default()
                 });
             }
-            limits.extend(list.iter().map(|l| convert::limit(metric, l)));
+            limits.extend(list.iter().map(|l| pb::LimitEntitlement {
+                closed_by: closed_by.clone(),
+                ..convert::limit(metric, l)
+            }));
         }
         Ok(Response::new(pb::GetTenantResponse {
             subscription: Some(convert::subscription(&v.subscription)),

@@ -131,6 +131,7 @@ pub fn provenance(p: &Provenance) -> pb::Provenance {
         Source::Plan { plan } => ("plan", plan.clone()),
         Source::Addon { code, .. } => ("addon", code.clone()),
         Source::Override { id } => ("override", id.clone()),
+        Source::Status { status } => ("status", status.as_str().to_string()),
     };
     pb::Provenance {
         kind: kind.into(),
@@ -157,6 +158,8 @@ pub fn limit(metric: &str, l: &ResolvedLimit) -> pb::LimitEntitlement {
         sources: l.sources.iter().map(provenance).collect(),
         since: Some(ts(l.since)),
         scope: scope(l),
+        // Set by the caller, which knows the status (see `Entitlements::closed`).
+        closed_by: None,
     }
 }
 

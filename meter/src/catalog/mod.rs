@@ -11,4 +11,4 @@ mod validate;
 
 pub use load::{parse, CatalogError, Problem};
 pub use model::*;
-pub use validate::{validate, validate_successor, MAX_AMOUNT};
+pub use validate::{validate, validate_successor, MAX_AMOUNT, MAX_GRACE_DAYS};

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::unique::unique_map;
 use crate::lifecycle::Status;
+use crate::status_machine::{StatusMachine, DEFAULT_GRACE_DAYS};
 use crate::window::Window;
 
 /// The whole catalog: what can be sold and what each offer grants.
@@ -23,10 +24,16 @@ pub struct Catalog {
     /// `unit_price`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub currency: Option<String>,
-    /// Access level of each subscription status. Statuses left out keep their default
-    /// (see [`default_access`]).
+    /// How many days a subscription stays in `grace` before it is suspended, counted from
+    /// when it entered grace; absent means [`DEFAULT_GRACE_DAYS`]. See
+    /// [`Catalog::status_machine`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_days: Option<u32>,
+    /// What each subscription status allows: a level, and optionally features it turns
+    /// off and metrics that stay consumable (see [`AccessRule`]). Statuses left out keep
+    /// their default (see [`default_access`]).
     #[serde(default, deserialize_with = "unique_map")]
-    pub access: BTreeMap<Status, AccessLevel>,
+    pub access: BTreeMap<Status, AccessRule>,
     /// Counted quantities, by code.
     #[serde(deserialize_with = "unique_map")]
     pub metrics: BTreeMap<String, MetricDef>,
@@ -39,6 +46,116 @@ pub struct Catalog {
     /// Add-ons, by code.
     #[serde(default, deserialize_with = "unique_map")]
     pub addons: BTreeMap<String, AddonDef>,
+}
+
+impl Catalog {
+    /// The state machine this catalog configures: the one rule for what time does to a
+    /// subscription (trial end, grace end, scheduled changes), used by resolution, the
+    /// ledger and every status change.
+    pub fn status_machine(&self) -> StatusMachine {
+        StatusMachine::new(self.grace_days.unwrap_or(DEFAULT_GRACE_DAYS))
+    }
+
+    /// The access rule of `status`: as declared, else the default level alone.
+    pub fn access_rule(&self, status: Status) -> AccessRule {
+        self.access
+            .get(&status)
+            .cloned()
+            .unwrap_or_else(|| AccessRule::level(default_access(status)))
+    }
+}
+
+/// What a status allows, as the catalog declares it under `access`.
+///
+/// Written either as a plain level (`grace: read_only`), or as a map that refines the
+/// level feature by feature and metric by metric:
+///
+/// ```yaml
+/// access:
+///   grace:
+///     level: read_only            # features checkable, nothing consumable…
+///     features_off: [bulk_export] # …these features off as well…
+///     consumable: [seats]         # …and these metrics still consumable
+/// ```
+///
+/// Both lists name exceptions to the level rather than restating the plan, so a catalog
+/// keeps one list per status however many plans it has, and a feature or metric added
+/// later falls under the level until someone decides otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AccessRule {
+    /// The level: `full`, `read_only` or `none`.
+    pub level: AccessLevel,
+    /// Features this status turns off, whatever the plan, add-ons and overrides grant
+    /// (a metered one closes its metric too). Not with level `none`, where every
+    /// request is refused already.
+    pub features_off: Vec<String>,
+    /// Level `read_only` only: metrics that may still be consumed (reserve, record).
+    pub consumable: Vec<String>,
+}
+
+impl AccessRule {
+    /// A plain level, with no exceptions.
+    pub fn level(level: AccessLevel) -> AccessRule {
+        AccessRule {
+            level,
+            features_off: Vec::new(),
+            consumable: Vec::new(),
+        }
+    }
+}
+
+/// The map form of [`AccessRule`] in files.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccessRuleMap {
+    level: AccessLevel,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    features_off: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    consumable: Vec<String>,
+}
+
+impl Serialize for AccessRule {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // A rule without exceptions is written as its level, as people write it.
+        if self.features_off.is_empty() && self.consumable.is_empty() {
+            return self.level.serialize(s);
+        }
+        AccessRuleMap {
+            level: self.level,
+            features_off: self.features_off.clone(),
+            consumable: self.consumable.clone(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for AccessRule {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AccessRule;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "an access level (full, read_only, none) or a map with level, features_off, consumable",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<AccessRule, E> {
+                AccessLevel::deserialize(serde::de::value::StrDeserializer::<E>::new(v))
+                    .map(AccessRule::level)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<AccessRule, A::Error> {
+                let r =
+                    AccessRuleMap::deserialize(serde::de::value::MapAccessDeserializer::new(m))?;
+                Ok(AccessRule {
+                    level: r.level,
+                    features_off: r.features_off,
+                    consumable: r.consumable,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// What a subscription in some status may do.

@@ -10,6 +10,11 @@ use crate::window::Window;
 /// gauge adjustments, so they stay within `i64`.
 pub const MAX_AMOUNT: u64 = i64::MAX as u64;
 
+/// The longest grace period a catalog may declare: a year. Longer is almost certainly a
+/// unit mistake (hours or seconds written as days), and unpaid service for longer than a
+/// year is better written as a status that keeps access.
+pub const MAX_GRACE_DAYS: u32 = 365;
+
 /// Checks every rule; returns all problems found, not just the first.
 pub fn validate(c: &Catalog) -> Result<(), Vec<Problem>> {
     let mut v = Checker::default();
@@ -65,6 +70,18 @@ pub fn validate(c: &Catalog) -> Result<(), Vec<Problem>> {
             }
         }
     }
+    match c.grace_days {
+        Some(0) => v.push(
+            "grace_days",
+            "must be at least 1: a subscription in grace is suspended this many days after it entered grace (leave it out for the default 7)".into(),
+        ),
+        Some(d) if d > MAX_GRACE_DAYS => v.push(
+            "grace_days",
+            format!("{d} days is more than {MAX_GRACE_DAYS}; grace is counted in days, not hours or seconds"),
+        ),
+        _ => {}
+    }
+    v.access(c);
     if c.plans.is_empty() {
         v.push("plans", "at least one plan is required".into());
     }
@@ -166,6 +183,63 @@ impl Checker {
     fn code(&mut self, path: &str, code: &str) {
         if let Err(reason) = check_code(code) {
             self.push(path, reason);
+        }
+    }
+
+    /// Access rules name features and metrics that exist, once each, where the level
+    /// gives them a meaning.
+    fn access(&mut self, c: &Catalog) {
+        for (status, rule) in &c.access {
+            let path = format!("access.{}", status.as_str());
+            if rule.level == AccessLevel::None && !rule.features_off.is_empty() {
+                self.push(
+                    &format!("{path}.features_off"),
+                    "with level none every request is refused already; name no features".into(),
+                );
+            }
+            if rule.level != AccessLevel::ReadOnly && !rule.consumable.is_empty() {
+                self.push(
+                    &format!("{path}.consumable"),
+                    format!(
+                        "only level read_only keeps metrics consumable (with {} {})",
+                        rule.level.as_str(),
+                        if rule.level == AccessLevel::Full {
+                            "every granted metric is"
+                        } else {
+                            "none is"
+                        }
+                    ),
+                );
+            }
+            for (i, f) in rule.features_off.iter().enumerate() {
+                let fpath = format!("{path}.features_off[{i}]");
+                if !c.features.contains_key(f) {
+                    self.push(&fpath, format!("unknown feature {f:?}"));
+                } else if rule.features_off[..i].contains(f) {
+                    self.push(&fpath, format!("{f} is listed twice"));
+                }
+            }
+            for (i, m) in rule.consumable.iter().enumerate() {
+                let mpath = format!("{path}.consumable[{i}]");
+                if !c.metrics.contains_key(m) {
+                    self.push(&mpath, format!("unknown metric {m:?}"));
+                    continue;
+                }
+                if rule.consumable[..i].contains(m) {
+                    self.push(&mpath, format!("{m} is listed twice"));
+                }
+                let closed_by = c.features.iter().find(|(code, f)| {
+                    f.kind == FeatureKind::Metered
+                        && f.metric.as_deref() == Some(m)
+                        && rule.features_off.contains(code)
+                });
+                if let Some((code, _)) = closed_by {
+                    self.push(
+                        &mpath,
+                        format!("{m} is the metric of {code}, which features_off turns off"),
+                    );
+                }
+            }
         }
     }
 
