@@ -49,3 +49,19 @@ else
 fi
 echo "==> cargo test"
 cargo test --workspace --locked
+
+# deploy/: lint what cannot run here (systemd units, Dockerfile, Kubernetes manifests,
+# scripts), then bring the whole local topology up, use it, restart it and take it down
+# once, on free ports in a temporary directory (about a minute; ALLOT_DEPLOY_SMOKE=0 skips).
+deploy_start=$SECONDS
+# The debug binary cargo test just built for enforcer's integration tests: no second,
+# release build (a build with other features could rebuild much of the workspace).
+export ALLOT_BIN="${CARGO_TARGET_DIR:-target}/debug/allot"
+[[ -x $ALLOT_BIN ]] || cargo build --locked -q -p enforcer --bin allot
+echo "==> deploy/lint"
+deploy/lint
+if [[ ${ALLOT_DEPLOY_SMOKE:-1} != 0 ]]; then
+  echo "==> deploy/smoke"
+  deploy/smoke
+fi
+echo "==> deploy checks took $((SECONDS - deploy_start))s"
