@@ -286,12 +286,31 @@ pub async fn run(
     }
 
     let auth = auth_layer(cfg, &engine)?;
+    // Shutdown waits for open calls, but peers hold their Sync streams open for good:
+    // draining is bounded, then the node stops (every acknowledged write is already
+    // durable, so cutting a stream loses nothing).
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let shutdown = {
+        let stopping = stopping.clone();
+        async move {
+            shutdown.await;
+            stopping.notify_one();
+        }
+    };
+    let drained = async move {
+        stopping.notified().await;
+        tokio::time::sleep(SHUTDOWN_DRAIN).await;
+        tracing::warn!(
+            drain = ?SHUTDOWN_DRAIN,
+            "calls or peer streams still open after the drain; stopping anyway"
+        );
+    };
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = &cfg.tls {
         server = server.tls_config(tls.server.clone())?;
         tracing::info!(mutual = tls.mutual, "serving grpc over tls");
     }
-    let result = server
+    let serving = server
         .layer(
             tower::ServiceBuilder::new()
                 .layer(crate::metrics::RpcMetricsLayer)
@@ -314,14 +333,20 @@ pub async fn run(
         .add_service(PeerServer::new(PeerService::new(soft, peers)))
         // With Redis the node ships its spool to the Redis streams itself.
         .add_optional_service(spool_service.map(SpoolServer::new))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(incoming(listener), shutdown);
+    let result = tokio::select! {
+        r = serving => r,
+        () = drained => Ok(()),
+    };
     for t in tasks {
         t.abort();
     }
     result?;
     Ok(())
 }
+
+/// How long a stopping node waits for open calls and streams before it stops anyway.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
 
 /// The Stripe endpoint from its configuration file, checked against the catalog in force.
 fn stripe_endpoint(

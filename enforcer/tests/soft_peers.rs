@@ -490,3 +490,15 @@ async fn soft_only_requests_stay_on_their_node_and_outlive_a_redis_outage() {
     // Gossip does not need Redis either.
     assert_eq!(cluster.converge("eps", 25).await, vec![25; 3]);
 }
+
+/// A node whose peers hold their gossip streams open still stops on SIGTERM (the drain is
+/// bounded), and its peers see it gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_connected_peers_stops_on_sigterm() {
+    let mut cluster = Cluster::start(None).await;
+    cluster.wait_live(2).await;
+    let status = cluster.nodes[1].terminate().await;
+    assert!(status.success(), "clean exit: {status}");
+    // The others keep answering.
+    assert_eq!(cluster.peers(0).await.peers.len(), 2);
+}

@@ -236,6 +236,22 @@ impl Node {
         self.child.wait().await.unwrap();
     }
 
+    /// Sends SIGTERM and waits for the exit (a hang fails the test after a minute);
+    /// returns the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running");
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await
+            .unwrap();
+        assert!(sent.success(), "SIGTERM sent");
+        tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .expect("the node exits after SIGTERM")
+            .unwrap()
+    }
+
     /// Runs the `allot` CLI against this node; returns (exit code, stdout, stderr).
     pub async fn cli(&self, args: &[&str]) -> (i32, String, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_allot"))
