@@ -364,11 +364,7 @@ fn stripe_endpoint(
     let adapter = StripeAdapter::new(&config, &catalog).map_err(|e| bad(e.to_string()))?;
     Ok(crate::webhook::http::StripeEndpoint {
         adapter,
-        sync: crate::webhook::sync::ProviderSync::new(
-            engine.clone(),
-            "stripe",
-            catalog.status_machine(),
-        ),
+        sync: crate::webhook::sync::ProviderSync::new(engine.clone(), "stripe"),
     })
 }
 

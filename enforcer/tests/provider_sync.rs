@@ -57,7 +57,7 @@ async fn a_tenant_write_lost_in_a_crash_is_made_once_by_the_next_delivery() {
         .unwrap();
     let config: StripeConfig = toml::from_str(CONFIG).unwrap();
     let adapter = StripeAdapter::new(&config, &engine.catalog().unwrap().1).unwrap();
-    let sync = ProviderSync::new(engine.clone(), "stripe", StatusMachine::default());
+    let sync = ProviderSync::new(engine.clone(), "stripe");
 
     // The creation is applied normally.
     let created = event(&adapter, "subscription_created");

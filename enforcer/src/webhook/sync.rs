@@ -81,19 +81,18 @@ pub struct Report {
 pub struct ProviderSync {
     engine: Arc<Engine>,
     provider: String,
-    machine: StatusMachine,
     /// Deliveries of this node one at a time: they are rare, and it keeps the
     /// compare-and-set loop for other nodes.
     serial: tokio::sync::Mutex<()>,
 }
 
 impl ProviderSync {
-    /// Sync for `provider` (`stripe`), with the grace period of `machine`.
-    pub fn new(engine: Arc<Engine>, provider: &str, machine: StatusMachine) -> Self {
+    /// Sync for `provider` (`stripe`). Events are judged by the state machine of the
+    /// catalog in force (its grace period), as resolution is.
+    pub fn new(engine: Arc<Engine>, provider: &str) -> Self {
         ProviderSync {
             engine,
             provider: provider.to_string(),
-            machine,
             serial: tokio::sync::Mutex::new(()),
         }
     }
@@ -106,6 +105,11 @@ impl ProviderSync {
     /// The engine it writes through.
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    /// The catalog's state machine, read per delivery so a new `grace_days` applies at once.
+    fn machine(&self) -> Result<StatusMachine, EngineError> {
+        Ok(self.engine.catalog()?.1.status_machine())
     }
 
     fn store(&self) -> &Arc<dyn ControlStore> {
@@ -204,6 +208,7 @@ impl ProviderSync {
     /// Applies one verified event and records what it did.
     pub async fn apply(&self, event: ProviderEvent) -> Result<Report, EngineError> {
         let _serial = self.serial.lock().await;
+        let machine = self.machine()?;
         let object_id = event.object_id.clone();
         for _ in 0..MAX_ATTEMPTS {
             let (revision, mut record) = self.record(&object_id).await?;
@@ -213,7 +218,7 @@ impl ProviderSync {
             let now = self.engine.now();
             let outcome = record
                 .state
-                .apply(&self.machine, event.clone())
+                .apply(&machine, event.clone())
                 .map_err(|e| EngineError::Internal(e.to_string()))?;
             let tenant = outcome
                 .after
@@ -440,6 +445,7 @@ impl ProviderSync {
                 snapshot: snapshot.clone(),
             },
         };
+        let machine = self.machine()?;
         for _ in 0..MAX_ATTEMPTS {
             let (revision, mut record) = self.record(object_id).await?;
             let Some(revision) = self.settle_owed(object_id, revision, &mut record).await? else {
@@ -447,7 +453,7 @@ impl ProviderSync {
             };
             let outcome = record
                 .state
-                .apply(&self.machine, event.clone())
+                .apply(&machine, event.clone())
                 .map_err(|e| EngineError::Internal(e.to_string()))?;
             let mut note = match &outcome.verdict {
                 Verdict::Rejected { why } => {
@@ -459,12 +465,12 @@ impl ProviderSync {
             let Some(mut expected) = outcome.after.clone() else {
                 return Ok(None);
             };
-            self.machine.advance(&mut expected, now);
+            machine.advance(&mut expected, now);
             if let Verdict::Rejected { .. } = outcome.verdict {
                 // The fold kept Allot's status: show what the provider says instead.
                 expected.status = snapshot.status;
             }
-            let differences = differences(stored.as_ref(), &expected, &self.machine, now);
+            let differences = differences(stored.as_ref(), &expected, &machine, now);
             if differences.is_empty() {
                 return Ok(None);
             }
