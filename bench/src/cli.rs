@@ -105,6 +105,36 @@ pub struct RunArgs {
     /// `--aggregator-arg=--batch-interval=250ms`.
     #[arg(long = "aggregator-arg", allow_hyphen_values = true)]
     pub aggregator_args: Vec<String>,
+    /// cluster: the operations to drive through the three enforcers, comma-separated; one
+    /// cell per operation and concurrency (`check`, `check-feature`, `reserve-commit`,
+    /// `soft-reserve`, `record`).
+    #[arg(
+        long = "cluster-ops",
+        value_delimiter = ',',
+        default_value = "check,reserve-commit,record"
+    )]
+    pub cluster_ops: Vec<Scenario>,
+    /// cluster: the enforcers of a topology that is already running (loopback gRPC URLs,
+    /// comma-separated) instead of bringing one up with `deploy/up`.
+    #[arg(long, value_delimiter = ',')]
+    pub endpoints: Vec<String>,
+    /// cluster with --endpoints: a token with scope `admin` (`secrets/admin.token` of
+    /// `deploy/up`), used to add the bench catalog and subscribe the tenants, and for the
+    /// load unless --service-token is given.
+    #[arg(long, env = "ALLOT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// cluster with --endpoints: a token with scope `enforce` for the load
+    /// (`secrets/service.token`); default: --token.
+    #[arg(long, hide_env_values = true)]
+    pub service_token: Option<String>,
+    /// cluster: the directory holding `up` and `down` (default: this repository's
+    /// `deploy/`).
+    #[arg(long)]
+    pub deploy: Option<PathBuf>,
+    /// cluster: keep the topology's state directory (logs, data) when the run fails,
+    /// instead of `deploy/down --purge` (the processes are stopped either way).
+    #[arg(long)]
+    pub keep_failed: bool,
     /// Print only JSON on stdout (no table).
     #[arg(long)]
     pub json: bool,
@@ -138,6 +168,12 @@ pub enum Scenario {
     /// Records into a node on Redis, moved by `allot aggregate` into ClickHouse: events
     /// per second into ClickHouse and the lag from acknowledgement to the rollup.
     Ingest,
+    /// Enforcer.Record of 1 unit of `api_calls`, a new event id each.
+    Record,
+    /// The whole topology of `deploy/up` (Redis Cluster, ClickHouse, three enforcers, two
+    /// aggregators), or a running one (`--endpoints`): the `--cluster-ops` operations
+    /// spread over the three enforcers.
+    Cluster,
 }
 
 impl Scenario {
@@ -153,6 +189,8 @@ impl Scenario {
             Scenario::SoftReserve => "soft-reserve",
             Scenario::Propagation => "propagation",
             Scenario::Ingest => "ingest",
+            Scenario::Record => "record",
+            Scenario::Cluster => "cluster",
         }
     }
 
@@ -171,14 +209,29 @@ impl Scenario {
     pub fn needs_node(self) -> bool {
         matches!(
             self,
-            Scenario::Check | Scenario::CheckFeature | Scenario::ReserveCommit
+            Scenario::Check | Scenario::CheckFeature | Scenario::ReserveCommit | Scenario::Record
+        )
+    }
+
+    /// Whether the scenario can be one of the cluster's operations (`--cluster-ops`).
+    pub fn is_cluster_op(self) -> bool {
+        matches!(
+            self,
+            Scenario::Check
+                | Scenario::CheckFeature
+                | Scenario::ReserveCommit
+                | Scenario::SoftReserve
+                | Scenario::Record
         )
     }
 
     /// Whether the scenario runs on its own servers, after the other cells (propagation and
     /// ingest start their own redis-server and nodes).
     pub fn runs_alone(self) -> bool {
-        matches!(self, Scenario::Propagation | Scenario::Ingest)
+        matches!(
+            self,
+            Scenario::Propagation | Scenario::Ingest | Scenario::Cluster
+        )
     }
 
     /// Whether the scenario needs the bench's Redis and the node that uses it.
@@ -194,15 +247,17 @@ impl Scenario {
     /// over hard on the same node; not a ceiling, it may exceed 1).
     pub fn ratio_basis(self) -> Option<Scenario> {
         match self {
-            Scenario::Check | Scenario::CheckFeature | Scenario::ReserveCommit => {
-                Some(Scenario::Ceiling)
-            }
+            Scenario::Check
+            | Scenario::CheckFeature
+            | Scenario::ReserveCommit
+            | Scenario::Record => Some(Scenario::Ceiling),
             Scenario::HardReserve => Some(Scenario::RedisScript),
             Scenario::SoftReserve => Some(Scenario::HardReserve),
             Scenario::Ceiling
             | Scenario::RedisScript
             | Scenario::Propagation
-            | Scenario::Ingest => None,
+            | Scenario::Ingest
+            | Scenario::Cluster => None,
         }
     }
 }
@@ -304,6 +359,23 @@ mod tests {
         assert_eq!(cli.run.poll_interval, Duration::from_millis(50));
         assert_eq!(cli.run.drain_timeout, Duration::from_secs(30));
         assert!(Scenario::Ingest.runs_alone() && !Scenario::Ingest.needs_redis_node());
+        let cli = Cli::try_parse_from([
+            "bench",
+            "--scenario",
+            "cluster",
+            "--endpoints",
+            "http://127.0.0.1:7411,http://127.0.0.1:7412,http://127.0.0.1:7413",
+            "--token",
+            "al_x",
+        ])
+        .unwrap();
+        assert_eq!(cli.run.scenario, vec![Scenario::Cluster]);
+        assert_eq!(cli.run.endpoints.len(), 3);
+        assert_eq!(
+            cli.run.cluster_ops,
+            vec![Scenario::Check, Scenario::ReserveCommit, Scenario::Record]
+        );
+        assert!(Scenario::Cluster.runs_alone() && Scenario::Record.needs_node());
         let cli = Cli::try_parse_from(["bench", "noop-server", "--listen", "127.0.0.1:0"]).unwrap();
         assert!(matches!(cli.command, Some(Command::NoopServer(_))));
     }

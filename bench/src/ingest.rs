@@ -375,10 +375,10 @@ async fn measure(
     servers: &mut Servers,
 ) -> anyhow::Result<Vec<Row>> {
     let channels = setup::connect(&servers.node.url(), args.channels).await?;
-    setup::prepare(channels[0].clone(), args.tenants, true)
+    setup::prepare(channels[0].clone(), args.tenants, true, None)
         .await
         .context("preparing the node on Redis")?;
-    setup::probe(channels[0].clone()).await?;
+    setup::probe(channels[0].clone(), None).await?;
     let redis_url = crate::redis::url(&servers.redis);
     wait_ready(servers, &redis_url).await?;
     let partitions = (0..args.tenants)
@@ -401,7 +401,7 @@ async fn measure(
         book: Arc::new(Mutex::new(LagBook::new(args.tenants, base))),
         run_id: uuid::Uuid::new_v4().simple().to_string(),
         partitions,
-        meter: Meter::new(servers.pids(), servers.clickhouse.addr()),
+        meter: Meter::new(servers.pids(), Some(servers.clickhouse.addr())),
     };
     probe_pipeline(&ctx, servers).await?;
     if let (n, Some(first)) = servers.aggregator.new_complaints() {

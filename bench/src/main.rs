@@ -6,6 +6,7 @@
 
 mod cli;
 mod clickhouse;
+mod cluster;
 mod ingest;
 mod lag;
 mod node;

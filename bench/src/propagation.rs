@@ -146,7 +146,7 @@ async fn measure(
     channels: &[Channel],
     children: &mut [ServerProcess],
 ) -> anyhow::Result<Vec<Row>> {
-    setup::prepare(channels[0].clone(), 0, true)
+    setup::prepare(channels[0].clone(), 0, true, None)
         .await
         .context("preparing node 1")?;
     let mut admin = AdminClient::new(channels[0].clone());

@@ -81,6 +81,18 @@ pub struct Row {
     /// (then the delay is at most one Check's time, and the real lag is hidden in it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seen_by_first_poll: Option<u64>,
+    /// cluster: the operation of the row (`check`, `reserve-commit`, `record`, …); the
+    /// scenario is then `cluster`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+    /// cluster: how many enforcers the workers were spread over.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enforcers: Option<usize>,
+    /// cluster: CPU seconds per second (cores) used over the measured window by each
+    /// group of processes (`enforcers`, `redis`, `clickhouse`, `aggregators`, `bench`;
+    /// the topology's only when the bench brought it up) and by the whole `machine`.
+    #[serde(rename = "cpu_cores", skip_serializing_if = "Option::is_none")]
+    pub cluster_cpu_cores: Option<BTreeMap<String, f64>>,
     /// ingest: its own figures (the percentiles above are then the lag's, from
     /// acknowledgement to the rollup, and ops/s the acknowledged Records').
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
@@ -143,6 +155,9 @@ impl Row {
             target: None,
             poll_p50_us: None,
             seen_by_first_poll: None,
+            operation: None,
+            enforcers: None,
+            cluster_cpu_cores: None,
             ingest: None,
             run: run.clone(),
         }
@@ -181,12 +196,20 @@ pub fn tables(rows: &[Row]) -> String {
     };
     let cells: Vec<Row> = rows
         .iter()
-        .filter(|r| r.ingest.is_none() && r.scenario != Scenario::Propagation.name())
+        .filter(|r| {
+            r.ingest.is_none()
+                && r.scenario != Scenario::Propagation.name()
+                && r.scenario != Scenario::Cluster.name()
+        })
         .cloned()
         .collect();
     let mut out = Vec::new();
     if !cells.is_empty() {
         out.push(table(&cells));
+    }
+    let cluster = of(Scenario::Cluster);
+    if !cluster.is_empty() {
+        out.push(cluster_table(&cluster));
     }
     let propagation = of(Scenario::Propagation);
     if !propagation.is_empty() {
@@ -197,6 +220,54 @@ pub fn tables(rows: &[Row]) -> String {
         out.push(ingest_table(&ingest));
     }
     out.join("\n\n")
+}
+
+/// The CPU groups of the cluster table, in its column's order.
+const CLUSTER_CPU: [&str; 5] = ["enforcers", "redis", "clickhouse", "aggregators", "bench"];
+
+/// Per operation and concurrency, through all the enforcers: ops/s, percentiles, errors,
+/// and the cores each group of processes used (then the whole machine's busy cores).
+fn cluster_table(rows: &[Row]) -> String {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "scenario",
+        "operation",
+        "concurrency",
+        "ops/s",
+        "p50 µs",
+        "p90 µs",
+        "p99 µs",
+        "p99.9 µs",
+        "errors",
+        "CPU cores: enforcers, redis, clickhouse, aggregators, bench",
+        "machine",
+    ]);
+    for r in rows {
+        let cpu = r.cluster_cpu_cores.clone().unwrap_or_default();
+        let core = |name: &str| {
+            cpu.get(name)
+                .map_or_else(|| "-".to_owned(), |c| format!("{c:.2}"))
+        };
+        t.add_row(vec![
+            r.scenario.clone(),
+            r.operation.clone().unwrap_or_default(),
+            r.concurrency.to_string(),
+            thousands(r.ops_per_sec.round() as u64),
+            us_text(r.p50_us),
+            us_text(r.p90_us),
+            us_text(r.p99_us),
+            us_text(r.p999_us),
+            r.errors_text(),
+            CLUSTER_CPU.map(core).join(", "),
+            core(crate::resources::MACHINE),
+        ]);
+    }
+    for i in 2..11 {
+        if let Some(col) = t.column_mut(i) {
+            col.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    t.to_string()
 }
 
 /// Per cell: concurrency, rate asked, Records acknowledged and events into the rollup per
@@ -504,6 +575,33 @@ mod tests {
         assert_eq!(v[0]["backlog_start"], 900);
         assert_eq!(v[0]["cpu_cores"]["clickhouse"], 0.61);
         assert!((v[0]["p50_us"].as_f64().unwrap() - 700_000.0).abs() < 1_000.0);
+    }
+
+    #[test]
+    fn cluster_rows() {
+        let mut row = Row::new(
+            &cell(Scenario::ReserveCommit, &[900; 2000], 2),
+            None,
+            &info(),
+        );
+        row.scenario = Scenario::Cluster.name().to_owned();
+        row.operation = Some("reserve-commit".into());
+        row.enforcers = Some(3);
+        row.cluster_cpu_cores = Some(BTreeMap::from([
+            ("enforcers".to_owned(), 0.9),
+            ("redis".to_owned(), 0.35),
+            ("machine".to_owned(), 1.8),
+        ]));
+        let text = tables(std::slice::from_ref(&row));
+        assert!(text.contains("reserve-commit") && text.contains("1,000"));
+        assert!(text.contains("0.90, 0.35, -, -, -") && text.contains("1.80"));
+        assert!(!text.contains("ratio_to_ceiling"));
+        let v: serde_json::Value = serde_json::from_str(&json(&[row]).unwrap()).unwrap();
+        assert_eq!(v[0]["scenario"], "cluster");
+        assert_eq!(v[0]["operation"], "reserve-commit");
+        assert_eq!(v[0]["enforcers"], 3);
+        assert_eq!(v[0]["rpcs_per_op"], 2);
+        assert_eq!(v[0]["cpu_cores"]["redis"], 0.35);
     }
 
     #[test]

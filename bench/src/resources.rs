@@ -12,7 +12,7 @@ use std::time::Instant;
 pub struct Meter {
     pids: Vec<(&'static str, Option<u32>)>,
     ticks_per_sec: f64,
-    clickhouse: SocketAddr,
+    clickhouse: Option<SocketAddr>,
 }
 
 /// What had been used at one instant.
@@ -46,9 +46,10 @@ pub struct InsertRates {
 }
 
 impl Meter {
-    /// A meter of the processes `pids` (by name; `None`: not running) and of the
-    /// ClickHouse server at `clickhouse` (HTTP).
-    pub fn new(pids: Vec<(&'static str, Option<u32>)>, clickhouse: SocketAddr) -> Meter {
+    /// A meter of the processes `pids` (by name; `None`: not running; several processes
+    /// under one name are added up) and of the ClickHouse server at `clickhouse` (HTTP),
+    /// if any.
+    pub fn new(pids: Vec<(&'static str, Option<u32>)>, clickhouse: Option<SocketAddr>) -> Meter {
         Meter {
             pids,
             ticks_per_sec: ticks_per_sec(),
@@ -65,7 +66,10 @@ impl Meter {
         Sample {
             at: Instant::now(),
             cpu,
-            counters: server_counters(self.clickhouse).await.unwrap_or_default(),
+            counters: match self.clickhouse {
+                Some(addr) => server_counters(addr).await.unwrap_or_default(),
+                None => BTreeMap::new(),
+            },
         }
     }
 }
@@ -81,16 +85,20 @@ impl Sample {
     }
 }
 
-/// CPU time used so far by each of `pids`, in seconds (those `/proc` cannot tell are left
-/// out).
+/// CPU time used so far by each of `pids`, in seconds, added up by name (those `/proc`
+/// cannot tell are left out).
 fn cpu_seconds(pids: &[(&'static str, Option<u32>)], ticks_per_sec: f64) -> BTreeMap<String, f64> {
-    pids.iter()
-        .filter_map(|(name, pid)| {
-            let stat = std::fs::read_to_string(format!("/proc/{}/stat", (*pid)?)).ok()?;
-            let ticks = cpu_ticks(&stat)?;
-            Some(((*name).to_owned(), ticks as f64 / ticks_per_sec))
-        })
-        .collect()
+    let mut out = BTreeMap::new();
+    for (name, pid) in pids {
+        let Some(pid) = pid else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if let Some(ticks) = cpu_ticks(&stat) {
+            *out.entry((*name).to_owned()).or_insert(0.0) += ticks as f64 / ticks_per_sec;
+        }
+    }
+    out
 }
 
 /// utime + stime (clock ticks, every thread) of a `/proc/PID/stat` line. The command

@@ -1,5 +1,5 @@
 //! A whole bench run: start or reach the targets, prepare the nodes, run every cell, then
-//! propagation and ingest (each on servers of its own), and report.
+//! propagation, ingest and cluster (each on servers of its own), and report.
 
 use anyhow::{bail, Context as _};
 
@@ -23,13 +23,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.channels == 0 || args.tenants == 0 {
         bail!("--channels and --tenants must be at least 1");
     }
+    // The cluster scenario on --endpoints starts nothing.
+    let external_cluster = |s: &Scenario| *s == Scenario::Cluster && !args.endpoints.is_empty();
     let uses_redis = scenarios
         .iter()
-        .any(|s| s.needs_redis_node() || s.runs_alone());
+        .any(|s| (s.needs_redis_node() || s.runs_alone()) && !external_cluster(s));
     if uses_redis && args.endpoint.is_some() {
         bail!(
             "--endpoint cannot be used with hard-reserve, soft-reserve, redis-script, \
-             propagation or ingest: they start their own redis-server and nodes"
+             propagation, ingest or cluster: they start their own redis-server and nodes              (cluster takes --endpoints)"
         );
     }
     if scenarios.contains(&Scenario::Propagation) && args.changes == 0 {
@@ -37,6 +39,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     if scenarios.contains(&Scenario::Ingest) {
         crate::ingest::check_args(&args)?;
+    }
+    if scenarios.contains(&Scenario::Cluster) {
+        crate::cluster::check_args(&args)?;
+    } else if !args.endpoints.is_empty() {
+        bail!("--endpoints is for the cluster scenario (one node: --endpoint)");
     }
 
     let info = RunInfo {
@@ -67,6 +74,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     if scenarios.contains(&Scenario::Ingest) {
         rows.extend(crate::ingest::run(&args, &info).await?);
+    }
+    if scenarios.contains(&Scenario::Cluster) {
+        rows.extend(crate::cluster::run(&args, &info).await?);
     }
     output(&args, &rows)
 }
@@ -102,6 +112,7 @@ async fn run_cells(
                 duration: args.duration,
                 tenants: args.tenants,
                 run_id: run_id.clone(),
+                bearer: None,
             };
             eprintln!(
                 "running {} at concurrency {concurrency} ({:?} warmup + {:?})",
@@ -137,7 +148,7 @@ async fn run_cells(
 
 /// The scenarios once each: the ceilings first (the others' ratios need them; hard-reserve
 /// brings redis-script along), then as given, except that hard-reserve comes before
-/// soft-reserve (soft-reserve's ratio is to it), propagation then ingest last.
+/// soft-reserve (soft-reserve's ratio is to it), then propagation, ingest and cluster.
 fn ordered(given: &[Scenario]) -> Vec<Scenario> {
     let mut out = Vec::new();
     if given.contains(&Scenario::Ceiling) {
@@ -157,7 +168,7 @@ fn ordered(given: &[Scenario]) -> Vec<Scenario> {
             out.push(*s);
         }
     }
-    for alone in [Scenario::Propagation, Scenario::Ingest] {
+    for alone in [Scenario::Propagation, Scenario::Ingest, Scenario::Cluster] {
         if given.contains(&alone) {
             out.push(alone);
         }
@@ -208,6 +219,10 @@ mod tests {
         assert_eq!(
             ordered(&[Ingest, Check, Propagation, Ingest]),
             vec![Check, Propagation, Ingest]
+        );
+        assert_eq!(
+            ordered(&[Cluster, Record, Check, Ingest]),
+            vec![Record, Check, Ingest, Cluster]
         );
         // Alone, soft-reserve brings nothing along (and has no ratio).
         assert_eq!(ordered(&[SoftReserve]), vec![SoftReserve]);

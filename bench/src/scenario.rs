@@ -11,9 +11,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use allot_proto::v1::enforcer_client::EnforcerClient;
-use allot_proto::v1::{CheckRequest, CommitRequest, Decision, Outcome, ReserveRequest};
+use allot_proto::v1::{
+    CheckRequest, CommitRequest, Decision, Outcome, RecordRequest, ReserveRequest,
+};
 use anyhow::Context as _;
 use hdrhistogram::Histogram;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 
 use crate::cli::Scenario;
@@ -49,6 +52,25 @@ pub struct CellSpec {
     pub tenants: usize,
     /// Unique per run; makes idempotency keys unique across runs on the same node.
     pub run_id: String,
+    /// `authorization` sent with every call (`Bearer <token>`), for nodes that check
+    /// tokens (the cluster's); none for the nodes the bench starts (`--insecure-no-auth`).
+    pub bearer: Option<MetadataValue<Ascii>>,
+}
+
+/// The `authorization` value for `token`.
+pub fn bearer(token: &str) -> anyhow::Result<MetadataValue<Ascii>> {
+    format!("Bearer {}", token.trim())
+        .parse()
+        .context("the token is not a valid header value")
+}
+
+/// `message` as a request carrying `bearer`, if any.
+pub fn authed<T>(bearer: Option<&MetadataValue<Ascii>>, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(b) = bearer {
+        request.metadata_mut().insert("authorization", b.clone());
+    }
+    request
 }
 
 /// Failed operations of one kind.
@@ -133,8 +155,14 @@ pub fn allowed(decision: Option<&Decision>) -> Result<(), Failure> {
     }
 }
 
-/// One worker's way of doing one operation.
-enum Driver {
+/// One worker's way of doing one operation, and the token it presents.
+struct Driver {
+    op: Op,
+    bearer: Option<MetadataValue<Ascii>>,
+}
+
+/// The operation itself.
+enum Op {
     Ceiling {
         client: NoopClient<Channel>,
         request: EchoRequest,
@@ -152,10 +180,29 @@ enum Driver {
         key_prefix: String,
         seq: u64,
     },
+    Record {
+        client: EnforcerClient<Channel>,
+        tenant: String,
+        key_prefix: String,
+        seq: u64,
+    },
     Script(ScriptPair),
 }
 
 impl Driver {
+    fn new(spec: &CellSpec, worker: usize, target: Target<'_>) -> anyhow::Result<Self> {
+        Ok(Driver {
+            op: Op::new(spec, worker, target)?,
+            bearer: spec.bearer.clone(),
+        })
+    }
+
+    async fn once(&mut self) -> Result<(), Failure> {
+        self.op.once(self.bearer.as_ref()).await
+    }
+}
+
+impl Op {
     fn new(spec: &CellSpec, worker: usize, target: Target<'_>) -> anyhow::Result<Self> {
         let t = worker % spec.tenants.max(1);
         let key_prefix = format!(
@@ -166,13 +213,19 @@ impl Driver {
         );
         let channel = match (spec.scenario, target) {
             (Scenario::RedisScript, Target::Script(script)) => {
-                return Ok(Driver::Script(ScriptPair::new(
+                return Ok(Op::Script(ScriptPair::new(
                     script.clone(),
                     tenant(t),
                     key_prefix,
                 )));
             }
-            (Scenario::RedisScript | Scenario::Propagation | Scenario::Ingest, _)
+            (
+                Scenario::RedisScript
+                | Scenario::Propagation
+                | Scenario::Ingest
+                | Scenario::Cluster,
+                _,
+            )
             | (_, Target::Script(_)) => {
                 anyhow::bail!("{} cannot run on this target", spec.scenario.name())
             }
@@ -182,15 +235,15 @@ impl Driver {
             }
         };
         Ok(match spec.scenario {
-            Scenario::Ceiling => Driver::Ceiling {
+            Scenario::Ceiling => Op::Ceiling {
                 client: NoopClient::new(channel),
                 request: crate::noop::echo_request(&check_request(t)),
             },
-            Scenario::Check => Driver::Check {
+            Scenario::Check => Op::Check {
                 client: EnforcerClient::new(channel),
                 request: check_request(t),
             },
-            Scenario::CheckFeature => Driver::Check {
+            Scenario::CheckFeature => Op::Check {
                 client: EnforcerClient::new(channel),
                 request: CheckRequest {
                     tenant: tenant(t),
@@ -200,7 +253,7 @@ impl Driver {
             },
             Scenario::ReserveCommit | Scenario::HardReserve | Scenario::SoftReserve => {
                 let soft = spec.scenario == Scenario::SoftReserve;
-                Driver::ReserveCommit {
+                Op::ReserveCommit {
                     client: EnforcerClient::new(channel),
                     tenant: tenant(t),
                     metric: if soft { SOFT_METRIC } else { METRIC },
@@ -209,23 +262,57 @@ impl Driver {
                     seq: 0,
                 }
             }
-            Scenario::RedisScript | Scenario::Propagation | Scenario::Ingest => {
+            Scenario::Record => Op::Record {
+                client: EnforcerClient::new(channel),
+                tenant: tenant(t),
+                key_prefix,
+                seq: 0,
+            },
+            Scenario::RedisScript
+            | Scenario::Propagation
+            | Scenario::Ingest
+            | Scenario::Cluster => {
                 unreachable!("matched above")
             }
         })
     }
 
-    async fn once(&mut self) -> Result<(), Failure> {
+    async fn once(&mut self, bearer: Option<&MetadataValue<Ascii>>) -> Result<(), Failure> {
         match self {
-            Driver::Ceiling { client, request } => {
+            Op::Ceiling { client, request } => {
                 client.echo(request.clone()).await?;
                 Ok(())
             }
-            Driver::Check { client, request } => {
-                let r = client.check(request.clone()).await?.into_inner();
+            Op::Check { client, request } => {
+                let r = client
+                    .check(authed(bearer, request.clone()))
+                    .await?
+                    .into_inner();
                 allowed(r.decision.as_ref())
             }
-            Driver::ReserveCommit {
+            Op::Record {
+                client,
+                tenant,
+                key_prefix,
+                seq,
+            } => {
+                *seq += 1;
+                let r = client
+                    .record(authed(
+                        bearer,
+                        RecordRequest {
+                            tenant: tenant.clone(),
+                            metric: METRIC.to_owned(),
+                            amount: 1,
+                            event_id: format!("{key_prefix}-{seq}"),
+                            ..Default::default()
+                        },
+                    ))
+                    .await?
+                    .into_inner();
+                allowed(r.decision.as_ref())
+            }
+            Op::ReserveCommit {
                 client,
                 tenant,
                 metric,
@@ -235,13 +322,16 @@ impl Driver {
             } => {
                 *seq += 1;
                 let reserved = client
-                    .reserve(ReserveRequest {
-                        tenant: tenant.clone(),
-                        metric: (*metric).to_owned(),
-                        amount: 1,
-                        idempotency_key: format!("{key_prefix}-{seq}"),
-                        ..Default::default()
-                    })
+                    .reserve(authed(
+                        bearer,
+                        ReserveRequest {
+                            tenant: tenant.clone(),
+                            metric: (*metric).to_owned(),
+                            amount: 1,
+                            idempotency_key: format!("{key_prefix}-{seq}"),
+                            ..Default::default()
+                        },
+                    ))
                     .await?
                     .into_inner();
                 allowed(reserved.decision.as_ref())?;
@@ -253,15 +343,18 @@ impl Driver {
                 }
                 local_as_expected(*expect_local, &reserved.reservation_id)?;
                 client
-                    .commit(CommitRequest {
-                        tenant: tenant.clone(),
-                        reservation_id: reserved.reservation_id,
-                        actual_amount: 1,
-                    })
+                    .commit(authed(
+                        bearer,
+                        CommitRequest {
+                            tenant: tenant.clone(),
+                            reservation_id: reserved.reservation_id,
+                            actual_amount: 1,
+                        },
+                    ))
                     .await?;
                 Ok(())
             }
-            Driver::Script(pair) => pair.once().await,
+            Op::Script(pair) => pair.once().await,
         }
     }
 }
@@ -288,6 +381,7 @@ fn key_tag(s: Scenario) -> &'static str {
         Scenario::HardReserve => "hr",
         Scenario::RedisScript => "rs",
         Scenario::SoftReserve => "sr",
+        Scenario::Record => "rec",
         _ => "rc",
     }
 }
@@ -389,10 +483,11 @@ mod tests {
             Scenario::HardReserve,
             Scenario::RedisScript,
             Scenario::SoftReserve,
+            Scenario::Record,
         ]
         .into_iter()
         .map(key_tag)
         .collect();
-        assert_eq!(tags.len(), 4);
+        assert_eq!(tags.len(), 5);
     }
 }

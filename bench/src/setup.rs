@@ -11,9 +11,11 @@ use allot_proto::v1::{
     PutSubscriptionRequest, ReserveRequest,
 };
 use anyhow::{bail, Context as _};
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::node::CATALOG_YAML;
+use crate::scenario::authed;
 
 /// The plan every bench tenant is subscribed to (see `catalog.yaml`).
 pub const PLAN: &str = "bench";
@@ -79,14 +81,20 @@ pub async fn connect(url: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
 /// A node the bench started gets the bench catalog as it is. A running node
 /// (`--endpoint`) keeps its own catalog: the bench's metrics, features and plans are
 /// added to it where missing (published plan versions cannot be removed), and nothing is
-/// applied when they are all there already.
-pub async fn prepare(channel: Channel, tenants: usize, spawned: bool) -> anyhow::Result<()> {
+/// applied when they are all there already. `bearer` is the `authorization` of a token
+/// with scope `admin`, for nodes that check tokens.
+pub async fn prepare(
+    channel: Channel,
+    tenants: usize,
+    spawned: bool,
+    bearer: Option<&MetadataValue<Ascii>>,
+) -> anyhow::Result<()> {
     let mut admin = AdminClient::new(channel);
     let yaml = if spawned {
         Some(CATALOG_YAML.to_owned())
     } else {
         let current = admin
-            .get_catalog(GetCatalogRequest {})
+            .get_catalog(authed(bearer, GetCatalogRequest {}))
             .await
             .map_err(|s| status_error("Admin.GetCatalog", &s))?
             .into_inner()
@@ -95,24 +103,30 @@ pub async fn prepare(channel: Channel, tenants: usize, spawned: bool) -> anyhow:
     };
     if let Some(yaml) = yaml {
         admin
-            .apply_catalog(ApplyCatalogRequest {
-                yaml,
-                source_name: "bench/catalog.yaml".to_owned(),
-                dry_run: false,
-                actor: "bench".to_owned(),
-                reason: "bench setup".to_owned(),
-            })
+            .apply_catalog(authed(
+                bearer,
+                ApplyCatalogRequest {
+                    yaml,
+                    source_name: "bench/catalog.yaml".to_owned(),
+                    dry_run: false,
+                    actor: "bench".to_owned(),
+                    reason: "bench setup".to_owned(),
+                },
+            ))
             .await
             .map_err(|s| status_error("Admin.ApplyCatalog", &s))?;
     }
     for i in 0..tenants {
         admin
-            .put_subscription(PutSubscriptionRequest {
-                tenant: tenant(i),
-                plan: PLAN.to_owned(),
-                actor: "bench".to_owned(),
-                ..Default::default()
-            })
+            .put_subscription(authed(
+                bearer,
+                PutSubscriptionRequest {
+                    tenant: tenant(i),
+                    plan: PLAN.to_owned(),
+                    actor: "bench".to_owned(),
+                    ..Default::default()
+                },
+            ))
             .await
             .map_err(|s| {
                 status_error(
@@ -177,10 +191,13 @@ pub fn check_request(i: usize) -> CheckRequest {
 
 /// One Check of the `check` scenario, which must be allowed; its answer becomes the
 /// ceiling's canned response so both move the same bytes.
-pub async fn probe(channel: Channel) -> anyhow::Result<CheckResponse> {
+pub async fn probe(
+    channel: Channel,
+    bearer: Option<&MetadataValue<Ascii>>,
+) -> anyhow::Result<CheckResponse> {
     let mut enforcer = EnforcerClient::new(channel);
     let response = enforcer
-        .check(check_request(0))
+        .check(authed(bearer, check_request(0)))
         .await
         .map_err(|s| status_error("probe Enforcer.Check", &s))?
         .into_inner();
@@ -202,16 +219,24 @@ pub async fn probe(channel: Channel) -> anyhow::Result<CheckResponse> {
 /// One Reserve of `metric` (amount 1, idempotency key `key`) for tenant 0, which must be
 /// allowed, then its Commit: proves the write path works before anything is measured.
 /// Returns the reservation id.
-pub async fn probe_reserve(channel: Channel, metric: &str, key: &str) -> anyhow::Result<String> {
+pub async fn probe_reserve(
+    channel: Channel,
+    metric: &str,
+    key: &str,
+    bearer: Option<&MetadataValue<Ascii>>,
+) -> anyhow::Result<String> {
     let mut enforcer = EnforcerClient::new(channel);
     let reserved = enforcer
-        .reserve(ReserveRequest {
-            tenant: tenant(0),
-            metric: metric.to_owned(),
-            amount: 1,
-            idempotency_key: key.to_owned(),
-            ..Default::default()
-        })
+        .reserve(authed(
+            bearer,
+            ReserveRequest {
+                tenant: tenant(0),
+                metric: metric.to_owned(),
+                amount: 1,
+                idempotency_key: key.to_owned(),
+                ..Default::default()
+            },
+        ))
         .await
         .map_err(|s| status_error("probe Enforcer.Reserve", &s))?
         .into_inner();
@@ -223,11 +248,14 @@ pub async fn probe_reserve(channel: Channel, metric: &str, key: &str) -> anyhow:
     }
     let id = reserved.reservation_id;
     enforcer
-        .commit(CommitRequest {
-            tenant: tenant(0),
-            reservation_id: id.clone(),
-            actual_amount: 1,
-        })
+        .commit(authed(
+            bearer,
+            CommitRequest {
+                tenant: tenant(0),
+                reservation_id: id.clone(),
+                actual_amount: 1,
+            },
+        ))
         .await
         .map_err(|s| status_error("probe Enforcer.Commit", &s))?;
     Ok(id)

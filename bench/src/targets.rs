@@ -64,6 +64,7 @@ impl Targets {
                 t.node_channels[0].clone(),
                 args.tenants,
                 args.endpoint.is_none(),
+                None,
             )
             .await
             .context("preparing the node")?;
@@ -72,7 +73,7 @@ impl Targets {
                 args.tenants,
                 setup::PLAN
             );
-            ceiling_response = setup::probe(t.node_channels[0].clone())
+            ceiling_response = setup::probe(t.node_channels[0].clone(), None)
                 .await?
                 .encode_to_vec();
         }
@@ -168,12 +169,12 @@ async fn start_redis_side(args: &RunArgs, run_id: &str, soft: bool) -> anyhow::R
             .map_or_else(|| "?".to_owned(), |d| d.display().to_string())
     );
     let channels = setup::connect(&node.url(), args.channels).await?;
-    setup::prepare(channels[0].clone(), args.tenants, true)
+    setup::prepare(channels[0].clone(), args.tenants, true, None)
         .await
         .context("preparing the node on Redis")?;
-    setup::probe(channels[0].clone()).await?;
+    setup::probe(channels[0].clone(), None).await?;
     let probe_key = format!("bench-{run_id}-probe");
-    let id = setup::probe_reserve(channels[0].clone(), setup::METRIC, &probe_key).await?;
+    let id = setup::probe_reserve(channels[0].clone(), setup::METRIC, &probe_key, None).await?;
     anyhow::ensure!(
         !setup::is_local_reservation(&id),
         "the probe Reserve of {} (hard limits) was kept in the node's local store \
@@ -182,7 +183,8 @@ async fn start_redis_side(args: &RunArgs, run_id: &str, soft: bool) -> anyhow::R
     );
     if soft {
         let soft_key = format!("bench-{run_id}-soft-probe");
-        let id = setup::probe_reserve(channels[0].clone(), setup::SOFT_METRIC, &soft_key).await?;
+        let id =
+            setup::probe_reserve(channels[0].clone(), setup::SOFT_METRIC, &soft_key, None).await?;
         anyhow::ensure!(
             setup::is_local_reservation(&id),
             "the probe Reserve of {} (soft limits only) went to Redis (reservation {id}), \
