@@ -64,7 +64,7 @@ plans:
           soft_calls:
             - { window: month, amount: 600, enforcement: soft, overage: 300, warn_at: [80] }
           priced:
-            - { window: month, amount: 1000, enforcement: soft, unit_price: "0.01" }
+            - { window: month, amount: 200, enforcement: soft, unit_price: "0.01" }
   pro:
     tier: 2
     versions:
@@ -78,7 +78,7 @@ plans:
           soft_calls:
             - { window: month, amount: 600, enforcement: soft, overage: 300, warn_at: [80] }
           priced:
-            - { window: month, amount: 3000, enforcement: soft, unit_price: "0.004" }
+            - { window: month, amount: 1500, enforcement: soft, unit_price: "0.004" }
 "#;
 
 /// The hard day cap on `basic` and on `pro`.
@@ -90,8 +90,8 @@ const GRANT: u64 = 1000;
 const SOFT_LIMIT: u64 = 600;
 const SOFT_OVERAGE: u64 = 300;
 /// `priced`: (included, price in millionths) on `basic` and on `pro`.
-const PRICED_BASIC: (u64, u64) = (1000, 10_000);
-const PRICED_PRO: (u64, u64) = (3000, 4_000);
+const PRICED_BASIC: (u64, u64) = (200, 10_000);
+const PRICED_PRO: (u64, u64) = (1500, 4_000);
 /// Largest amounts a client asks for.
 const MAX_RESERVE: u64 = 20;
 const MAX_SOFT_RECORD: u64 = 3;
@@ -443,6 +443,15 @@ fn unix_secs() -> u64 {
 /// second), so the client knows which allowance and price each of its events had.
 async fn upgrade(sh: &Shared, topo: &Topology) -> Duration {
     let t = sh.tenants[UPGRADED].clone();
+    // Past the old allowance first, so that both prices are billed.
+    let deadline = Instant::now() + MAX_LOAD;
+    while sh.ledger.lock().unwrap().priced.get(&t).map_or(0, |p| p.0) <= PRICED_BASIC.0 {
+        assert!(
+            Instant::now() < deadline,
+            "{t} never passed its priced allowance"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let started = Instant::now();
     sh.paused[UPGRADED].store(true, Ordering::SeqCst);
     let deadline = Instant::now() + DOUBT_DEADLINE;
@@ -721,15 +730,19 @@ async fn the_whole_topology_keeps_caps_and_events_exact_through_kills() {
     let promoted = promoted.expect("a replica took over the killed master's slots");
     let faults_done = load_started.elapsed();
 
-    // On until the minimum duration has passed, and every tenant has met its hard cap and
-    // its soft limit (so that neither bound below holds for want of trying).
+    // On until the minimum duration has passed, every tenant has met its hard cap and its
+    // soft limit (so that neither bound below holds for want of trying), and the upgraded
+    // tenant is past its new priced allowance (overage at both prices).
     loop {
         let met = {
             let l = sh.ledger.lock().unwrap();
             tenants.iter().all(|t| {
                 l.capped.contains(&(t.clone(), "calls"))
                     && l.capped.contains(&(t.clone(), "soft_calls"))
-            })
+            }) && l
+                .priced
+                .get(&tenants[UPGRADED])
+                .is_some_and(|p| p.0 + p.1 > PRICED_PRO.0)
         };
         let elapsed = load_started.elapsed();
         if met && elapsed >= MIN_LOAD.max(faults_done + Duration::from_secs(5)) {
@@ -935,10 +948,15 @@ async fn the_whole_topology_keeps_caps_and_events_exact_through_kills() {
         println!("  {line:?}");
     }
     assert_eq!(got, want, "billing vs the client's ledger");
-    // The upgraded tenant's priced usage was billed in two phases.
+    // The upgraded tenant's priced overage was billed at both prices: 0.01 before the
+    // upgrade, 0.004 after it.
     let (before, after) = l.priced[&tenants[UPGRADED]];
+    let over_before = before.saturating_sub(PRICED_BASIC.0);
+    let over_after =
+        (before + after).saturating_sub(PRICED_PRO.0) - before.saturating_sub(PRICED_PRO.0);
+    println!("{}: priced {before} before the upgrade ({over_before} over), {after} after ({over_after} over)", tenants[UPGRADED]);
     assert!(
-        before > 0 && after > 0,
+        before > PRICED_BASIC.0 && before + after > PRICED_PRO.0,
         "priced usage before {before} and after {after} the upgrade"
     );
     println!("total {:.1?} (up {up_took:.1?})", t_up.elapsed());

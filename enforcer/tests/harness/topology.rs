@@ -359,18 +359,20 @@ impl Drop for Topology {
     fn drop(&mut self) {
         // Whatever happened: nothing left running, nothing left on disk.
         let started = Instant::now();
-        let status = std::process::Command::new(repo_root().join("deploy/down"))
+        let out = std::process::Command::new(repo_root().join("deploy/down"))
             .arg("--purge")
             .envs(self.env())
             .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
-        println!(
-            "deploy/down --purge: {:?} in {:.1?}",
-            status.map(|s| s.code()),
-            started.elapsed()
-        );
+            .output();
+        match out {
+            Ok(out) => println!(
+                "deploy/down --purge: {:?} in {:.1?}\n{}",
+                out.status.code(),
+                started.elapsed(),
+                String::from_utf8_lossy(&out.stderr).trim_end()
+            ),
+            Err(e) => println!("deploy/down --purge did not run: {e}"),
+        }
     }
 }
 
