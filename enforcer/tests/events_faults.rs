@@ -43,8 +43,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use allot_proto::v1 as pb;
 use fred::prelude::*;
 use harness::redis::RedisServer;
-use harness::warehouse::{monthly_totals, usage_rows, Aggregator, ClickHouseServer, Totals};
-use harness::{in_doubt, record, reserve, subscribe, window_usage, Node};
+use harness::warehouse::{
+    compare, monthly_totals, usage_rows, Aggregator, ClickHouseServer, Totals,
+};
+use harness::{in_doubt, mix, record, reserve, subscribe, window_usage, Node};
 use meter::event::{partition, stream_key, PARTITIONS};
 use pb::enforcer_client::EnforcerClient;
 use tonic::transport::Channel;
@@ -110,14 +112,6 @@ const AGGREGATE_ARGS: &[&str] = &[
     "--retry-max",
     "1s",
 ];
-
-/// SplitMix64: the workload and the fault schedule from one seed.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
 
 struct Rng(u64);
 
@@ -758,28 +752,6 @@ async fn strings(ch: &ClickHouseServer, sql: &str) -> Vec<String> {
         .fetch_all::<String>()
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
-}
-
-/// `expected` and what was found, as (missing, unexpected, found more than once), with a
-/// few examples of each.
-fn compare(expected: &HashSet<String>, found: &[String]) -> (usize, usize, usize, String) {
-    let mut seen: HashMap<&str, u32> = HashMap::new();
-    for id in found {
-        *seen.entry(id.as_str()).or_default() += 1;
-    }
-    let missing: Vec<&String> = expected
-        .iter()
-        .filter(|id| !seen.contains_key(id.as_str()))
-        .collect();
-    let extra: Vec<&&str> = seen.keys().filter(|id| !expected.contains(**id)).collect();
-    let twice: Vec<(&&str, &u32)> = seen.iter().filter(|(_, n)| **n > 1).collect();
-    let examples = format!(
-        "missing {:?}, unexpected {:?}, more than once {:?}",
-        &missing[..missing.len().min(5)],
-        &extra[..extra.len().min(5)],
-        &twice[..twice.len().min(5)]
-    );
-    (missing.len(), extra.len(), twice.len(), examples)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,6 +19,7 @@ use tokio::process::{Child, Command};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 pub mod proxy;
+pub mod topology;
 pub mod warehouse;
 // The servers themselves live in redis.rs, which names nothing of this harness, so that
 // other crates' tests can include it too (`#[path]`); `redis` adds the nodes on them.
@@ -36,6 +37,14 @@ pub mod redis {
 pub fn example_catalog() -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/catalog.yaml"))
         .unwrap()
+}
+
+/// SplitMix64: a well-mixed `u64` from any seed (workloads and port picks from one seed).
+pub fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
 }
 
 /// A free loopback port (bound, then released for a process to take).

@@ -2,7 +2,7 @@
 //! `allot aggregate` processes, and waiting for the monthly rollup to match a client's
 //! ledger.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -152,4 +152,26 @@ impl Aggregator {
             lines[from..].join("\n")
         )
     }
+}
+
+/// `expected` and what was found, as (missing, unexpected, found more than once), with a
+/// few examples of each.
+pub fn compare(expected: &HashSet<String>, found: &[String]) -> (usize, usize, usize, String) {
+    let mut seen: HashMap<&str, u32> = HashMap::new();
+    for id in found {
+        *seen.entry(id.as_str()).or_default() += 1;
+    }
+    let missing: Vec<&String> = expected
+        .iter()
+        .filter(|id| !seen.contains_key(id.as_str()))
+        .collect();
+    let extra: Vec<&&str> = seen.keys().filter(|id| !expected.contains(**id)).collect();
+    let twice: Vec<(&&str, &u32)> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    let examples = format!(
+        "missing {:?}, unexpected {:?}, more than once {:?}",
+        &missing[..missing.len().min(5)],
+        &extra[..extra.len().min(5)],
+        &twice[..twice.len().min(5)]
+    );
+    (missing.len(), extra.len(), twice.len(), examples)
 }
