@@ -30,28 +30,39 @@ const BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// The process's recorder, installed on first use.
-pub fn handle() -> &'static PrometheusHandle {
+/// The process's recorder, installed on first use with `buckets` (seconds) and the
+/// `describe` of the binary's metrics; later calls return the same handle, whoever made
+/// it (one process is a node or an aggregator, never both).
+pub fn install(buckets: &[f64], describe: fn()) -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         let recorder = PrometheusBuilder::new()
-            .set_buckets(BUCKETS)
+            .set_buckets(buckets)
             .expect("buckets are not empty")
             .build_recorder();
         let handle = recorder.handle();
         // Another recorder already installed (a test harness) keeps its place.
         let _ = metrics::set_global_recorder(recorder);
-        describe_histogram!(
-            INSERT_SECONDS,
-            Unit::Seconds,
-            "ClickHouse inserts by result"
-        );
-        describe_counter!(ROWS_INSERTED, "usage-event rows inserted");
-        describe_counter!(DEAD_LETTERS, "entries moved to the dead letters");
-        describe_gauge!(BACKLOG, "entries left in each held partition's stream");
-        describe_gauge!(PARTITIONS, "partitions this aggregator holds");
+        describe();
         handle
     })
+}
+
+/// The aggregator's recorder (see [`install`]).
+pub fn handle() -> &'static PrometheusHandle {
+    install(BUCKETS, describe)
+}
+
+fn describe() {
+    describe_histogram!(
+        INSERT_SECONDS,
+        Unit::Seconds,
+        "ClickHouse inserts by result"
+    );
+    describe_counter!(ROWS_INSERTED, "usage-event rows inserted");
+    describe_counter!(DEAD_LETTERS, "entries moved to the dead letters");
+    describe_gauge!(BACKLOG, "entries left in each held partition's stream");
+    describe_gauge!(PARTITIONS, "partitions this aggregator holds");
 }
 
 /// Whether the source (Redis, or the nodes' spools) answered the last heartbeat.

@@ -8,12 +8,11 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 /// gRPC calls by method and status code (histogram of seconds, and a count).
 pub const RPC_SECONDS: &str = "allot_rpc_duration_seconds";
@@ -49,18 +48,7 @@ const BUCKETS: &[f64] = &[
 
 /// The process's recorder, installed on first use; later calls return the same handle.
 pub fn handle() -> &'static PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets(BUCKETS)
-            .expect("buckets are not empty")
-            .build_recorder();
-        let handle = recorder.handle();
-        // Another recorder already installed (a test harness) keeps its place.
-        let _ = metrics::set_global_recorder(recorder);
-        describe();
-        handle
-    })
+    aggregator::metrics::install(BUCKETS, describe)
 }
 
 fn describe() {
