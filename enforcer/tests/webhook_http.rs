@@ -82,9 +82,8 @@ async fn deliver(url: &str, name: &str) -> (u16, serde_json::Value) {
     post(url, &body, &sign(&body, SECRET.as_bytes(), now())).await
 }
 
-async fn tenant_status(node: &Node, tenant: &str) -> String {
-    let sub = node
-        .admin()
+async fn subscription(node: &Node, tenant: &str) -> pb::Subscription {
+    node.admin()
         .await
         .get_tenant(pb::GetTenantRequest {
             tenant: tenant.into(),
@@ -94,8 +93,11 @@ async fn tenant_status(node: &Node, tenant: &str) -> String {
         .unwrap()
         .into_inner()
         .subscription
-        .unwrap();
-    sub.status
+        .unwrap()
+}
+
+async fn tenant_status(node: &Node, tenant: &str) -> String {
+    subscription(node, tenant).await.status
 }
 
 async fn history(node: &Node, tenant: &str) -> Vec<pb::LedgerEntry> {
@@ -278,19 +280,7 @@ async fn a_change_made_by_support_stays_when_the_provider_changes_something_else
     assert_eq!(code, 0, "{err}");
     let (_, a) = deliver(&h.url, "invoice_payment_failed").await;
     assert_eq!(verdict(&a), "applied", "{a}");
-    let sub = h
-        .node
-        .admin()
-        .await
-        .get_tenant(pb::GetTenantRequest {
-            tenant: "acme".into(),
-            at: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .subscription
-        .unwrap();
+    let sub = subscription(&h.node, "acme").await;
     // The provider changed the status only; support's plan and time zone stay.
     assert_eq!(
         (
