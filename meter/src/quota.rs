@@ -73,6 +73,18 @@ pub enum RequestError {
     },
 }
 
+/// Refuses an amount no request may carry, whatever the entitlements: callers can check
+/// it before asking any store.
+pub fn check_amount_size(amount: i64) -> Result<(), RequestError> {
+    if amount.unsigned_abs() > MAX_REQUEST_AMOUNT {
+        return Err(invalid(
+            "amount",
+            format!("is too large (at most {MAX_REQUEST_AMOUNT} per request)"),
+        ));
+    }
+    Ok(())
+}
+
 fn invalid(field: &str, reason: impl Into<String>) -> RequestError {
     RequestError::Invalid {
         field: field.into(),
@@ -180,12 +192,7 @@ pub fn plan_request(
         }
         _ => {}
     }
-    if amount.unsigned_abs() > MAX_REQUEST_AMOUNT {
-        return Err(invalid(
-            "amount",
-            format!("is too large (at most {MAX_REQUEST_AMOUNT} per request)"),
-        ));
-    }
+    check_amount_size(amount)?;
 
     // A Check for a positive amount asks whether a Reserve would pass, so it follows the
     // same access rule.

@@ -154,20 +154,6 @@ fn degraded_context(context: &str) -> String {
     }
 }
 
-/// Refuses an amount no request may carry before any store is asked: a bad request gets
-/// its clear error even while the store is slow or down. (`meter::quota` checks it again,
-/// with the rules that need the entitlements.)
-fn check_amount_size(amount: i64) -> Result<(), EngineError> {
-    let max = meter::quota::MAX_REQUEST_AMOUNT;
-    if amount.unsigned_abs() > max {
-        return Err(EngineError::invalid(
-            "amount",
-            format!("is too large (at most {max} per request)"),
-        ));
-    }
-    Ok(())
-}
-
 fn check_dimensions(dims: &BTreeMap<String, String>) -> Result<(), EngineError> {
     if dims.len() > MAX_DIMENSIONS {
         return Err(EngineError::invalid(
@@ -251,7 +237,8 @@ impl Engine {
     ) -> Result<(Decision, u64), EngineError> {
         check_metric_code(metric)?;
         check_dimensions(dims)?;
-        check_amount_size(amount)?;
+        // Before any store is asked: a bad request gets its error while the store is slow.
+        meter::quota::check_amount_size(amount)?;
         let now = self.now();
         let ctx = self.context(tenant, now).await?;
         let demand = Demand {
@@ -309,7 +296,8 @@ impl Engine {
         check_metric_code(metric)?;
         keys::check_key(idempotency_key).map_err(|r| EngineError::invalid("idempotency_key", r))?;
         check_dimensions(dims)?;
-        check_amount_size(amount)?;
+        // Before any store is asked: a bad request gets its error while the store is slow.
+        meter::quota::check_amount_size(amount)?;
         let ttl = ttl.unwrap_or(DEFAULT_TTL);
         if ttl.is_zero() || ttl > MAX_TTL {
             return Err(EngineError::invalid(
@@ -485,7 +473,8 @@ impl Engine {
         check_metric_code(metric)?;
         keys::check_key(event_id).map_err(|r| EngineError::invalid("event_id", r))?;
         check_dimensions(dims)?;
-        check_amount_size(amount)?;
+        // Before any store is asked: a bad request gets its error while the store is slow.
+        meter::quota::check_amount_size(amount)?;
         let (now, late) = self.event_time(event_time)?;
         let ctx = if late {
             self.context_at(tenant, now).await?
