@@ -3,7 +3,9 @@
 //! An entry is used while the catalog generation is unchanged, the instant asked for is
 //! before the entitlements' `valid_until` (trial end, override expiry…), and it is younger
 //! than the TTL, which is the backstop for a change this node was not told about.
-//! Admin calls on this node drop the tenant's entry at once.
+//! Admin calls on this node drop the tenant's entry at once. A lost subscription to other
+//! nodes' announcements only marks every entry stale: it is read again from the store,
+//! but while that store is down it is still the best answer there is.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -16,6 +18,8 @@ use super::TenantContext;
 struct Entry {
     generation: u64,
     fetched: Instant,
+    /// False once something may have changed unannounced (see [`EntitlementCache::expire_all`]).
+    current: bool,
     ctx: TenantContext,
 }
 
@@ -42,7 +46,7 @@ impl EntitlementCache {
     pub fn get(&self, tenant: &str, generation: u64, at: DateTime<Utc>) -> Option<TenantContext> {
         let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
         let e = entries.get(tenant)?;
-        let fresh = e.generation == generation && e.fetched.elapsed() < self.ttl;
+        let fresh = e.current && e.generation == generation && e.fetched.elapsed() < self.ttl;
         (fresh && holds_at(&e.ctx, at)).then(|| e.ctx.clone())
     }
 
@@ -65,6 +69,7 @@ impl EntitlementCache {
         let entry = Entry {
             generation,
             fetched: Instant::now(),
+            current: true,
             ctx: ctx.clone(),
         };
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
@@ -82,6 +87,20 @@ impl EntitlementCache {
             .remove(tenant);
     }
 
+    /// Makes every entry stale, kept for [`Self::get_stale`]: changes may have been missed,
+    /// so each is read again, yet when the store cannot answer it still beats no answer.
+    pub fn expire_all(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        for e in self
+            .entries
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .values_mut()
+        {
+            e.current = false;
+        }
+    }
+
     /// Drops everything (a new catalog).
     pub fn clear(&self) {
         self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -97,4 +116,76 @@ impl EntitlementCache {
 fn holds_at(ctx: &TenantContext, at: DateTime<Utc>) -> bool {
     let ent = &ctx.entitlements;
     at >= ent.at && ent.valid_until.is_none_or(|until| at < until)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use chrono::TimeZone;
+    use meter::lifecycle::{PlanRef, Status, Subscription};
+
+    use super::*;
+
+    fn context(at: DateTime<Utc>) -> TenantContext {
+        let catalog = meter::catalog::parse(
+            "version: 1\nmetrics:\n  calls: { unit: call }\nplans:\n  p:\n    versions:\n      1:\n        limits:\n          calls:\n            - { window: day, amount: 10 }\n",
+            "test",
+        )
+        .unwrap();
+        let sub = Subscription {
+            tenant: "acme".into(),
+            plan: PlanRef {
+                code: "p".into(),
+                version: 1,
+            },
+            plan_since: at,
+            addons: vec![],
+            status: Status::Active,
+            status_since: at,
+            billing_anchor: at,
+            time_zone: "UTC".into(),
+            trial_ends_at: None,
+            post_trial_plan: None,
+            scheduled_change: None,
+            cancel_at: None,
+        };
+        let entitlements = meter::resolve::resolve(&catalog, &sub, &[], at);
+        TenantContext {
+            catalog: Arc::new(catalog),
+            subscription: Arc::new(sub),
+            overrides: Arc::new(vec![]),
+            entitlements: Arc::new(entitlements),
+        }
+    }
+
+    #[test]
+    fn a_missed_announcement_makes_entries_stale_but_keeps_them_for_an_outage() {
+        let at = Utc.with_ymd_and_hms(2026, 11, 22, 12, 0, 0).unwrap();
+        let cache = EntitlementCache::new(Duration::from_secs(3600));
+        cache.put("acme", 1, cache.epoch(), &context(at));
+        assert!(cache.get("acme", 1, at).is_some());
+
+        let before = cache.epoch();
+        cache.expire_all();
+        assert!(
+            cache.get("acme", 1, at).is_none(),
+            "read again from the store"
+        );
+        assert!(
+            cache.get_stale("acme", at).is_some(),
+            "still there if it is down"
+        );
+        // A context read before the expiry is not cached as current after it.
+        cache.put("acme", 1, before, &context(at));
+        assert!(cache.get("acme", 1, at).is_none());
+        cache.put("acme", 1, cache.epoch(), &context(at));
+        assert!(cache.get("acme", 1, at).is_some());
+
+        cache.clear();
+        assert!(
+            cache.get_stale("acme", at).is_none(),
+            "a new catalog drops all"
+        );
+    }
 }

@@ -351,9 +351,10 @@ impl Engine {
         self.changed(tenant);
     }
 
-    /// Forgets every cached entitlement.
+    /// Re-reads every cached entitlement on next use (changes may have been missed); the
+    /// old ones stay the answer while the store is down.
     pub fn invalidate_all(&self) {
-        self.cache.clear();
+        self.cache.expire_all();
         let _ = self.changes.send(watch::ALL.to_string());
     }
 
