@@ -438,7 +438,8 @@ async fn reconcile(engine: &Engine, redis: &RedisStore, retention: chrono::Durat
 
 /// With Redis: moves the events of the node's local store (soft-only requests, denials
 /// decided on the node) to the Redis streams, in order, then forgets them locally. A
-/// shipment repeated after a crash is recognized by the stream's per-node mark.
+/// shipment repeated after a crash is recognized by the stream's per-node mark, and a
+/// record another node (or Redis) counted first by its event id.
 async fn ship_spool(disk: EmbeddedStore, redis: RedisStore, node: String) {
     const BATCH: usize = 1_000;
     let idle = Duration::from_millis(100);
@@ -460,18 +461,23 @@ async fn ship_spool(disk: EmbeddedStore, redis: RedisStore, node: String) {
         // `appendfsync always` an fsync) per event would cap shipping far below what the
         // node admits. A batch is forgotten locally only once every partition has it;
         // after a failure it is shipped again, and the marks skip what landed.
+        let tenants: Vec<String> = rows
+            .iter()
+            .map(|(_, fields)| {
+                fields
+                    .iter()
+                    .find(|(k, _)| k == "c")
+                    .and_then(|(_, c)| meter::event::Pending::from_json(c).ok())
+                    .map(|p| p.tenant)
+                    .unwrap_or_default()
+            })
+            .collect();
         let mut by_partition: BTreeMap<u16, Vec<Shipment>> = BTreeMap::new();
-        for (seq, fields) in &rows {
-            let tenant = fields
-                .iter()
-                .find(|(k, _)| k == "c")
-                .and_then(|(_, c)| meter::event::Pending::from_json(c).ok())
-                .map(|p| p.tenant)
-                .unwrap_or_default();
+        for ((seq, fields), tenant) in rows.iter().zip(&tenants) {
             by_partition
-                .entry(meter::event::partition(&tenant))
+                .entry(meter::event::partition(tenant))
                 .or_default()
-                .push((*seq, fields.as_slice()));
+                .push((*seq, tenant, fields.as_slice()));
         }
         let mut failed = false;
         for (partition, events) in &by_partition {

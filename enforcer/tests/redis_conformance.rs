@@ -142,7 +142,7 @@ async fn events_land_in_the_partition_stream(store: RedisStore) {
         context: "ctx".into(),
     };
     assert!(store.record(record.clone()).await.unwrap().granted);
-    assert!(store.record(record).await.unwrap().replayed);
+    assert!(store.record(record.clone()).await.unwrap().replayed);
     let entries: Vec<(String, std::collections::HashMap<String, String>)> = store
         .client()
         .xrange(stream_key(partition("acme")), "-", "+", None)
@@ -166,10 +166,12 @@ async fn events_land_in_the_partition_stream(store: RedisStore) {
             (EventKind::Record, "e1".into(), 3, true),
         ]
     );
+    let owned = |f: &std::collections::HashMap<String, String>| -> Vec<(String, String)> {
+        f.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    };
+    let recorded = owned(&entries[3].1);
     // A node's spool shipped twice (it died before forgetting it) lands once.
-    let fields = &entries[0].1;
-    let fields: Vec<(String, String)> =
-        fields.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let fields = owned(&entries[0].1);
     assert!(store.ship("n1", 7, "acme", &fields).await.unwrap());
     assert!(!store.ship("n1", 7, "acme", &fields).await.unwrap());
     assert!(!store.ship("n1", 6, "acme", &fields).await.unwrap());
@@ -186,8 +188,8 @@ async fn events_land_in_the_partition_stream(store: RedisStore) {
             f
         })
         .collect();
-    let events = |seqs: std::ops::RangeInclusive<u64>| -> Vec<(u64, &[(String, String)])> {
-        seqs.map(|s| (s, batch[(s - 8) as usize].as_slice()))
+    let events = |seqs: std::ops::RangeInclusive<u64>| -> Vec<enforcer::redis::Shipment> {
+        seqs.map(|s| (s, "acme", batch[(s - 8) as usize].as_slice()))
             .collect()
     };
     assert_eq!(store.ship_many("n1", p, &events(8..=9)).await.unwrap(), 2);
@@ -206,6 +208,36 @@ async fn events_land_in_the_partition_stream(store: RedisStore) {
         fields.len(),
         "every field shipped"
     );
+    // A record counts once per event id, whichever node ships it: one Redis counted (e1)
+    // is not appended again, nor is one two nodes counted (a client retried on another
+    // after a lost answer). Denials are attempts, each appended (above).
+    assert!(!store.ship("n3", 1, "acme", &recorded).await.unwrap());
+    let mut retried = recorded.clone();
+    retried.retain(|(k, _)| k != "i");
+    retried.push(("i".into(), "s1".into()));
+    assert!(store.ship("n1", 11, "acme", &retried).await.unwrap());
+    assert!(!store.ship("n2", 2, "acme", &retried).await.unwrap());
+    let ids: Vec<String> = store
+        .client()
+        .xrange::<Vec<(String, std::collections::HashMap<String, String>)>, _, _, _>(
+            stream_key(p),
+            "-",
+            "+",
+            None,
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, f)| f["i"].clone())
+        .collect();
+    assert_eq!(ids.iter().filter(|i| *i == "e1").count(), 1);
+    assert_eq!(ids.iter().filter(|i| *i == "s1").count(), 1);
+    // The shipped record is the one a Record through Redis with that id replays.
+    let again = RecordOp {
+        event_id: "s1".into(),
+        ..record
+    };
+    assert!(store.record(again).await.unwrap().replayed);
 }
 
 #[tokio::test]

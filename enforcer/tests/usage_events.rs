@@ -216,6 +216,55 @@ async fn a_node_on_redis_writes_every_event_to_the_partition_stream_once() {
     assert_eq!(n as usize, want.len());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soft_record_retried_on_another_node_reaches_the_stream_once() {
+    // The answer from node 1 was lost; the client retried on node 2 with the same event
+    // id. Soft-only requests never wait for Redis, so both nodes counted it; the stream,
+    // and so ClickHouse and billing, must hold it once.
+    let redis = RedisServer::start().await;
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        nodes.push(
+            Node::builder()
+                .catalog(CATALOG)
+                .arg("--redis")
+                .arg(&redis.url)
+                .start()
+                .await,
+        );
+    }
+    subscribe(&mut nodes[0].admin().await, "acme", "p").await;
+    for (i, node) in nodes.iter().enumerate() {
+        let mut e = node.enforcer().await;
+        assert!(rec(&mut e, "soft_calls", 1, "retried").await.recorded);
+        // Shipped after the retried one (a node ships in order): once this is in the
+        // stream, so is everything the node had before it.
+        assert!(
+            rec(&mut e, "soft_calls", 1, &format!("after-{i}"))
+                .await
+                .recorded
+        );
+    }
+    let client = Builder::from_config(Config::from_url(&redis.url).unwrap())
+        .build()
+        .unwrap();
+    client.init().await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..200 {
+        let entries: Vec<(String, HashMap<String, String>)> = client
+            .xrange(stream_key(partition("acme")), "-", "+", None)
+            .await
+            .unwrap();
+        ids = entries.into_iter().map(|(_, f)| f["i"].clone()).collect();
+        if ids.contains(&"after-0".to_string()) && ids.contains(&"after-1".to_string()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ids.sort();
+    assert_eq!(ids, ["after-0", "after-1", "retried"]);
+}
+
 /// Calls of `command` since the server started (`INFO commandstats`).
 async fn command_calls(client: &fred::clients::Client, command: &str) -> u64 {
     let info: String = client

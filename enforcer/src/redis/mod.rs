@@ -64,8 +64,8 @@ fn payment_link_key(provider: &str, payment_id: &str) -> String {
     format!("al:plink:{{{provider}:{payment_id}}}")
 }
 
-/// An event of a node's local spool to ship: its sequence number and its fields.
-pub type Shipment<'a> = (u64, &'a [(String, String)]);
+/// An event of a node's local spool to ship: its sequence number, tenant and fields.
+pub type Shipment<'a> = (u64, &'a str, &'a [(String, String)]);
 
 /// How a [`RedisStore`] connects and what it waits for.
 #[derive(Debug, Clone)]
@@ -468,27 +468,47 @@ impl RedisStore {
         fields: &[(String, String)],
     ) -> Result<bool, StoreError> {
         let n = self
-            .ship_many(node, meter::event::partition(tenant), &[(seq, fields)])
+            .ship_many(
+                node,
+                meter::event::partition(tenant),
+                &[(seq, tenant, fields)],
+            )
             .await?;
         Ok(n == 1)
     }
 
     /// Appends events from `node`'s local spool, all of tenants of `partition` and in
     /// increasing sequence, to the partition's stream in one atomic step (one round trip),
-    /// each unless it was shipped before. Returns how many were new.
+    /// each unless it was shipped before. A granted record is also skipped when its event
+    /// id was counted before, by Redis or shipped by any node. Returns how many were new.
     pub async fn ship_many(
         &self,
         node: &str,
         partition: u16,
         events: &[Shipment<'_>],
     ) -> Result<usize, StoreError> {
-        let keys = vec![
+        let mut keys = vec![
             meter::event::stream_key(partition),
             format!("al:{{p{partition:02}}}:shipped"),
         ];
-        let mut args = vec![node.to_string()];
-        for (seq, fields) in events {
+        let mut args = vec![node.to_string(), self.keep_ms()];
+        for (seq, tenant, fields) in events {
+            let field = |name: &str| {
+                fields
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.as_str())
+            };
+            let record = Some(meter::event::EventKind::Record.as_str());
+            let once = match (field("k"), field("g"), field("i")) {
+                (k, Some("1"), Some(id)) if k == record => {
+                    keys.push(key(tenant, "e", id));
+                    keys.len()
+                }
+                _ => 0,
+            };
             args.push(seq.to_string());
+            args.push(once.to_string());
             args.push((fields.len() * 2).to_string());
             for (k, v) in *fields {
                 args.push(k.clone());
