@@ -40,10 +40,6 @@ const AGGREGATORS: u16 = 2;
 /// Longest wait for `deploy/up` (it waits up to 90 s for health itself).
 const UP_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// Seconds `deploy/down` waits after SIGTERM before SIGKILL: the enforcers do not exit on
-/// SIGTERM while peers are connected (deploy/README.md), and the data is purged anyway.
-const STOP_TIMEOUT: &str = "3";
-
 /// Checks the cluster options before anything starts.
 pub fn check_args(args: &RunArgs) -> anyhow::Result<()> {
     if args.cluster_ops.is_empty() {
@@ -421,7 +417,6 @@ impl Drop for Deployment {
         }
         let status = cmd
             .env("ALLOT_DEPLOY_DIR", &self.state)
-            .env("ALLOT_DEPLOY_STOP_TIMEOUT", STOP_TIMEOUT)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .status();

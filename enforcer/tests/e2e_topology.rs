@@ -149,7 +149,8 @@ struct Counters {
     cut_off: AtomicU64,
     /// Other UNAVAILABLE answers (nothing applied; retried).
     unavailable: AtomicU64,
-    /// Answers given by another enforcer than the one first asked.
+    /// Operations sent to another enforcer than the client's own because it was down, and
+    /// calls answered by another enforcer than the one first asked (it died meanwhile).
     rerouted: AtomicU64,
     /// Answers to the killed master's tenants, after the kill, that were no plain answer:
     /// in doubt, unavailable or `backend_unavailable`.
@@ -404,6 +405,10 @@ async fn client(sh: Arc<Shared>, w: usize) {
             continue;
         }
         let node = sh.live_from(w % 3);
+        if node != w % 3 {
+            // Its own enforcer is down: this one goes around it.
+            sh.n.rerouted.fetch_add(1, Ordering::Relaxed);
+        }
         operate(&sh, w, i, k, node, r).await;
         sh.inflight[k].fetch_sub(1, Ordering::SeqCst);
         sh.n.ops.fetch_add(1, Ordering::Relaxed);

@@ -179,6 +179,12 @@ async fn deliveries_over_http_end_in_the_documented_states_and_the_ledger_says_w
     );
     let (code, _) = post(url, &body, "").await;
     assert_eq!(code, 400);
+    // Over the size limit, even correctly signed: refused unread, with no entry (the
+    // provider-wide trail below holds the three refusals above only).
+    let mut huge = body.clone();
+    huge.resize(enforcer::webhook::http::MAX_BODY + 1, b' ');
+    let (code, _) = post(url, &huge, &sign(&huge, SECRET.as_bytes(), now())).await;
+    assert_eq!(code, 413);
     assert_eq!(
         tenant_status(&h.node, "acme").await,
         "active",

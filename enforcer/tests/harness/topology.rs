@@ -175,8 +175,6 @@ impl Topology {
             ("ALLOT_DEPLOY_CATALOG", self.catalog.display().to_string()),
             ("ALLOT_SERVE_ARGS", self.serve_args.clone()),
             ("ALLOT_AGGREGATE_ARGS", self.aggregate_args.clone()),
-            // The enforcers may need SIGKILL to stop (deploy/README.md's known issue).
-            ("ALLOT_DEPLOY_STOP_TIMEOUT", "3".to_string()),
             ("RUST_LOG", "info".to_string()),
         ]
     }
