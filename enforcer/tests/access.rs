@@ -224,7 +224,7 @@ async fn admin_rpcs_need_a_token_with_the_scope() {
 
     // Every refusal is audited: 11 + 11 + 11 + 7, with who and what was called.
     let mut audit = Vec::new();
-    for _ in 0..100 {
+    for _ in 0..600 {
         audit = admin
             .get_tenant_history(with(
                 pb::GetTenantHistoryRequest {
@@ -346,7 +346,7 @@ async fn a_node_without_tokens_makes_an_admin_token_instead_of_running_open() {
     );
     let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let mut ok = false;
-    for _ in 0..100 {
+    for _ in 0..600 {
         let r = node
             .admin()
             .await

@@ -116,7 +116,7 @@ async fn admin_changes_on_one_node_apply_on_the_others() {
         .unwrap();
     for e in &mut others {
         let mut allowed = false;
-        for _ in 0..200 {
+        for _ in 0..2400 {
             let r = e.check(check.clone()).await.unwrap().into_inner();
             if outcome(&r.decision) == pb::Outcome::Allow {
                 allowed = true;
@@ -139,7 +139,7 @@ async fn admin_changes_on_one_node_apply_on_the_others() {
     nodes[2].admin().await.grant_override(grant).await.unwrap();
     let mut e1 = nodes[0].enforcer().await;
     let mut denied = false;
-    for _ in 0..200 {
+    for _ in 0..2400 {
         let r = e1.check(check.clone()).await.unwrap().into_inner();
         if outcome(&r.decision) == pb::Outcome::Deny {
             denied = true;
@@ -166,7 +166,7 @@ async fn admin_changes_on_one_node_apply_on_the_others() {
         .into_inner();
     assert!(applied.applied);
     let mut seen = false;
-    for _ in 0..200 {
+    for _ in 0..2400 {
         let yaml = nodes[0]
             .admin()
             .await

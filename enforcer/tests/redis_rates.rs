@@ -203,8 +203,15 @@ async fn two_nodes_one_cluster_share_one_global_bucket() {
 async fn redis_outage_follows_each_global_limits_policy() {
     // appendfsync always: the bucket's state survives the SIGKILL.
     let mut redis = RedisServer::start_with(&["--appendfsync", "always"]).await;
-    let nodes = nodes_on(&redis.url, CATALOG, 1).await;
-    let node = &nodes[0];
+    // The default backend deadline: the outage is noticed at once.
+    let node = &Node::builder()
+        .catalog(CATALOG)
+        .arg("--redis")
+        .arg(&redis.url)
+        .arg("--cache-ttl")
+        .arg("1h")
+        .start()
+        .await;
     let mut admin = node.admin().await;
     subscribe(&mut admin, "acme", "p").await;
     let mut e = node.enforcer().await;

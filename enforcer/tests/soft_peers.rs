@@ -77,8 +77,10 @@ impl Cluster {
             .arg(&self.proxies[i].addr)
             .arg("--sync-interval")
             .arg("100ms")
+            // Long enough that a stalled tick on a busy machine does not make a live peer
+            // look gone; the partition tests wait the few seconds it takes to notice.
             .arg("--peer-timeout")
-            .arg("1s");
+            .arg("5s");
         match redis {
             Some(url) => b.arg("--redis").arg(url),
             None => {

@@ -194,7 +194,7 @@ async fn a_node_on_redis_writes_every_event_to_the_partition_stream_once() {
     // Hard-cap events are in the stream at once; the node ships its local ones (soft,
     // rate-only, denials decided on the node) within moments.
     let mut events = Vec::new();
-    for _ in 0..100 {
+    for _ in 0..1200 {
         let entries: Vec<(String, HashMap<String, String>)> = client
             .xrange(stream_key(partition("acme")), "-", "+", None)
             .await
@@ -250,7 +250,7 @@ async fn a_soft_record_retried_on_another_node_reaches_the_stream_once() {
         .unwrap();
     client.init().await.unwrap();
     let mut ids = Vec::new();
-    for _ in 0..200 {
+    for _ in 0..1200 {
         let entries: Vec<(String, HashMap<String, String>)> = client
             .xrange(stream_key(partition("acme")), "-", "+", None)
             .await

@@ -69,8 +69,9 @@ async fn watches_list_entitled_tenants_then_every_change() {
     );
 
     // A trial that ends by itself: entitled until its instant, then not, without anyone
-    // calling in.
-    let ends = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp() + 2, 0).unwrap();
+    // calling in. Far enough ahead that the watch sees the trial before it ends, even on a
+    // busy machine.
+    let ends = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp() + 6, 0).unwrap();
     admin
         .put_subscription(pb::PutSubscriptionRequest {
             tenant: "initech".into(),

@@ -304,8 +304,25 @@ async fn a_change_made_by_support_stays_when_the_provider_changes_something_else
 async fn two_nodes_receiving_the_same_deliveries_apply_each_once() {
     let redis = RedisServer::start().await;
     let url = format!("redis://127.0.0.1:{}", redis.port);
-    let a = hooked(&["--redis", &url, "--node-id", "a"]).await;
-    let b = hooked(&["--redis", &url, "--node-id", "b"]).await;
+    // A slow Redis on a busy machine must not turn a delivery into a 503 (see nodes_on).
+    let a = hooked(&[
+        "--redis",
+        &url,
+        "--node-id",
+        "a",
+        "--backend-deadline",
+        "5s",
+    ])
+    .await;
+    let b = hooked(&[
+        "--redis",
+        &url,
+        "--node-id",
+        "b",
+        "--backend-deadline",
+        "5s",
+    ])
+    .await;
     for f in [
         "subscription_created",
         "invoice_paid",

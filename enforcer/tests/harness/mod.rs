@@ -64,7 +64,7 @@ pub async fn http(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]
     use hyper_util::rt::TokioExecutor;
     let client = Client::builder(TokioExecutor::new()).build_http();
     let mut last = None;
-    for _ in 0..50 {
+    for _ in 0..300 {
         let mut req = hyper::Request::builder().method(method).uri(url);
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -215,7 +215,7 @@ impl Node {
     async fn wait_ready(&self) {
         // The gRPC server starts a moment after the line is printed. A TLS handshake is
         // part of the connection, so a node serving TLS is ready once it completes.
-        for _ in 0..100 {
+        for _ in 0..600 {
             if self.target().connect().await.is_ok() {
                 return;
             }
@@ -350,7 +350,10 @@ pub fn outcome(d: &Option<pb::Decision>) -> pb::Outcome {
 }
 
 /// `count` nodes over the Redis at `url`, all on `catalog`. Their cache TTL is an hour, so
-/// only change announcements can explain a quick update.
+/// only change announcements can explain a quick update. Their backend deadline is 5 s
+/// rather than 250 ms: these tests count exact grants under many concurrent calls, and on a
+/// busy machine a slow answer would turn into "may have been applied" (tests of outages
+/// start their nodes with the default).
 pub async fn nodes_on(url: &str, catalog: &str, count: usize) -> Vec<Node> {
     let mut out = Vec::new();
     for _ in 0..count {
@@ -361,6 +364,8 @@ pub async fn nodes_on(url: &str, catalog: &str, count: usize) -> Vec<Node> {
                 .arg(url)
                 .arg("--cache-ttl")
                 .arg("1h")
+                .arg("--backend-deadline")
+                .arg("5s")
                 .start()
                 .await,
         );
