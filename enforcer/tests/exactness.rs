@@ -37,11 +37,13 @@ async fn sixty_four_clients_get_exactly_the_cap() {
         let (granted, denied) = (granted.clone(), denied.clone());
         tasks.push(tokio::spawn(async move {
             for i in 0..20 {
-                let r = e
-                    .reserve(reserve("acme", "calls", 1, &format!("c{client}-{i}")))
-                    .await
-                    .unwrap()
-                    .into_inner();
+                // Held for an hour: however slow the run, no grant lapses and frees room.
+                let mut req = reserve("acme", "calls", 1, &format!("c{client}-{i}"));
+                req.ttl = Some(prost_types::Duration {
+                    seconds: 3600,
+                    nanos: 0,
+                });
+                let r = e.reserve(req).await.unwrap().into_inner();
                 match outcome(&r.decision) {
                     pb::Outcome::Deny => {
                         assert_eq!(r.decision.unwrap().reason, "limit_exceeded");

@@ -47,11 +47,13 @@ async fn race_for_the_cap(nodes: &[Node]) {
             let granted = granted.clone();
             tasks.push(tokio::spawn(async move {
                 for i in 0..5 {
-                    let r = e
-                        .reserve(reserve("acme", "calls", 1, &format!("n{n}-c{client}-{i}")))
-                        .await
-                        .unwrap()
-                        .into_inner();
+                    // Held for an hour: however slow the run, no grant lapses.
+                    let mut req = reserve("acme", "calls", 1, &format!("n{n}-c{client}-{i}"));
+                    req.ttl = Some(prost_types::Duration {
+                        seconds: 3600,
+                        nanos: 0,
+                    });
+                    let r = e.reserve(req).await.unwrap().into_inner();
                     if outcome(&r.decision) != pb::Outcome::Deny {
                         granted.fetch_add(1, Ordering::Relaxed);
                     } else {
