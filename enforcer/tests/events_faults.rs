@@ -800,12 +800,7 @@ async fn usage_events_survive_kills_outages_and_bad_input_exactly_once() {
     let mut nodes = Vec::new();
     for _ in 0..2 {
         nodes.push(
-            Node::builder()
-                .catalog(CATALOG)
-                .arg("--redis")
-                .arg(&redis.url)
-                .arg("--cache-ttl")
-                .arg("1h")
+            Node::on_redis(CATALOG, &redis.url)
                 .arg("--sweep-interval")
                 .arg("200ms")
                 .start()

@@ -25,12 +25,7 @@ plans:
 /// Returns (acknowledged units, units counted after the failover).
 async fn run(wait_replicas: Option<u32>) -> (u64, u64) {
     let mut cluster = RedisCluster::start().await;
-    let mut builder = Node::builder()
-        .catalog(CATALOG)
-        .arg("--redis")
-        .arg(&cluster.url)
-        .arg("--cache-ttl")
-        .arg("1h");
+    let mut builder = Node::on_redis(CATALOG, &cluster.url);
     if let Some(n) = wait_replicas {
         builder = builder
             .arg("--redis-wait-replicas")

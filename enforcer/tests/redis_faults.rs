@@ -41,12 +41,7 @@ struct Ledger {
 async fn redis_outage_follows_policies_and_reconciles_exactly() {
     // appendfsync always: what Redis acknowledged survives its SIGKILL.
     let mut redis = RedisServer::start_with(&["--appendfsync", "always"]).await;
-    let node = Node::builder()
-        .catalog(CATALOG)
-        .arg("--redis")
-        .arg(&redis.url)
-        .arg("--cache-ttl")
-        .arg("1h")
+    let node = Node::on_redis(CATALOG, &redis.url)
         .arg("--sweep-interval")
         .arg("200ms")
         .start()

@@ -204,14 +204,7 @@ async fn redis_outage_follows_each_global_limits_policy() {
     // appendfsync always: the bucket's state survives the SIGKILL.
     let mut redis = RedisServer::start_with(&["--appendfsync", "always"]).await;
     // The default backend deadline: the outage is noticed at once.
-    let node = &Node::builder()
-        .catalog(CATALOG)
-        .arg("--redis")
-        .arg(&redis.url)
-        .arg("--cache-ttl")
-        .arg("1h")
-        .start()
-        .await;
+    let node = &Node::on_redis(CATALOG, &redis.url).start().await;
     let mut admin = node.admin().await;
     subscribe(&mut admin, "acme", "p").await;
     let mut e = node.enforcer().await;

@@ -222,17 +222,10 @@ async fn a_soft_record_retried_on_another_node_reaches_the_stream_once() {
     // id. Soft-only requests never wait for Redis, so both nodes counted it; the stream,
     // and so ClickHouse and billing, must hold it once.
     let redis = RedisServer::start().await;
-    let mut nodes = Vec::new();
-    for _ in 0..2 {
-        nodes.push(
-            Node::builder()
-                .catalog(CATALOG)
-                .arg("--redis")
-                .arg(&redis.url)
-                .start()
-                .await,
-        );
-    }
+    let nodes = [
+        Node::on_redis(CATALOG, &redis.url).start().await,
+        Node::on_redis(CATALOG, &redis.url).start().await,
+    ];
     subscribe(&mut nodes[0].admin().await, "acme", "p").await;
     for (i, node) in nodes.iter().enumerate() {
         let mut e = node.enforcer().await;
@@ -283,14 +276,7 @@ async fn a_node_ships_its_local_events_in_batches_not_one_round_trip_each() {
     // `appendfsync always`, per fsync: a few hundred a second on a slow disk), far below
     // what a node admits at the edge; the spool then grows without bound.
     let mut redis = RedisServer::start_with(&["--appendfsync", "always"]).await;
-    let node = Node::builder()
-        .catalog(CATALOG)
-        .arg("--redis")
-        .arg(&redis.url)
-        .arg("--cache-ttl")
-        .arg("1h")
-        .start()
-        .await;
+    let node = Node::on_redis(CATALOG, &redis.url).start().await;
     let tenants = ["acme", "globex"];
     let mut admin = node.admin().await;
     for t in tenants {

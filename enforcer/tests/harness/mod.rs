@@ -200,6 +200,17 @@ impl Node {
         }
     }
 
+    /// A builder for a node on `catalog` over the Redis at `url`, with an hour's cache TTL
+    /// (only change announcements, or an outage, explain a quick change of answer).
+    pub fn on_redis(catalog: &str, url: &str) -> NodeBuilder {
+        Node::builder()
+            .catalog(catalog)
+            .arg("--redis")
+            .arg(url)
+            .arg("--cache-ttl")
+            .arg("1h")
+    }
+
     fn target(&self) -> Endpoint {
         let e = Endpoint::from_shared(self.endpoint.clone()).unwrap();
         match &self.tls {
@@ -349,8 +360,8 @@ pub fn outcome(d: &Option<pb::Decision>) -> pb::Outcome {
     pb::Outcome::try_from(d.as_ref().expect("decision").outcome).unwrap()
 }
 
-/// `count` nodes over the Redis at `url`, all on `catalog`. Their cache TTL is an hour, so
-/// only change announcements can explain a quick update. Their backend deadline is 5 s
+/// `count` nodes over the Redis at `url`, all on `catalog` ([`Node::on_redis`]). Their
+/// backend deadline is 5 s
 /// rather than 250 ms: these tests count exact grants under many concurrent calls, and on a
 /// busy machine a slow answer would turn into "may have been applied" (tests of outages
 /// start their nodes with the default).
@@ -358,12 +369,7 @@ pub async fn nodes_on(url: &str, catalog: &str, count: usize) -> Vec<Node> {
     let mut out = Vec::new();
     for _ in 0..count {
         out.push(
-            Node::builder()
-                .catalog(catalog)
-                .arg("--redis")
-                .arg(url)
-                .arg("--cache-ttl")
-                .arg("1h")
+            Node::on_redis(catalog, url)
                 .arg("--backend-deadline")
                 .arg("5s")
                 .start()
