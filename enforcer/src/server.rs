@@ -327,9 +327,11 @@ pub async fn run(
             engine.clone(),
             billing,
         )))
-        .add_service(AdminServer::new(
-            AdminService::new(engine).with_stripe(stripe),
-        ))
+        .add_service(
+            AdminServer::new(AdminService::new(engine).with_stripe(stripe))
+                .max_decoding_message_size(crate::grpc::admin::MAX_MESSAGE)
+                .max_encoding_message_size(crate::grpc::admin::MAX_MESSAGE),
+        )
         .add_service(PeerServer::new(PeerService::new(soft, peers)))
         // With Redis the node ships its spool to the Redis streams itself.
         .add_optional_service(spool_service.map(SpoolServer::new))

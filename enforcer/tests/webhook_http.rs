@@ -504,6 +504,33 @@ async fn reconcile_reports_drift_and_repairs_it_on_request() {
         out.contains("2 provider subscriptions checked, 0 differ"),
         "{out}"
     );
+    // Over gRPC's default 4 MiB (a few thousand real subscriptions): still one comparison.
+    let mut padded = subscription_object("subscription_deleted");
+    padded["metadata"]["notes"] = serde_json::json!("x".repeat(5 << 20));
+    let big = dir.path().join("big.json");
+    std::fs::write(
+        &big,
+        serde_json::json!([padded, subscription_object("subscription_trial_will_end")]).to_string(),
+    )
+    .unwrap();
+    let (code, out, err) = h
+        .node
+        .cli(&["reconcile", "--file", big.to_str().unwrap()])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("2 provider subscriptions checked, 0 differ"),
+        "{out}"
+    );
+    // Over what one message takes: refused before sending, naming the file and the limit.
+    let huge = dir.path().join("huge.json");
+    std::fs::write(&huge, vec![b' '; 65 << 20]).unwrap();
+    let (code, _, err) = h
+        .node
+        .cli(&["reconcile", "--file", huge.to_str().unwrap()])
+        .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("huge.json") && err.contains("64 MiB"), "{err}");
     let only_acme = dir.path().join("acme.json");
     std::fs::write(
         &only_acme,

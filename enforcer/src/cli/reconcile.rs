@@ -9,6 +9,7 @@ use allot_proto::v1::ReconcileProviderRequest;
 use super::output::Output;
 use super::render::table;
 use super::rpc::{fail, status_error, Conn};
+use enforcer::grpc::admin::MAX_MESSAGE;
 
 /// Options of `allot reconcile`.
 #[derive(Debug, clap::Args)]
@@ -23,7 +24,7 @@ pub struct ReconcileArgs {
     pub provider: String,
     /// The provider's current subscriptions: for Stripe, the JSON of `GET
     /// /v1/subscriptions?status=all` (every page's `data` in one list) or a JSON array of
-    /// subscription objects. `-` reads standard input.
+    /// subscription objects, at most 64 MiB. `-` reads standard input.
     #[arg(long)]
     pub file: PathBuf,
     /// Make Allot match the provider where they differ (recorded in each tenant's ledger
@@ -66,7 +67,21 @@ async fn compare(channel: &Conn, out: Output, a: ReconcileArgs) -> anyhow::Resul
     } else {
         std::fs::read(&a.file).map_err(|e| fail(format!("--file {}: {e}", a.file.display())))?
     };
+    // The request carries a few fields besides the file.
+    let most = MAX_MESSAGE - 64 * 1024;
+    if state.len() > most {
+        return Err(fail(format!(
+            "--file {}: {:.1} MiB is more than the {} MiB one reconciliation takes; split \
+             the list by customer (each part then lists the others' subscriptions as not \
+             in the file)",
+            a.file.display(),
+            state.len() as f64 / (1 << 20) as f64,
+            MAX_MESSAGE >> 20,
+        )));
+    }
     let r = AdminClient::new(channel.clone())
+        .max_encoding_message_size(MAX_MESSAGE)
+        .max_decoding_message_size(MAX_MESSAGE)
         .reconcile_provider(ReconcileProviderRequest {
             provider: a.provider,
             state,

@@ -15,6 +15,11 @@ use crate::engine::admin::{NewSubscription, SubscriptionChange, Who};
 use crate::engine::Engine;
 use crate::webhook::http::StripeEndpoint;
 
+/// Largest Admin request or answer. gRPC's default of 4 MiB would cap a reconciliation,
+/// whose file travels in one message (the comparison needs the provider's whole list), at
+/// about a thousand Stripe subscriptions.
+pub const MAX_MESSAGE: usize = 64 << 20;
+
 /// The Admin service over an engine.
 pub struct AdminService {
     engine: Arc<Engine>,
