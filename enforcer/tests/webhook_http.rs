@@ -504,7 +504,7 @@ async fn reconcile_reports_drift_and_repairs_it_on_request() {
         out.contains("2 provider subscriptions checked, 0 differ"),
         "{out}"
     );
-    // Over gRPC's default 4 MiB (a few thousand real subscriptions): still one comparison.
+    // Over gRPC's default 4 MiB (about a thousand real subscriptions): still one comparison.
     let mut padded = subscription_object("subscription_deleted");
     padded["metadata"]["notes"] = serde_json::json!("x".repeat(5 << 20));
     let big = dir.path().join("big.json");
