@@ -23,7 +23,8 @@ pub const DECISIONS: &str = "allot_decisions_total";
 pub const CACHE: &str = "allot_entitlement_cache_total";
 /// Redis script calls by script (histogram of seconds).
 pub const REDIS_SECONDS: &str = "allot_redis_script_duration_seconds";
-/// Failed Redis script calls by script.
+/// Redis script calls by script that got no answer: failed, or given up at the backend
+/// deadline.
 pub const REDIS_ERRORS: &str = "allot_redis_script_errors_total";
 /// 1 when the shared store answered a PING at scrape time, else 0.
 pub const BACKEND_UP: &str = "allot_backend_up";
@@ -56,7 +57,10 @@ fn describe() {
     describe_counter!(DECISIONS, "decisions by operation, outcome and reason");
     describe_counter!(CACHE, "entitlement lookups by result (hit, miss, stale)");
     describe_histogram!(REDIS_SECONDS, Unit::Seconds, "Redis script calls by script");
-    describe_counter!(REDIS_ERRORS, "failed Redis script calls by script");
+    describe_counter!(
+        REDIS_ERRORS,
+        "Redis script calls that failed or passed the backend deadline, by script"
+    );
     describe_gauge!(
         BACKEND_UP,
         "1 when the shared store answered a PING at scrape time"

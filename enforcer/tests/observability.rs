@@ -134,6 +134,27 @@ async fn readiness_follows_redis_and_scripts_are_timed() {
         "{scrape}"
     );
     assert_eq!(value(&scrape, "allot_backend_up", &[]), 1.0);
+    assert_eq!(value(&scrape, "allot_redis_script_errors_total", &[]), 0.0);
+
+    // Redis hangs: the write gets no answer within the backend deadline, is in doubt, and
+    // counts as a script error (the call was given up, it never returned one).
+    redis.freeze().await;
+    let s = e
+        .record(record("acme", "calls", 1, "ev-hung"))
+        .await
+        .unwrap_err();
+    assert!(harness::in_doubt(&s), "{s}");
+    let (_, scrape) = http("GET", &format!("{base}/metrics"), &[], b"").await;
+    assert_eq!(
+        value(
+            &scrape,
+            "allot_redis_script_errors_total",
+            &[("script", "record")]
+        ),
+        1.0,
+        "{scrape}"
+    );
+    redis.thaw().await;
 
     // Redis goes away: the next request is in doubt (a write that got no answer) or
     // fails closed, and the node says it is not ready.

@@ -64,6 +64,25 @@ fn payment_link_key(provider: &str, payment_id: &str) -> String {
     format!("al:plink:{{{provider}:{payment_id}}}")
 }
 
+/// Times one script call, and counts it as an error unless Redis answered: a call the
+/// engine dropped at its deadline is the failure operators most need to see, and it never
+/// returns to say so.
+struct ScriptTiming {
+    name: &'static str,
+    started: std::time::Instant,
+    answered: bool,
+}
+
+impl Drop for ScriptTiming {
+    fn drop(&mut self) {
+        metrics::histogram!(crate::metrics::REDIS_SECONDS, "script" => self.name)
+            .record(self.started.elapsed().as_secs_f64());
+        if !self.answered {
+            metrics::counter!(crate::metrics::REDIS_ERRORS, "script" => self.name).increment(1);
+        }
+    }
+}
+
 /// An event of a node's local spool to ship: its sequence number, tenant and fields.
 pub type Shipment<'a> = (u64, &'a str, &'a [(String, String)]);
 
@@ -286,15 +305,16 @@ impl RedisStore {
         args: Vec<String>,
         on_error: fn(Error) -> StoreError,
     ) -> Result<Vec<String>, StoreError> {
-        let name = self.script_name(script);
-        let started = std::time::Instant::now();
-        let v = script.evalsha_with_reload(&self.client, keys, args).await;
-        metrics::histogram!(crate::metrics::REDIS_SECONDS, "script" => name)
-            .record(started.elapsed().as_secs_f64());
-        let v: Value = v.map_err(|e| {
-            metrics::counter!(crate::metrics::REDIS_ERRORS, "script" => name).increment(1);
-            on_error(e)
-        })?;
+        let mut timing = ScriptTiming {
+            name: self.script_name(script),
+            started: std::time::Instant::now(),
+            answered: false,
+        };
+        let v: Value = script
+            .evalsha_with_reload(&self.client, keys, args)
+            .await
+            .map_err(on_error)?;
+        timing.answered = true;
         strings(v)
     }
 

@@ -168,11 +168,16 @@ fn spawn_server(port: u16, dir: &Path, extra: &[String]) -> Child {
 
 /// Sends SIGTERM to a child (no `unsafe`: through `kill(1)`).
 async fn sigterm(child: &Child) {
+    signal(child, "-TERM").await;
+}
+
+/// Sends `sig` (`-TERM`, `-STOP`, `-CONT`) to the child.
+async fn signal(child: &Child, sig: &str) {
     let Some(pid) = child.id() else {
         return; // already reaped
     };
     let status = Command::new("kill")
-        .arg("-TERM")
+        .arg(sig)
         .arg(pid.to_string())
         .status()
         .await
@@ -435,6 +440,17 @@ impl RedisServer {
             let _ = child.start_kill();
             child.wait().await.expect("wait for redis-server");
         }
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open and nothing is answered, as
+    /// when a server hangs, until [`Self::thaw`].
+    pub async fn freeze(&self) {
+        signal(self.child.as_ref().expect("running"), "-STOP").await;
+    }
+
+    /// Lets a frozen server run again (SIGCONT); it then answers what it was sent.
+    pub async fn thaw(&self) {
+        signal(self.child.as_ref().expect("running"), "-CONT").await;
     }
 
     /// Stops the server with SIGTERM (a clean shutdown, the AOF fsynced) and waits for it;
